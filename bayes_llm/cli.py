@@ -1,0 +1,71 @@
+"""The `bayes-llm` command. Stages call it too, so a stage and its CLI command are one code path."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from bayes_llm.config import PARAMS_FILE, load_params
+from bayes_llm.errors import UserError
+
+DESCRIPTION = """\
+bayes-llm: self-adaptive hybrid Mamba/attention LLMs (Transformer²-style SVF experts chosen by a
+Bayesian dispatcher), run as a reproducible DVC pipeline.
+
+Most work runs through DVC (`dvc repro`); these commands are what its stages call, plus tools.
+Params come from params.yaml; `profile: smoke` there (or `dvc exp run -S profile=smoke`) selects
+the tiny end-to-end configuration."""
+
+
+def _params_command(args: argparse.Namespace) -> int:
+    params = load_params(args.params)
+    print(yaml.safe_dump(params.model_dump(mode="json", exclude={"smoke"}), sort_keys=False), end="")
+    return 0
+
+
+def _prepare_command(args: argparse.Namespace) -> int:
+    from bayes_llm.data.prepare import format_summary, prepare
+
+    params = load_params(args.params)
+    summary = prepare(params, progress=not args.quiet)
+    print(format_summary(summary))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bayes-llm", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file (default: %(default)s)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    show = commands.add_parser("params", help="validate params.yaml and print the resolved values",
+                               description="Validate the params file against the typed schema and print the "
+                               "resolved values (smoke overlay applied, defaults filled in). Exits 2 "
+                               "with the key path of every invalid value.")
+    show.set_defaults(run=_params_command)
+
+    prep = commands.add_parser("prepare", help="build, validate and write the data (DVC stage `prepare`)",
+                               description="Generate or load every domain's train/val/test splits, write "
+                               "them to data/prepared/ as parquet, and gate them with Great Expectations. "
+                               "On failure nothing is left in data/prepared/; the report is in "
+                               "reports/data/validation.json.")
+    prep.add_argument("--quiet", action="store_true", help="no progress bars")
+    prep.set_defaults(run=_prepare_command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as error:
+        print(f"bayes-llm {args.command}: {error}", file=sys.stderr)
+        return error.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""The typed schema of `params.yaml`: the only place defaults and bounds live.
+
+Every stage reads its params through `load_params`, which fails before any work with the key
+path and what was expected. `profile: smoke` overlays the `smoke:` block of the same file, so a
+tiny end-to-end run needs no hand edit (`dvc exp run -S profile=smoke`) and DVC still tracks it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from bayes_llm.errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = Path("params.yaml")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Share = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class ParamsError(UserError, ValueError):
+    """Params that do not fit the schema; the message names every bad key path."""
+
+    exit_code = 2
+
+
+class Strict(BaseModel):
+    # Unknown keys are typos until proven otherwise; no silent str -> int coercion.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SplitSizes(Strict):
+    train: PositiveInt
+    val: PositiveInt
+    test: PositiveInt
+
+
+class IntRange(Strict):
+    min: NonNegativeInt
+    max: NonNegativeInt
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntRange:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        return self
+
+
+class MathDomain(Strict):
+    """Arithmetic: bare expressions and short multi-step word problems with a numeric answer."""
+
+    sizes: SplitSizes
+    operands: IntRange = IntRange(min=2, max=3)
+    max_value: Annotated[int, Field(ge=2, le=10_000)] = 99
+    ops: list[Literal["+", "-", "*"]] = Field(default=["+", "-"], min_length=1)
+    # `*` draws its right operand from 2..mul_max so that products stay small.
+    mul_max: Annotated[int, Field(ge=2, le=100)] = 9
+    word_problem_share: Share = 0.3
+    allow_negative: bool = False
+
+
+class CodeDomain(Strict):
+    """'Write a Python function that ...' from templates, with assert tests per item."""
+
+    sizes: SplitSizes
+    tests_per_item: Annotated[int, Field(ge=1, le=10)] = 3
+    # Share of items that compose two steps (e.g. 'multiply by 3, then add 5').
+    two_step_share: Share = 0.3
+
+
+class ReasoningDomain(Strict):
+    """Multiple choice: comparisons, ordering, simple syllogisms; the answer is a letter."""
+
+    sizes: SplitSizes
+    n_choices: Annotated[int, Field(ge=2, le=6)] = 4
+    max_value: Annotated[int, Field(ge=10, le=10_000)] = 99
+    list_length: IntRange = IntRange(min=3, max=5)
+
+
+class TransferTask(Strict):
+    """Test-only task mixing skills (arithmetic asked as multiple choice), for few-shot adaptation."""
+
+    enabled: bool = True
+    test: PositiveInt = 300
+    n_choices: Annotated[int, Field(ge=2, le=6)] = 4
+    max_value: Annotated[int, Field(ge=10, le=10_000)] = 99
+
+
+class SyntheticDomains(Strict):
+    """The built-in generators; set one to null to leave that domain out."""
+
+    math: MathDomain | None = None
+    code: CodeDomain | None = None
+    reasoning: ReasoningDomain | None = None
+
+
+AnswerKind = Literal["number", "letter", "code"]
+
+
+class FieldMap(Strict):
+    """Which source column holds each row field (`None`: not in the source)."""
+
+    prompt: str = "prompt"
+    answer: str = "answer"
+    id: str | None = None
+    domain: str | None = None
+    choices: str | None = None
+    tests: str | None = None
+
+
+class SplitFiles(Strict):
+    train: str
+    val: str
+    test: str
+
+
+class LocalSource(Strict):
+    """Local JSONL or parquet files, one per split."""
+
+    type: Literal["local"]
+    answer_kind: AnswerKind
+    files: SplitFiles
+    fields: FieldMap = FieldMap()
+    max_rows: PositiveInt | None = None
+
+
+class HubSource(Strict):
+    """A Hugging Face hub dataset, through a preset or a split/field mapping (needs network)."""
+
+    type: Literal["hub"]
+    preset: Literal["gsm8k", "mbpp", "arc_easy"] | None = None
+    path: str | None = None
+    name: str | None = None
+    answer_kind: AnswerKind | None = None
+    # datasets split expressions, e.g. {train: "train[200:]", val: "train[:200]", test: "test"}.
+    splits: SplitFiles | None = None
+    fields: FieldMap = FieldMap()
+    max_rows: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _preset_or_mapping(self) -> HubSource:
+        if self.preset is None and not (self.path and self.splits and self.answer_kind):
+            raise ValueError("give either `preset` or all of `path`, `splits` and `answer_kind`")
+        return self
+
+
+Source = Annotated[LocalSource | HubSource, Field(discriminator="type")]
+
+
+class PromptBounds(Strict):
+    min_chars: PositiveInt = 8
+    max_chars: PositiveInt = 2048
+
+
+class DataParams(Strict):
+    seed: NonNegativeInt = 1234
+    domains: SyntheticDomains
+    transfer: TransferTask = TransferTask()
+    # A name here replaces the synthetic domain of that name, or declares a new domain.
+    sources: dict[str, Source] = {}
+    prompt: PromptBounds = PromptBounds()
+    # Rows a split of an external source must have at least (synthetic splits must match `sizes`).
+    min_rows: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _names(self) -> DataParams:
+        for name in self.sources:
+            if not name.isidentifier() or name == "transfer":
+                raise ValueError(f"source name {name!r} must be an identifier other than 'transfer'")
+        return self
+
+
+class Params(Strict):
+    seed: NonNegativeInt = 0
+    profile: Literal["full", "smoke"] = "full"
+    # The overlay applied when profile == "smoke"; validated as part of the merged result.
+    smoke: dict[str, Any] = {}
+    data: DataParams
+
+
+def _deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: {error.error_count()} invalid param(s):"]
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-"))
+        # Union members show up as extra loc parts ('local', 'hub'); keep them: they say which shape.
+        got = f" (got {item['input']!r})" if item["type"] not in ("missing", "extra_forbidden") else ""
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        lines.append(f"  {path or '<root>'}: {message}{got}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: Any, source: str = "params") -> Params:
+    """Validate a params mapping, applying the smoke overlay when `profile: smoke`."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    if raw.get("profile") == "smoke":
+        overlay = raw.get("smoke") or {}
+        if not isinstance(overlay, dict):
+            raise ParamsError(f"{source}: smoke: expected a mapping, got {type(overlay).__name__}")
+        raw = _deep_merge(raw, overlay)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ParamsError(_format_errors(error, source)) from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found (run from the project root)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    return parse_params(raw, str(path))

@@ -1,0 +1,36 @@
+"""The row contract shared by every domain: `id, domain, subtask, prompt, answer` (+ `choices`, `tests`)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import string
+from collections.abc import Sequence
+
+LETTERS = string.ascii_uppercase
+SPLITS = ("train", "val", "test")
+
+# What the answer of each kind looks like; rewards and validation share these.
+ANSWER_PATTERNS = {"number": r"^-?\d+(\.\d+)?$", "letter": r"^[A-Z]$"}
+EXTRA_COLUMNS = {"number": (), "letter": ("choices",), "code": ("tests",)}
+BASE_COLUMNS = ("id", "domain", "subtask", "prompt", "answer")
+
+
+def columns_for(answer_kind: str) -> tuple[str, ...]:
+    return BASE_COLUMNS + EXTRA_COLUMNS[answer_kind]
+
+
+def make_id(domain: str, prompt: str) -> str:
+    """Stable across sizes and seeds: the same prompt always gets the same id."""
+    return f"{domain}-{hashlib.sha1(prompt.encode()).hexdigest()[:12]}"
+
+
+def domain_rng(seed: int, domain: str) -> random.Random:
+    """Independent stream per domain (adding a domain does not change the others' data)."""
+    digest = hashlib.sha256(f"{seed}:{domain}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def format_choices(question: str, choices: Sequence[str]) -> str:
+    lines = [f"{LETTERS[i]}) {choice}" for i, choice in enumerate(choices)]
+    return "\n".join([question.rstrip(), *lines])

@@ -1,0 +1,1 @@
+"""Deterministic synthetic generators: each yields candidate rows forever from a seeded RNG."""

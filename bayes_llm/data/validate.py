@@ -1,0 +1,179 @@
+"""The Great Expectations gate of `prepare`: per-domain suites over the files as written.
+
+Row-level facts GX cannot see by itself (is a prompt in another split? does the reference code
+pass its own tests? is the letter one of the choices?) are computed into check columns first, so
+every rule, and every failure report, goes through GX.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import pandas as pd
+
+from bayes_llm.config import DataParams
+from bayes_llm.data.domains import Domain
+from bayes_llm.data.rows import ANSWER_PATTERNS, LETTERS, columns_for
+from bayes_llm.rewards.code import check_solutions
+
+MAX_EXAMPLES = 3
+
+
+@dataclass
+class Failure:
+    domain: str
+    scope: str  # "all splits" or a split name
+    rule: str
+    expectation: str
+    column: str | None
+    unexpected: int | None
+    rows: int | None
+    examples: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        where = f"{self.domain} ({self.scope})"
+        count = f": {self.unexpected} of {self.rows} rows" if self.unexpected is not None else ""
+        shown = f"; e.g. {'; '.join(self.examples)}" if self.examples else ""
+        column = f"({self.column})" if self.column else "()"
+        return f"  {where}: {self.rule} [{self.expectation}{column}]{count}{shown}"
+
+
+@dataclass
+class ValidationReport:
+    success: bool
+    expectations: int
+    failures: list[Failure]
+
+    def text(self) -> str:
+        if self.success:
+            return f"data validation passed ({self.expectations} expectations)"
+        lines = [f"data validation FAILED: {len(self.failures)} of {self.expectations} expectations"]
+        return "\n".join(lines + [failure.line() for failure in self.failures])
+
+    def to_json(self) -> dict:
+        return {"success": self.success, "expectations": self.expectations,
+                "failures": [asdict(failure) for failure in self.failures]}
+
+
+def _letter_ok(answer: object, choices: object) -> bool:
+    if not isinstance(answer, str) or len(answer) != 1 or answer not in LETTERS or choices is None:
+        return False
+    return LETTERS.index(answer) < len(choices)
+
+
+def check_frame(domain: Domain, splits: dict[str, pd.DataFrame], progress: bool = True) -> pd.DataFrame:
+    """All splits of a domain in one frame, plus the derived check columns."""
+    frame = pd.concat([df.assign(split=name) for name, df in splits.items()], ignore_index=True)
+    if "prompt" in frame:
+        owners = frame.groupby("prompt", dropna=True)["split"].nunique()
+        frame["prompt_in_other_split"] = frame["prompt"].map(owners).fillna(1).gt(1)
+    if domain.answer_kind == "letter" and {"answer", "choices"} <= set(frame):
+        frame["choice_count"] = frame["choices"].map(lambda c: 0 if c is None else len(c))
+        frame["answer_in_choices"] = [_letter_ok(a, c) for a, c in zip(frame["answer"], frame["choices"], strict=True)]
+    if domain.answer_kind == "code" and {"answer", "tests"} <= set(frame):
+        frame["test_count"] = frame["tests"].map(lambda t: 0 if t is None else len(t))
+        pairs = [(a or "", list(t) if t is not None else []) for a, t in zip(frame["answer"], frame["tests"], strict=True)]
+        verdicts = check_solutions(pairs, progress=progress)
+        # A reference with no tests has nothing to pass; `test_count` reports that case.
+        frame["reference_failure"] = [v if n else None for v, n in zip(verdicts, frame["test_count"], strict=True)]
+    return frame
+
+
+def _domain_rules(domain: Domain, data: DataParams) -> list[tuple[str, object]]:
+    import great_expectations.expectations as gxe
+
+    rules: list[tuple[str, object]] = []
+    for column in columns_for(domain.answer_kind):
+        rules.append((f"required column '{column}'", gxe.ExpectColumnToExist(column=column)))
+        rules.append((f"'{column}' must not be null", gxe.ExpectColumnValuesToNotBeNull(column=column)))
+    rules += [
+        (f"domain label must be '{domain.name}'", gxe.ExpectColumnValuesToBeInSet(column="domain", value_set=[domain.name])),
+        ("ids must be unique", gxe.ExpectColumnValuesToBeUnique(column="id")),
+        (f"prompt length must be {data.prompt.min_chars}..{data.prompt.max_chars} chars",
+         gxe.ExpectColumnValueLengthsToBeBetween(column="prompt", min_value=data.prompt.min_chars,
+                                                 max_value=data.prompt.max_chars)),
+        ("a prompt must not appear in two splits",
+         gxe.ExpectColumnValuesToBeInSet(column="prompt_in_other_split", value_set=[False])),
+    ]
+    if domain.answer_kind in ANSWER_PATTERNS:
+        rules.append((f"answer must be a {domain.answer_kind}",
+                      gxe.ExpectColumnValuesToMatchRegex(column="answer", regex=ANSWER_PATTERNS[domain.answer_kind])))
+    if domain.answer_kind == "letter":
+        rules += [
+            ("at least two choices", gxe.ExpectColumnValuesToBeBetween(column="choice_count", min_value=2)),
+            ("the answer letter must name one of the choices",
+             gxe.ExpectColumnValuesToBeInSet(column="answer_in_choices", value_set=[True])),
+        ]
+    if domain.answer_kind == "code":
+        rules += [
+            ("code items need at least one test", gxe.ExpectColumnValuesToBeBetween(column="test_count", min_value=1)),
+            ("the reference solution must pass its own tests",
+             gxe.ExpectColumnValuesToBeNull(column="reference_failure")),
+        ]
+    return rules
+
+
+def _row_count_rule(domain: Domain, split: str, data: DataParams) -> tuple[str, object]:
+    import great_expectations.expectations as gxe
+
+    if domain.expected_rows:
+        n = domain.expected_rows[split]
+        return f"{split} must have {n} rows", gxe.ExpectTableRowCountToEqual(value=n)
+    return (f"{split} must have at least {data.min_rows} rows",
+            gxe.ExpectTableRowCountToBeBetween(min_value=data.min_rows))
+
+
+def _examples(frame: pd.DataFrame, result: dict, column: str | None) -> list[str]:
+    out = []
+    for index in (result.get("unexpected_index_list") or [])[:MAX_EXAMPLES]:
+        row = frame.loc[index]
+        value = row.get(column) if column else None
+        shown = "null" if value is None or (isinstance(value, float) and pd.isna(value)) else repr(value)
+        if isinstance(value, str) and len(shown) > 80:
+            shown = shown[:77] + "...'"
+        out.append(f"id={row.get('id')!s} {row.get('split')}: {column}={shown}")
+    return out
+
+
+class _Gate:
+    """One ephemeral GX context; each `run` validates one frame against one list of rules."""
+
+    def __init__(self) -> None:
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        self.gx = gx
+        self.context = gx.get_context(mode="ephemeral")
+        self.context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        self.source = self.context.data_sources.add_pandas("prepared")
+        self.expectations = 0
+
+    def run(self, name: str, frame: pd.DataFrame, rules: list[tuple[str, object]], domain: str, scope: str) -> list[Failure]:
+        gx = self.gx
+        batch = self.source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
+        suite = self.context.suites.add(gx.ExpectationSuite(name=name))
+        rule_of = {suite.add_expectation(expectation).id: rule for rule, expectation in rules}
+        definition = self.context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+        results = definition.run(batch_parameters={"dataframe": frame}, result_format="COMPLETE")
+        self.expectations += len(rules)
+        failures = []
+        for outcome in results.results:
+            if outcome.success:
+                continue
+            config, result = outcome.expectation_config, outcome.result or {}
+            column = config.kwargs.get("column")
+            failures.append(Failure(domain, scope, rule_of[config.id], config.type, column, result.get("unexpected_count"),
+                                    result.get("element_count"), _examples(frame, result, column)))
+        return failures
+
+
+def validate(frames: dict[str, tuple[Domain, dict[str, pd.DataFrame]]], data: DataParams,
+             progress: bool = True) -> ValidationReport:
+    """`frames`: domain name -> (domain, {split: frame read back from the written parquet})."""
+    gate, failures = _Gate(), []
+    for name, (domain, splits) in frames.items():
+        frame = check_frame(domain, splits, progress=progress)
+        failures += gate.run(name, frame, _domain_rules(domain, data), name, "all splits")
+        for split, split_frame in splits.items():
+            failures += gate.run(f"{name}-{split}", split_frame, [_row_count_rule(domain, split, data)], name, split)
+    return ValidationReport(not failures, gate.expectations, failures)
