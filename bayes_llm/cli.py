@@ -37,22 +37,29 @@ def _prepare_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bayes-llm", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="bayes-llm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    show = commands.add_parser("params", help="validate params.yaml and print the resolved values",
-                               description="Validate the params file against the typed schema and print the "
-                               "resolved values (smoke overlay applied, defaults filled in). Exits 2 "
-                               "with the key path of every invalid value.")
+    show = commands.add_parser(
+        "params",
+        help="validate params.yaml and print the resolved values",
+        description="Validate the params file against the typed schema and print the "
+        "resolved values (smoke overlay applied, defaults filled in). Exits 2 "
+        "with the key path of every invalid value.",
+    )
     show.set_defaults(run=_params_command)
 
-    prep = commands.add_parser("prepare", help="build, validate and write the data (DVC stage `prepare`)",
-                               description="Generate or load every domain's train/val/test splits, write "
-                               "them to data/prepared/ as parquet, and gate them with Great Expectations. "
-                               "On failure nothing is left in data/prepared/; the report is in "
-                               "reports/data/validation.json.")
+    prep = commands.add_parser(
+        "prepare",
+        help="build, validate and write the data (DVC stage `prepare`)",
+        description="Generate or load every domain's train/val/test splits, write "
+        "them to data/prepared/ as parquet, and gate them with Great Expectations. "
+        "On failure nothing is left in data/prepared/; the report is in "
+        "reports/data/validation.json.",
+    )
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(run=_prepare_command)
     return parser

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from bayes_llm.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bayes_llm.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
 

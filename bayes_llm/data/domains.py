@@ -10,8 +10,8 @@ from typing import Any
 from bayes_llm.config import DataParams, HubSource, LocalSource, SplitSizes
 from bayes_llm.data import sources
 from bayes_llm.data.rows import SPLITS, domain_rng, make_id
-from bayes_llm.errors import UserError
 from bayes_llm.data.synthetic import arithmetic, code, reasoning, transfer
+from bayes_llm.errors import UserError
 
 # name -> (answer kind, generator); the synthetic domains a fresh project starts with.
 SYNTHETIC: dict[str, tuple[str, Callable[[Any, Any], Iterator[dict]]]] = {
@@ -51,8 +51,7 @@ def resolve(data: DataParams) -> list[Domain]:
         kind = source.answer_kind if isinstance(source, LocalSource) else sources.hub_answer_kind(source)
         out.append(Domain(name, kind, source.type))
     if data.transfer.enabled:
-        out.append(Domain(TRANSFER, "letter", "synthetic", test_only=True,
-                          expected_rows={"test": data.transfer.test}))
+        out.append(Domain(TRANSFER, "letter", "synthetic", test_only=True, expected_rows={"test": data.transfer.test}))
     return out
 
 

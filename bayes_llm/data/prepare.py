@@ -45,8 +45,13 @@ def _summary(domains: list[Domain], frames: dict, report: ValidationReport) -> d
     per_domain = {}
     for domain in domains:
         rows = {split: len(df) for split, df in frames[domain.name][1].items()}
-        per_domain[domain.name] = {"answer_kind": domain.answer_kind, "source": domain.source,
-                                   "test_only": domain.test_only, "rows": rows, "total": sum(rows.values())}
+        per_domain[domain.name] = {
+            "answer_kind": domain.answer_kind,
+            "source": domain.source,
+            "test_only": domain.test_only,
+            "rows": rows,
+            "total": sum(rows.values()),
+        }
     return {
         "validation": "passed" if report.success else "failed",
         "failed_expectations": len(report.failures),
@@ -56,8 +61,7 @@ def _summary(domains: list[Domain], frames: dict, report: ValidationReport) -> d
     }
 
 
-def prepare(params: Params, out_dir: Path = PREPARED_DIR, report_dir: Path = REPORT_DIR,
-            progress: bool = True) -> dict:
+def prepare(params: Params, out_dir: Path = PREPARED_DIR, report_dir: Path = REPORT_DIR, progress: bool = True) -> dict:
     """Build, write, validate; returns the summary. Raises DataValidationError on a failed gate."""
     started = time.monotonic()
     domains = resolve(params.data)
@@ -85,7 +89,10 @@ def format_summary(summary: dict) -> str:
     lines = [f"{'domain':<12}{'source':<11}{'train':>7}{'val':>7}{'test':>7}"]
     for name, info in summary["domains"].items():
         rows = info["rows"]
-        lines.append(f"{name:<12}{info['source']:<11}" + "".join(f"{rows.get(s, '-'):>7}" for s in ("train", "val", "test")))
-    lines.append(f"{summary['rows_total']} rows, validation {summary['validation']} "
-                 f"({summary['expectations']} expectations)")
+        lines.append(
+            f"{name:<12}{info['source']:<11}" + "".join(f"{rows.get(s, '-'):>7}" for s in ("train", "val", "test"))
+        )
+    lines.append(
+        f"{summary['rows_total']} rows, validation {summary['validation']} ({summary['expectations']} expectations)"
+    )
     return "\n".join(lines)

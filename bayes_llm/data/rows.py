@@ -11,7 +11,7 @@ LETTERS = string.ascii_uppercase
 SPLITS = ("train", "val", "test")
 
 # What the answer of each kind looks like; rewards and validation share these.
-ANSWER_PATTERNS = {"number": r"^-?\d+(\.\d+)?$", "letter": r"^[A-Z]$"}
+ANSWER_PATTERNS = {"number": r"^-?\d+(?:\.\d+)?$", "letter": r"^[A-Z]$"}
 EXTRA_COLUMNS = {"number": (), "letter": ("choices",), "code": ("tests",)}
 BASE_COLUMNS = ("id", "domain", "subtask", "prompt", "answer")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from bayes_llm.config import FieldMap, HubSource, LocalSource
-from bayes_llm.errors import UserError
 from bayes_llm.data.rows import LETTERS, SPLITS, format_choices, make_id
+from bayes_llm.errors import UserError
 
 
 class SourceError(UserError, ValueError):
@@ -104,12 +104,27 @@ def _arc(raw: dict) -> dict:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "gsm8k": {"path": "openai/gsm8k", "name": "main", "answer_kind": "number", "convert": _gsm8k,
-              "splits": {"train": "train[200:]", "val": "train[:200]", "test": "test"}},
-    "mbpp": {"path": "google-research-datasets/mbpp", "name": "full", "answer_kind": "code", "convert": _mbpp,
-             "splits": {"train": "train", "val": "validation", "test": "test"}},
-    "arc_easy": {"path": "allenai/ai2_arc", "name": "ARC-Easy", "answer_kind": "letter", "convert": _arc,
-                 "splits": {"train": "train", "val": "validation", "test": "test"}},
+    "gsm8k": {
+        "path": "openai/gsm8k",
+        "name": "main",
+        "answer_kind": "number",
+        "convert": _gsm8k,
+        "splits": {"train": "train[200:]", "val": "train[:200]", "test": "test"},
+    },
+    "mbpp": {
+        "path": "google-research-datasets/mbpp",
+        "name": "full",
+        "answer_kind": "code",
+        "convert": _mbpp,
+        "splits": {"train": "train", "val": "validation", "test": "test"},
+    },
+    "arc_easy": {
+        "path": "allenai/ai2_arc",
+        "name": "ARC-Easy",
+        "answer_kind": "letter",
+        "convert": _arc,
+        "splits": {"train": "train", "val": "validation", "test": "test"},
+    },
 }
 _PRESET_FIELDS = FieldMap(prompt="prompt", answer="answer", choices="choices", tests="tests")
 

@@ -17,6 +17,14 @@ from bayes_llm.data.rows import ANSWER_PATTERNS, LETTERS, columns_for
 from bayes_llm.rewards.code import check_solutions
 
 MAX_EXAMPLES = 3
+# A derived check column is shown through the field it was computed from: a reader wants the
+# prompt that repeats, not `True`.
+_SHOWN_AS = {
+    "prompt_in_other_split": "prompt",
+    "answer_in_choices": "answer",
+    "choice_count": "choices",
+    "test_count": "tests",
+}
 
 
 @dataclass
@@ -51,8 +59,11 @@ class ValidationReport:
         return "\n".join(lines + [failure.line() for failure in self.failures])
 
     def to_json(self) -> dict:
-        return {"success": self.success, "expectations": self.expectations,
-                "failures": [asdict(failure) for failure in self.failures]}
+        return {
+            "success": self.success,
+            "expectations": self.expectations,
+            "failures": [asdict(failure) for failure in self.failures],
+        }
 
 
 def _letter_ok(answer: object, choices: object) -> bool:
@@ -72,7 +83,9 @@ def check_frame(domain: Domain, splits: dict[str, pd.DataFrame], progress: bool 
         frame["answer_in_choices"] = [_letter_ok(a, c) for a, c in zip(frame["answer"], frame["choices"], strict=True)]
     if domain.answer_kind == "code" and {"answer", "tests"} <= set(frame):
         frame["test_count"] = frame["tests"].map(lambda t: 0 if t is None else len(t))
-        pairs = [(a or "", list(t) if t is not None else []) for a, t in zip(frame["answer"], frame["tests"], strict=True)]
+        pairs = [
+            (a or "", list(t) if t is not None else []) for a, t in zip(frame["answer"], frame["tests"], strict=True)
+        ]
         verdicts = check_solutions(pairs, progress=progress)
         # A reference with no tests has nothing to pass; `test_count` reports that case.
         frame["reference_failure"] = [v if n else None for v, n in zip(verdicts, frame["test_count"], strict=True)]
@@ -87,28 +100,44 @@ def _domain_rules(domain: Domain, data: DataParams) -> list[tuple[str, object]]:
         rules.append((f"required column '{column}'", gxe.ExpectColumnToExist(column=column)))
         rules.append((f"'{column}' must not be null", gxe.ExpectColumnValuesToNotBeNull(column=column)))
     rules += [
-        (f"domain label must be '{domain.name}'", gxe.ExpectColumnValuesToBeInSet(column="domain", value_set=[domain.name])),
+        (
+            f"domain label must be '{domain.name}'",
+            gxe.ExpectColumnValuesToBeInSet(column="domain", value_set=[domain.name]),
+        ),
         ("ids must be unique", gxe.ExpectColumnValuesToBeUnique(column="id")),
-        (f"prompt length must be {data.prompt.min_chars}..{data.prompt.max_chars} chars",
-         gxe.ExpectColumnValueLengthsToBeBetween(column="prompt", min_value=data.prompt.min_chars,
-                                                 max_value=data.prompt.max_chars)),
-        ("a prompt must not appear in two splits",
-         gxe.ExpectColumnValuesToBeInSet(column="prompt_in_other_split", value_set=[False])),
+        (
+            f"prompt length must be {data.prompt.min_chars}..{data.prompt.max_chars} chars",
+            gxe.ExpectColumnValueLengthsToBeBetween(
+                column="prompt", min_value=data.prompt.min_chars, max_value=data.prompt.max_chars
+            ),
+        ),
+        (
+            "a prompt must not appear in two splits",
+            gxe.ExpectColumnValuesToBeInSet(column="prompt_in_other_split", value_set=[False]),
+        ),
     ]
     if domain.answer_kind in ANSWER_PATTERNS:
-        rules.append((f"answer must be a {domain.answer_kind}",
-                      gxe.ExpectColumnValuesToMatchRegex(column="answer", regex=ANSWER_PATTERNS[domain.answer_kind])))
+        rules.append(
+            (
+                f"answer must be a {domain.answer_kind}",
+                gxe.ExpectColumnValuesToMatchRegex(column="answer", regex=ANSWER_PATTERNS[domain.answer_kind]),
+            )
+        )
     if domain.answer_kind == "letter":
         rules += [
             ("at least two choices", gxe.ExpectColumnValuesToBeBetween(column="choice_count", min_value=2)),
-            ("the answer letter must name one of the choices",
-             gxe.ExpectColumnValuesToBeInSet(column="answer_in_choices", value_set=[True])),
+            (
+                "the answer letter must name one of the choices",
+                gxe.ExpectColumnValuesToBeInSet(column="answer_in_choices", value_set=[True]),
+            ),
         ]
     if domain.answer_kind == "code":
         rules += [
             ("code items need at least one test", gxe.ExpectColumnValuesToBeBetween(column="test_count", min_value=1)),
-            ("the reference solution must pass its own tests",
-             gxe.ExpectColumnValuesToBeNull(column="reference_failure")),
+            (
+                "the reference solution must pass its own tests",
+                gxe.ExpectColumnValuesToBeNull(column="reference_failure"),
+            ),
         ]
     return rules
 
@@ -119,15 +148,19 @@ def _row_count_rule(domain: Domain, split: str, data: DataParams) -> tuple[str, 
     if domain.expected_rows:
         n = domain.expected_rows[split]
         return f"{split} must have {n} rows", gxe.ExpectTableRowCountToEqual(value=n)
-    return (f"{split} must have at least {data.min_rows} rows",
-            gxe.ExpectTableRowCountToBeBetween(min_value=data.min_rows))
+    return (
+        f"{split} must have at least {data.min_rows} rows",
+        gxe.ExpectTableRowCountToBeBetween(min_value=data.min_rows),
+    )
 
 
 def _examples(frame: pd.DataFrame, result: dict, column: str | None) -> list[str]:
     out = []
+    column = _SHOWN_AS.get(column, column)
     for index in (result.get("unexpected_index_list") or [])[:MAX_EXAMPLES]:
         row = frame.loc[index]
         value = row.get(column) if column else None
+        value = value.tolist() if hasattr(value, "tolist") else value
         shown = "null" if value is None or (isinstance(value, float) and pd.isna(value)) else repr(value)
         if isinstance(value, str) and len(shown) > 80:
             shown = shown[:77] + "...'"
@@ -148,12 +181,16 @@ class _Gate:
         self.source = self.context.data_sources.add_pandas("prepared")
         self.expectations = 0
 
-    def run(self, name: str, frame: pd.DataFrame, rules: list[tuple[str, object]], domain: str, scope: str) -> list[Failure]:
+    def run(
+        self, name: str, frame: pd.DataFrame, rules: list[tuple[str, object]], domain: str, scope: str
+    ) -> list[Failure]:
         gx = self.gx
         batch = self.source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
         suite = self.context.suites.add(gx.ExpectationSuite(name=name))
         rule_of = {suite.add_expectation(expectation).id: rule for rule, expectation in rules}
-        definition = self.context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+        definition = self.context.validation_definitions.add(
+            gx.ValidationDefinition(name=name, data=batch, suite=suite)
+        )
         results = definition.run(batch_parameters={"dataframe": frame}, result_format="COMPLETE")
         self.expectations += len(rules)
         failures = []
@@ -162,13 +199,24 @@ class _Gate:
                 continue
             config, result = outcome.expectation_config, outcome.result or {}
             column = config.kwargs.get("column")
-            failures.append(Failure(domain, scope, rule_of[config.id], config.type, column, result.get("unexpected_count"),
-                                    result.get("element_count"), _examples(frame, result, column)))
+            failures.append(
+                Failure(
+                    domain,
+                    scope,
+                    rule_of[config.id],
+                    config.type,
+                    column,
+                    result.get("unexpected_count"),
+                    result.get("element_count"),
+                    _examples(frame, result, column),
+                )
+            )
         return failures
 
 
-def validate(frames: dict[str, tuple[Domain, dict[str, pd.DataFrame]]], data: DataParams,
-             progress: bool = True) -> ValidationReport:
+def validate(
+    frames: dict[str, tuple[Domain, dict[str, pd.DataFrame]]], data: DataParams, progress: bool = True
+) -> ValidationReport:
     """`frames`: domain name -> (domain, {split: frame read back from the written parquet})."""
     gate, failures = _Gate(), []
     for name, (domain, splits) in frames.items():

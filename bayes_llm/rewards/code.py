@@ -12,7 +12,7 @@ from bayes_llm.rewards.sandbox import Limits, run_python
 # Runs many (solution, tests) pairs in one sandboxed process: one Python start-up per chunk
 # instead of per item. Each item runs in a fresh namespace with its own alarm; whatever it prints
 # is swallowed, and the verdicts go out as one JSON line after a marker.
-_BATCH_HARNESS = r'''
+_BATCH_HARNESS = r"""
 import contextlib, io, json, signal, sys
 items = json.load(open("items.json"))
 out = sys.stdout
@@ -35,7 +35,7 @@ for solution, tests, seconds in items:
         signal.setitimer(signal.ITIMER_REAL, 0)
     verdicts.append(error)
 out.write(MARKER + json.dumps(verdicts) + "\n")
-'''
+"""
 
 
 def check_solutions(

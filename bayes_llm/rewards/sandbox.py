@@ -8,6 +8,7 @@ limit on the files its stdout/stderr go to, so a 100 MB print costs nothing).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -55,10 +56,8 @@ def _limit_child(limits: Limits) -> None:
 
 
 def _kill_group(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def run_python(source: str, *, files: dict[str, str] | None = None, limits: Limits = Limits()) -> RunResult:
@@ -80,7 +79,7 @@ def run_python(source: str, *, files: dict[str, str] | None = None, limits: Limi
                 stderr=err,
                 start_new_session=True,  # its own process group, killed as a whole
                 close_fds=True,
-                preexec_fn=lambda: _limit_child(limits),  # noqa: PLW1509 (no threads spawn children here)
+                preexec_fn=lambda: _limit_child(limits),
             )
             timed_out = False
             try:

@@ -7,10 +7,42 @@ from collections.abc import Iterator
 
 from bayes_llm.config import MathDomain
 
-_NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea",
-          "Mo", "Nia", "Omar", "Pia", "Raj", "Sol", "Tess", "Uma"]
-_THINGS = ["apples", "marbles", "stickers", "coins", "books", "shells", "pencils", "cards",
-           "stamps", "beads", "eggs", "plums"]
+_NAMES = [
+    "Ana",
+    "Ben",
+    "Chen",
+    "Dara",
+    "Eli",
+    "Fay",
+    "Gus",
+    "Hana",
+    "Ivo",
+    "Jun",
+    "Kai",
+    "Lea",
+    "Mo",
+    "Nia",
+    "Omar",
+    "Pia",
+    "Raj",
+    "Sol",
+    "Tess",
+    "Uma",
+]
+_THINGS = [
+    "apples",
+    "marbles",
+    "stickers",
+    "coins",
+    "books",
+    "shells",
+    "pencils",
+    "cards",
+    "stamps",
+    "beads",
+    "eggs",
+    "plums",
+]
 _GAIN = ["buys {n} more", "finds {n} more", "gets {n} more", "is given {n} more"]
 _LOSE = ["gives away {n}", "loses {n}", "sells {n}", "uses {n}"]
 _ASK = ["What is {e}?", "Compute {e}.", "Calculate {e}.", "{e} = ?"]

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bayes_llm.config import Params, _deep_merge, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def raw_params(profile: str = "smoke", **data_overrides: Any) -> dict:
+    """The project's params.yaml (smoke size by default), with `data` keys replaced.
+
+    The smoke overlay is merged in first and then emptied, so the overrides are what a test sees.
+    """
+    raw = copy.deepcopy(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    raw["profile"] = profile
+    if profile == "smoke":
+        raw = _deep_merge(raw, raw["smoke"])
+        raw["smoke"] = {}
+    raw["data"].update(data_overrides)
+    return raw
+
+
+def smoke_params(**data_overrides: Any) -> Params:
+    return parse_params(raw_params(**data_overrides))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty project directory as the working directory (stages write relative paths)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,0 +1,69 @@
+"""End to end: the real `dvc` on a copy of this project at smoke size (slow: seconds, not ms)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _run(cwd: Path, *cmd: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """This project's tracked and unignored files in a fresh git repo, without data or outputs."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    copy = tmp_path / "project"
+    for name in filter(None, listed):
+        if (ROOT / name).is_file() and not name.startswith(("data/", "reports/")) and name != "dvc.lock":
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, copy / name)
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
+    ):
+        subprocess.run(cmd, cwd=copy, check=True)
+    return copy
+
+
+def test_smoke_repro_is_reproducible_and_tracks_params(project: Path):
+    # The documented smoke command: no hand edit of params.yaml.
+    out = _run(project, "dvc", "exp", "run", "-S", "profile=smoke")
+    assert "Running stage 'prepare'" in out
+    summary = json.loads((project / "reports/data/summary.json").read_text())
+    assert summary["validation"] == "passed"
+    assert summary["domains"]["math"]["rows"] == {"train": 48, "val": 12, "test": 12}
+    assert (project / "data/prepared/code/test.parquet").is_file()
+
+    out = _run(project, "dvc", "repro")
+    assert "Running stage" not in out and "didn't change" in out
+
+    # `dvc exp show` lists the run with its params and metrics.
+    shown = _run(project, "dvc", "exp", "show", "--json")
+    assert "rows_total" in shown and "profile" in shown
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["seed"] = 99
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = (project / "data/prepared/math/test.parquet").read_bytes()
+    out = _run(project, "dvc", "repro")
+    assert "Running stage 'prepare'" in out
+    assert (project / "data/prepared/math/test.parquet").read_bytes() != before

@@ -1,0 +1,214 @@
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bayes_llm.cli import main
+from bayes_llm.data.prepare import DataValidationError, prepare
+from bayes_llm.data.sources import SourceError
+from tests.conftest import smoke_params, write_jsonl
+
+PREPARED = Path("data/prepared")
+REPORT = Path("reports/data/validation.json")
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.parquet"))
+    }
+
+
+def test_prepare_writes_parquet_summary_and_is_reproducible(workdir):
+    summary = prepare(smoke_params(), progress=False)
+    assert summary["validation"] == "passed"
+    assert summary["domains"]["math"]["rows"] == {"train": 48, "val": 12, "test": 12}
+    assert summary["domains"]["transfer"]["rows"] == {"test": 12}
+    assert json.loads(Path("reports/data/summary.json").read_text()) == summary
+    frame = pd.read_parquet(PREPARED / "code" / "train.parquet")
+    assert list(frame.columns) == ["id", "domain", "subtask", "prompt", "answer", "tests"]
+    first = _hashes(PREPARED)
+    assert len(first) == 10
+    prepare(smoke_params(), progress=False)
+    assert _hashes(PREPARED) == first
+    assert not [p for p in Path("data").iterdir() if p.name.startswith(".")], "staging dirs left behind"
+
+
+def _math_rows(split: str, n: int) -> list[dict]:
+    return [
+        {"id": f"m-{split}-{i}", "domain": "math", "question": f"What is {i} + {i} in {split}?", "answer": str(i)}
+        for i in range(n)
+    ]
+
+
+def _local_math(tmp: Path, splits: dict[str, list[dict]]) -> dict:
+    files = {split: write_jsonl(tmp / "src" / f"{split}.jsonl", rows) for split, rows in splits.items()}
+    return {
+        "math": {
+            "type": "local",
+            "answer_kind": "number",
+            "files": files,
+            "fields": {"prompt": "question", "answer": "answer", "id": "id", "domain": "domain"},
+        }
+    }
+
+
+def _defect_null_answer(splits):
+    splits["train"][3]["answer"] = None
+    return "'answer' must not be null", "m-train-3"
+
+
+def _defect_duplicate_id(splits):
+    splits["val"][1]["id"] = "m-train-2"
+    return "ids must be unique", "m-train-2"
+
+
+def _defect_cross_split(splits):
+    splits["test"][0]["question"] = splits["train"][5]["question"]
+    return "a prompt must not appear in two splits", "m-train-5"
+
+
+def _defect_wrong_label(splits):
+    splits["test"][2]["domain"] = "maths"
+    return "domain label must be 'math'", "m-test-2"
+
+
+def _defect_bad_number(splits):
+    splits["train"][0]["answer"] = "forty"
+    return "answer must be a number", "m-train-0"
+
+
+@pytest.mark.parametrize(
+    "inject", [_defect_null_answer, _defect_duplicate_id, _defect_cross_split, _defect_wrong_label, _defect_bad_number]
+)
+def test_injected_defects_fail_the_gate_and_leave_no_output(workdir, inject):
+    splits = {"train": _math_rows("train", 10), "val": _math_rows("val", 4), "test": _math_rows("test", 4)}
+    rule, example_id = inject(splits)
+    with pytest.raises(DataValidationError) as caught:
+        prepare(smoke_params(sources=_local_math(workdir, splits)), progress=False)
+    message = str(caught.value)
+    assert rule in message and example_id in message, message
+    assert "math (all splits)" in message
+    assert not PREPARED.exists()
+    assert not [p for p in Path("data").iterdir()], "staging dirs left behind"
+    report = json.loads(REPORT.read_text())
+    assert report["success"] is False
+    assert any(f["rule"] == rule and f["unexpected"] >= 1 for f in report["failures"])
+    assert json.loads(Path("reports/data/summary.json").read_text())["validation"] == "failed"
+
+
+def test_code_item_whose_reference_fails_its_tests_is_caught(workdir):
+    good = {
+        "id": "c1",
+        "question": "Write `inc(n)` that adds one.",
+        "solution": "def inc(n):\n    return n + 1\n",
+        "tests": ["assert inc(1) == 2"],
+    }
+    bad = {
+        "id": "c2",
+        "question": "Write `dec(n)` that subtracts one.",
+        "solution": "def dec(n):\n    return n\n",
+        "tests": ["assert dec(3) == 2"],
+    }
+    hang = {
+        "id": "c3",
+        "question": "Write `spin(n)` that never returns.",
+        "solution": "def spin(n):\n    while True: pass\n",
+        "tests": ["assert spin(1) == 1"],
+    }
+    files = {
+        "train": write_jsonl(workdir / "c" / "train.jsonl", [good, bad, hang]),
+        "val": write_jsonl(workdir / "c" / "val.jsonl", [{**good, "id": "c4", "question": "val " + good["question"]}]),
+        "test": write_jsonl(
+            workdir / "c" / "test.jsonl", [{**good, "id": "c5", "question": "test " + good["question"]}]
+        ),
+    }
+    source = {
+        "code": {
+            "type": "local",
+            "answer_kind": "code",
+            "files": files,
+            "fields": {"prompt": "question", "answer": "solution", "id": "id", "tests": "tests"},
+        }
+    }
+    with pytest.raises(DataValidationError) as caught:
+        prepare(smoke_params(sources=source), progress=False)
+    message = str(caught.value)
+    assert "the reference solution must pass its own tests" in message
+    assert "2 of 5 rows" in message and "id=c2" in message and "AssertionError" in message
+    assert "TimeoutError" in json.dumps(json.loads(REPORT.read_text()))
+    assert not PREPARED.exists()
+
+
+def test_local_source_replaces_a_domain(workdir):
+    splits = {"train": _math_rows("train", 10), "val": _math_rows("val", 4), "test": _math_rows("test", 4)}
+    for rows in splits.values():
+        for row in rows:
+            del row["id"], row["domain"]
+    source = _local_math(workdir, splits)
+    source["math"]["fields"] = {"prompt": "question", "answer": "answer"}
+    summary = prepare(smoke_params(sources=source), progress=False)
+    assert summary["domains"]["math"] == {
+        "answer_kind": "number",
+        "source": "local",
+        "test_only": False,
+        "rows": {"train": 10, "val": 4, "test": 4},
+        "total": 18,
+    }
+    frame = pd.read_parquet(PREPARED / "math" / "train.parquet")
+    assert set(frame["domain"]) == {"math"} and frame["id"].str.startswith("math-").all()
+
+
+def test_local_parquet_and_a_new_letter_domain(workdir):
+    rows = [{"q": f"Is {i} even?", "opts": ["yes", "no"], "label": "A" if i % 2 == 0 else "B"} for i in range(12)]
+    files = {}
+    for split, part in {"train": rows[:6], "val": rows[6:9], "test": rows[9:]}.items():
+        files[split] = str(workdir / f"{split}.parquet")
+        pd.DataFrame(part).to_parquet(files[split])
+    source = {
+        "parity": {
+            "type": "local",
+            "answer_kind": "letter",
+            "files": files,
+            "fields": {"prompt": "q", "answer": "label", "choices": "opts"},
+        }
+    }
+    summary = prepare(smoke_params(sources=source), progress=False)
+    assert summary["domains"]["parity"]["rows"] == {"train": 6, "val": 3, "test": 3}
+    first = pd.read_parquet(PREPARED / "parity" / "train.parquet").iloc[0]
+    assert first["prompt"] == "Is 0 even?\nA) yes\nB) no" and first["answer"] == "A"
+
+
+def test_missing_corrupt_and_unmapped_source_files(workdir):
+    splits = {"train": _math_rows("train", 3), "val": _math_rows("val", 3), "test": _math_rows("test", 3)}
+    source = _local_math(workdir, splits)
+    source["math"]["files"]["val"] = str(workdir / "missing.jsonl")
+    with pytest.raises(SourceError, match=r"files\.val: file not found"):
+        prepare(smoke_params(sources=source), progress=False)
+    corrupt = workdir / "corrupt.parquet"
+    corrupt.write_bytes(b"PAR1 this is not parquet")
+    source["math"]["files"]["val"] = str(corrupt)
+    with pytest.raises(SourceError, match="cannot read"):
+        prepare(smoke_params(sources=source), progress=False)
+    source = _local_math(workdir, splits)
+    source["math"]["fields"]["prompt"] = "text"
+    with pytest.raises(SourceError, match=r"no column for prompt -> 'text'.*set data\.sources\.math\.fields"):
+        prepare(smoke_params(sources=source), progress=False)
+    assert not PREPARED.exists()
+
+
+def test_failed_prepare_keeps_nothing_and_cli_exits_non_zero(workdir, capsys):
+    import yaml
+
+    from tests.conftest import raw_params
+
+    splits = {"train": _math_rows("train", 5), "val": _math_rows("val", 2), "test": _math_rows("test", 2)}
+    splits["train"][0]["answer"] = None
+    Path("params.yaml").write_text(yaml.safe_dump(raw_params(sources=_local_math(workdir, splits))))
+    assert main(["prepare", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "data validation FAILED" in err and "'answer' must not be null" in err and "Traceback" not in err
+    assert not PREPARED.exists()

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from bayes_llm.data.domains import GenerationError, build, resolve
+from bayes_llm.data.rows import ANSWER_PATTERNS, LETTERS
+from bayes_llm.rewards.code import check_solutions
+from tests.conftest import smoke_params
+
+
+def _all(params, seed):
+    return {d.name: build(d, params.data, seed) for d in resolve(params.data)}
+
+
+def test_same_seed_same_rows_other_seed_other_rows():
+    params = smoke_params()
+    assert _all(params, 1) == _all(params, 1)
+    first, second = _all(params, 1), _all(params, 2)
+    for name in first:
+        assert first[name]["test"] != second[name]["test"], name
+
+
+def test_domains_splits_and_row_contract():
+    params = smoke_params()
+    built = _all(params, params.data.seed)
+    assert list(built) == ["math", "code", "reasoning", "transfer"]
+    assert list(built["transfer"]) == ["test"]  # test-only
+    for name, splits in built.items():
+        prompts = [row["prompt"] for rows in splits.values() for row in rows]
+        assert len(prompts) == len(set(prompts)), f"{name}: a prompt repeats across or within splits"
+        for rows in splits.values():
+            for row in rows:
+                assert row["domain"] == name and row["id"].startswith(name + "-")
+                assert {"id", "domain", "subtask", "prompt", "answer"} <= set(row)
+    for row in built["math"]["train"]:
+        assert re.match(ANSWER_PATTERNS["number"], row["answer"])
+    for row in built["reasoning"]["train"] + built["transfer"]["test"]:
+        assert LETTERS.index(row["answer"]) < len(row["choices"])
+        assert f"{row['answer']}) {row['choices'][LETTERS.index(row['answer'])]}" in row["prompt"]
+
+
+def test_test_split_is_stable_when_train_grows():
+    small = smoke_params()
+    raw_sizes = small.data.domains.math.sizes.model_dump()
+    bigger = smoke_params(
+        domains={
+            **small.data.model_dump()["domains"],
+            "math": {"sizes": {**raw_sizes, "train": raw_sizes["train"] * 3}},
+        }
+    )
+    math = next(d for d in resolve(small.data) if d.name == "math")
+    bigger_math = next(d for d in resolve(bigger.data) if d.name == "math")
+    assert build(math, small.data, 5)["test"] == build(bigger_math, bigger.data, 5)["test"]
+
+
+def test_every_reference_solution_passes_its_own_tests():
+    params = smoke_params(domains={"code": {"sizes": {"train": 300, "val": 50, "test": 50}}})
+    code = next(d for d in resolve(params.data) if d.name == "code")
+    rows = [row for rows in build(code, params.data, 11).values() for row in rows]
+    subtasks = {row["subtask"] for row in rows}
+    assert {"int", "int_two_step", "list", "string"} <= subtasks
+    verdicts = check_solutions([(row["answer"], row["tests"]) for row in rows], progress=False)
+    assert verdicts == [None] * len(rows)
+    # And the check can fail: a wrong solution to the same tests is caught.
+    wrong = [(row["answer"].replace("return ", "return None and "), row["tests"]) for row in rows[:20]]
+    assert all(v is not None for v in check_solutions(wrong, progress=False))
+
+
+def test_math_difficulty_knobs_are_honoured():
+    params = smoke_params(
+        domains={
+            "math": {
+                "sizes": {"train": 200, "val": 10, "test": 10},
+                "operands": {"min": 3, "max": 3},
+                "ops": ["*"],
+                "word_problem_share": 0.0,
+            }
+        }
+    )
+    math = next(d for d in resolve(params.data) if d.name == "math")
+    for row in build(math, params.data, 0)["train"]:
+        assert row["prompt"].count("*") == 2 and "+" not in row["prompt"]
+
+
+def test_too_many_rows_for_the_knobs_is_a_clear_error():
+    params = smoke_params(
+        domains={
+            "math": {
+                "sizes": {"train": 500, "val": 10, "test": 10},
+                "operands": {"min": 2, "max": 2},
+                "max_value": 3,
+                "word_problem_share": 0.0,
+            }
+        }
+    )
+    math = next(d for d in resolve(params.data) if d.name == "math")
+    with pytest.raises(GenerationError, match=r"lower data\.domains\.math\.sizes"):
+        build(math, params.data, 0)
