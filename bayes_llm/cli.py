@@ -36,6 +36,35 @@ def _prepare_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _base_command(args: argparse.Namespace) -> int:
+    import json
+
+    from bayes_llm.model.base import build_base
+
+    params = load_params(args.params)
+    metrics = build_base(params, progress=not args.quiet)
+    print(json.dumps({k: metrics[k] for k in ("parameters", "train_seconds", "final_val_loss", "val_accuracy")}))
+    return 0
+
+
+def _benchmark_command(args: argparse.Namespace) -> int:
+    import json
+
+    from bayes_llm.model.benchmark import benchmark
+
+    params = load_params(args.params)
+    results = benchmark(
+        params.model,
+        lengths=tuple(args.lengths),
+        batch_size=args.batch_size,
+        steps=args.steps,
+        vocab=params.tokenizer.vocab_size,
+        families=tuple(args.families),
+    )
+    print(json.dumps(results, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bayes-llm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -62,6 +91,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(run=_prepare_command)
+
+    base = commands.add_parser(
+        "base",
+        help="pretrain or load the base model (DVC stage `base`)",
+        description="model.source: scratch trains a byte-level BPE tokenizer and pretrains a MambaFormer "
+        "(params model.*, pretrain.*) on every domain's train split; any other source loads that "
+        "checkpoint (local dir or hub id). Either way the model goes to models/base/ and greedy "
+        "val accuracy per domain to reports/base/metrics.json.",
+    )
+    base.add_argument("--quiet", action="store_true", help="no progress bars")
+    base.set_defaults(run=_base_command)
+
+    bench = commands.add_parser(
+        "benchmark",
+        help="training tokens/s of both families at several lengths → reports/base/benchmark.json",
+        description="Times forward+backward+AdamW steps of the params' model shape for each family and "
+        "sequence length at a fixed batch size, plus one step of transformers' reference Jamba scan "
+        "for comparison. A measurement, not a test: run it on an otherwise idle machine.",
+    )
+    bench.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024])
+    bench.add_argument("--batch-size", type=int, default=16)
+    bench.add_argument("--steps", type=int, default=2, help="timed steps per run (after one warm-up step)")
+    bench.add_argument("--families", nargs="+", default=["bamba", "jamba"], choices=["bamba", "jamba"])
+    bench.set_defaults(run=_benchmark_command)
     return parser
 
 

@@ -175,12 +175,87 @@ class DataParams(Strict):
         return self
 
 
+class MambaParams(Strict):
+    d_state: Annotated[int, Field(ge=1, le=256)] = 16
+    d_conv: Annotated[int, Field(ge=2, le=8)] = 4
+    expand: Annotated[int, Field(ge=1, le=4)] = 2
+    # Mamba-2 (bamba) only: heads over the expanded width; `expand * hidden_size` must divide by it.
+    heads: PositiveInt = 8
+    chunk_size: PositiveInt = 64
+
+
+class ModelParams(Strict):
+    """The base: `scratch` pretrains a MambaFormer; anything else is a local dir or hub id to load."""
+
+    source: str = "scratch"
+    # bamba: Mamba-2 blocks (fast on CPU); jamba: Mamba-1 blocks (the paper's), with a linear-time
+    # CPU scan when mamba-ssm is absent.
+    family: Literal["bamba", "jamba"] = "bamba"
+    hidden_size: Annotated[int, Field(ge=8, le=8192)] = 256
+    layers: Annotated[int, Field(ge=1, le=128)] = 4
+    attention_heads: PositiveInt = 4
+    kv_heads: PositiveInt = 4
+    intermediate_size: PositiveInt = 512
+    # Attention layer indices; null = the MambaFormer layout: Mamba first, then alternating
+    # (attention at 1, 3, 5, ...).
+    attention_layers: list[NonNegativeInt] | None = None
+    mamba: MambaParams = MambaParams()
+    max_length: Annotated[int, Field(ge=16, le=1 << 20)] = 512
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ModelParams:
+        if self.hidden_size % self.attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must divide by attention_heads ({self.attention_heads})"
+            )
+        if self.attention_heads % self.kv_heads:
+            raise ValueError(f"attention_heads ({self.attention_heads}) must divide by kv_heads ({self.kv_heads})")
+        if self.family == "bamba" and (self.mamba.expand * self.hidden_size) % self.mamba.heads:
+            raise ValueError(f"mamba.expand * hidden_size must divide by mamba.heads ({self.mamba.heads})")
+        if self.attention_layers and max(self.attention_layers) >= self.layers:
+            raise ValueError(f"attention_layers must be < layers ({self.layers})")
+        return self
+
+
+class TokenizerParams(Strict):
+    vocab_size: Annotated[int, Field(ge=260, le=1 << 18)] = 1024
+
+
+class PretrainParams(Strict):
+    """Causal-LM pretraining of a `scratch` base on the mixture of all train splits."""
+
+    seq_len: Annotated[int, Field(ge=8, le=1 << 16)] = 128
+    batch_size: PositiveInt = 16
+    max_steps: PositiveInt = 900
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 3e-3
+    warmup_steps: NonNegativeInt = 50
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.01
+    eval_every: PositiveInt = 100
+    # Each train prompt also appears, with this probability, as 'Task: <prompt> / Domain: <label>'
+    # so that the base can classify prompts in the first pass.
+    classify_share: Share = 0.3
+    # Oversampling per domain (2.5: every row twice, half of them a third time); unlisted: 1.
+    domain_weights: dict[str, Annotated[float, Field(gt=0, le=100)]] = {}
+
+
+class BaseEvalParams(Strict):
+    """Greedy exact match of the base on each domain's val split (reports/base/metrics.json)."""
+
+    max_items: PositiveInt = 300
+    batch_size: PositiveInt = 32
+    max_new_tokens: dict[Literal["number", "letter", "code"], PositiveInt] = {"number": 8, "letter": 2, "code": 64}
+
+
 class Params(Strict):
     seed: NonNegativeInt = 0
     profile: Literal["full", "smoke"] = "full"
     # The overlay applied when profile == "smoke"; validated as part of the merged result.
     smoke: dict[str, Any] = {}
     data: DataParams
+    model: ModelParams = ModelParams()
+    tokenizer: TokenizerParams = TokenizerParams()
+    pretrain: PretrainParams = PretrainParams()
+    base_eval: BaseEvalParams = BaseEvalParams()
 
 
 def _deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:

@@ -47,11 +47,13 @@ def project(tmp_path: Path) -> Path:
 def test_smoke_repro_is_reproducible_and_tracks_params(project: Path):
     # The documented smoke command: no hand edit of params.yaml.
     out = _run(project, "dvc", "exp", "run", "-S", "profile=smoke")
-    assert "Running stage 'prepare'" in out
+    assert "Running stage 'prepare'" in out and "Running stage 'base'" in out
     summary = json.loads((project / "reports/data/summary.json").read_text())
     assert summary["validation"] == "passed"
     assert summary["domains"]["math"]["rows"] == {"train": 48, "val": 12, "test": 12}
     assert (project / "data/prepared/code/test.parquet").is_file()
+    base = json.loads((project / "reports/base/metrics.json").read_text())
+    assert base["train_tokens"] == 4 * 4 * 64 and (project / "models/base/model.safetensors").is_file()
 
     out = _run(project, "dvc", "repro")
     assert "Running stage" not in out and "didn't change" in out
@@ -67,3 +69,10 @@ def test_smoke_repro_is_reproducible_and_tracks_params(project: Path):
     out = _run(project, "dvc", "repro")
     assert "Running stage 'prepare'" in out
     assert (project / "data/prepared/math/test.parquet").read_bytes() != before
+    assert "Running stage 'base'" in out  # new data, new base
+
+    # A base-only param re-runs base and leaves prepare alone.
+    params["pretrain"]["learning_rate"] = 0.001
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _run(project, "dvc", "repro")
+    assert "Running stage 'base'" in out and "Running stage 'prepare'" not in out

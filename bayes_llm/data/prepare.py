@@ -15,20 +15,16 @@ import pandas as pd
 
 from bayes_llm.config import Params
 from bayes_llm.data.domains import Domain, build, resolve
+from bayes_llm.data.prepared import MANIFEST, PREPARED_DIR, split_path
 from bayes_llm.data.validate import ValidationReport, validate
 from bayes_llm.errors import UserError
 from bayes_llm.io import staged_dir, write_json
 
-PREPARED_DIR = Path("data/prepared")
 REPORT_DIR = Path("reports/data")
 
 
 class DataValidationError(UserError):
     """The prepared data failed the gate; the message is the readable report."""
-
-
-def split_path(root: Path, domain: str, split: str) -> Path:
-    return root / domain / f"{split}.parquet"
 
 
 def _write_split(path: Path, rows: list[dict]) -> None:
@@ -81,7 +77,7 @@ def prepare(params: Params, out_dir: Path = PREPARED_DIR, report_dir: Path = REP
         if not report.success:
             raise DataValidationError(f"{report.text()}\nfull report: {report_dir / 'validation.json'}")
         manifest = {"seed": params.data.seed, "domains": [asdict(d) for d in domains]}
-        (staging / "domains.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return summary
 
 

@@ -1,0 +1,42 @@
+"""Reading `prepare`'s output: the domain manifest and the split files. Later stages use only this."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from bayes_llm.errors import UserError
+
+PREPARED_DIR = Path("data/prepared")
+MANIFEST = "domains.json"
+
+
+class MissingDataError(UserError):
+    pass
+
+
+def split_path(root: Path, domain: str, split: str) -> Path:
+    return Path(root) / domain / f"{split}.parquet"
+
+
+def domains(root: Path = PREPARED_DIR) -> list[dict]:
+    """[{name, answer_kind, source, test_only, expected_rows}, ...] in the prepared order."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise MissingDataError(f"{path} not found: run `dvc repro prepare` first")
+    return json.loads(path.read_text())["domains"]
+
+
+def read_split(root: Path, domain: str, split: str) -> list[dict]:
+    path = split_path(root, domain, split)
+    if not path.is_file():
+        raise MissingDataError(f"{path} not found: run `dvc repro prepare` first")
+    frame = pd.read_parquet(path)
+    rows = frame.to_dict(orient="records")
+    for row in rows:  # parquet lists come back as numpy arrays
+        for key in ("choices", "tests"):
+            if key in row and row[key] is not None:
+                row[key] = [str(item) for item in row[key]]
+    return rows

@@ -1,0 +1,1 @@
+"""Evaluation: greedy exact match per domain (here), the lm-eval model and reports (later)."""

@@ -1,0 +1,140 @@
+"""The `base` stage: pretrain a MambaFormer from scratch (or load a checkpoint), measure it, save it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, set_seed
+
+from bayes_llm.config import Params
+from bayes_llm.data import prepared
+from bayes_llm.eval.greedy import domain_accuracy, greedy_completions
+from bayes_llm.io import staged_dir, write_json
+from bayes_llm.model.architecture import build_config
+from bayes_llm.model.load import load_checkpoint
+from bayes_llm.model.pretrain import documents, pack, pretrain, write_curve
+from bayes_llm.model.tokenizer import train_tokenizer
+from bayes_llm.plots import line_plot
+from bayes_llm.prompts import classify_prompt
+
+BASE_DIR = Path("models/base")
+REPORT_DIR = Path("reports/base")
+
+
+def _train_rows(data_dir: Path, split: str) -> dict[str, list[dict]]:
+    return {
+        d["name"]: prepared.read_split(data_dir, d["name"], split)
+        for d in prepared.domains(data_dir)
+        if not d["test_only"]
+    }
+
+
+def _scratch(params: Params, data_dir: Path, progress: bool) -> tuple:
+    train_rows, val_rows = _train_rows(data_dir, "train"), _train_rows(data_dir, "val")
+    train_docs = documents(train_rows, params.pretrain.classify_share, params.seed, params.pretrain.domain_weights)
+    val_docs = documents(val_rows, params.pretrain.classify_share, params.seed + 1)
+    tokenizer = train_tokenizer(train_docs, params.tokenizer.vocab_size, params.model.max_length)
+    set_seed(params.seed)
+    config = build_config(
+        params.model, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    train_blocks = pack(train_docs, tokenizer, params.pretrain.seq_len)
+    val_blocks = pack(val_docs, tokenizer, params.pretrain.seq_len)
+    stats = pretrain(model, tokenizer, train_blocks, val_blocks, params.pretrain, params.seed, progress)
+    stats["tokens_per_document"] = round(train_blocks.numel() / len(train_docs), 1)
+    stats["vocab_size"] = len(tokenizer)
+    return model, tokenizer, stats
+
+
+def _val_accuracy(model, tokenizer, params: Params, data_dir: Path, progress: bool) -> dict:
+    out = {}
+    for domain in prepared.domains(data_dir):
+        if domain["test_only"]:
+            continue
+        rows = prepared.read_split(data_dir, domain["name"], "val")[: params.base_eval.max_items]
+        kind = domain["answer_kind"]
+        result = domain_accuracy(
+            model,
+            tokenizer,
+            rows,
+            kind,
+            params.base_eval.max_new_tokens[kind],
+            params.base_eval.batch_size,
+            progress,
+            desc=f"val {domain['name']}",
+        )
+        if kind == "letter":
+            result["chance"] = round(sum(1 / len(r["choices"]) for r in rows) / len(rows), 4)
+        result["metric"] = {"number": "exact match", "letter": "exact match", "code": "parses as Python"}[kind]
+        out[domain["name"]] = result
+    return out
+
+
+def _routing_accuracy(model, tokenizer, params: Params, data_dir: Path) -> float:
+    """Greedy `Task: <prompt> / Domain:` → the true label, over every domain's val rows."""
+    rows = [
+        (d["name"], r)
+        for d in prepared.domains(data_dir)
+        if not d["test_only"]
+        for r in prepared.read_split(data_dir, d["name"], "val")[: params.base_eval.max_items]
+    ]
+    completions = greedy_completions(
+        model, tokenizer, [classify_prompt(r["prompt"]) for _, r in rows], 4, params.base_eval.batch_size
+    )
+    hits = [(c.split() or [""])[0] == name for (name, _), c in zip(rows, completions, strict=True)]
+    return sum(hits) / max(len(hits), 1)
+
+
+def build_base(
+    params: Params,
+    data_dir: Path = prepared.PREPARED_DIR,
+    out_dir: Path = BASE_DIR,
+    report_dir: Path = REPORT_DIR,
+    progress: bool = True,
+) -> dict:
+    """Writes the model + tokenizer to `out_dir` (atomically) and the reports; returns the metrics."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    started = time.monotonic()
+    if params.model.source == "scratch":
+        model, tokenizer, stats = _scratch(params, data_dir, progress)
+    else:
+        model, tokenizer = load_checkpoint(params.model.source)
+        stats = {
+            "train_seconds": 0.0,
+            "train_tokens": 0,
+            "train_tokens_per_second": None,
+            "final_train_loss": None,
+            "final_val_loss": None,
+            "vocab_size": len(tokenizer),
+        }
+    curve = stats.pop("curve", None)
+    accuracy = _val_accuracy(model, tokenizer, params, data_dir, progress)
+    metrics = {
+        "source": params.model.source,
+        "model_type": model.config.model_type,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        **stats,
+        "val_accuracy": {name: round(result["accuracy"], 4) for name, result in accuracy.items()},
+        "val_chance": {name: result["chance"] for name, result in accuracy.items() if "chance" in result},
+        "val_routing_accuracy": round(_routing_accuracy(model, tokenizer, params, data_dir), 4),
+        "stage_seconds": round(time.monotonic() - started, 1),
+    }
+    with staged_dir(out_dir) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    write_json(report_dir / "metrics.json", metrics)
+    write_json(report_dir / "val_examples.json", {name: r["examples"] for name, r in accuracy.items()})
+    if curve is not None:
+        write_curve(curve.train, report_dir / "train_loss.csv")
+        write_curve(curve.val, report_dir / "val_loss.csv")
+        line_plot(
+            {"train": curve.train, "val": curve.val},
+            report_dir / "loss.png",
+            f"{params.model.family} base pretraining",
+            "step",
+            "cross-entropy loss",
+        )
+    return metrics

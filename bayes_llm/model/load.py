@@ -1,0 +1,49 @@
+"""Loading a real base checkpoint (local directory or hub id) instead of pretraining one.
+
+Only families this project knows how to adapt are accepted, and never with remote code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from bayes_llm.errors import UserError
+
+# Hybrid Mamba/attention families, plus plain transformers as a baseline.
+SUPPORTED_FAMILIES = ("bamba", "jamba", "granitemoehybrid", "falcon_h1", "zamba2", "llama", "qwen2", "qwen3")
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def _locate(source: str) -> str:
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"model.source {source!r}: no config.json there (not a transformers checkpoint)")
+        return str(path)
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise CheckpointError(f"model.source {source!r}: directory not found")
+    return source  # a hub id; needs network (or the local HF cache)
+
+
+def load_checkpoint(source: str):
+    """(model, tokenizer) in fp32 on the CPU, with a pad token and left padding."""
+    location = _locate(source)
+    try:
+        config = AutoConfig.from_pretrained(location)
+    except Exception as error:
+        raise CheckpointError(f"model.source {source!r}: cannot read its config: {error}") from None
+    if config.model_type not in SUPPORTED_FAMILIES:
+        raise CheckpointError(
+            f"model.source {source!r} is a {config.model_type!r} model; supported: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(location, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,27 @@
+"""PNG pictures for the reports (DVC's HTML plots need a CDN; a PNG opens anywhere)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, title: str, xlabel: str, ylabel: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axis = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for label, points in series.items():
+        if points:
+            xs, ys = zip(*points, strict=True)
+            axis.plot(xs, ys, label=label, marker="o" if len(points) < 30 else None, markersize=3)
+    axis.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp)
+    plt.close(figure)
+    tmp.replace(path)

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bayes_llm.data.prepare import prepare
+from bayes_llm.data.prepared import MissingDataError
+from bayes_llm.model.base import build_base
+from tests.conftest import smoke_params
+from tests.tiny_models import save_tiny_checkpoint
+
+DETERMINISTIC = ("parameters", "train_tokens", "final_train_loss", "final_val_loss", "val_accuracy", "vocab_size")
+
+
+@pytest.fixture
+def prepared(workdir):
+    params = smoke_params()
+    prepare(params, progress=False)
+    return params
+
+
+def test_scratch_base_is_saved_measured_and_reproducible(prepared):
+    metrics = build_base(prepared, progress=False)
+    assert metrics["model_type"] == "bamba" and metrics["parameters"] > 0
+    assert set(metrics["val_accuracy"]) == {"math", "code", "reasoning"}
+    assert metrics["train_tokens"] == 4 * 4 * 64 and metrics["train_tokens_per_second"] > 0
+    assert json.loads(Path("reports/base/metrics.json").read_text()) == metrics
+    for name in ("train_loss.csv", "val_loss.csv", "loss.png", "val_examples.json"):
+        assert (Path("reports/base") / name).stat().st_size > 0
+    assert Path("reports/base/val_loss.csv").read_text().splitlines()[0] == "step,loss"
+
+    model = AutoModelForCausalLM.from_pretrained("models/base")
+    tokenizer = AutoTokenizer.from_pretrained("models/base")
+    assert model.config.mambaformer["attention_layers"] == [1]
+    assert tokenizer.padding_side == "left" and len(tokenizer) == model.config.vocab_size
+
+    again = build_base(prepared, progress=False)
+    assert {k: again[k] for k in DETERMINISTIC} == {k: metrics[k] for k in DETERMINISTIC}
+
+
+def test_checkpoint_source_skips_pretraining(prepared, workdir):
+    source = save_tiny_checkpoint("jamba", workdir / "ckpt")
+    params = prepared.model_copy(update={"model": prepared.model.model_copy(update={"source": str(source)})})
+    metrics = build_base(params, progress=False)
+    assert metrics["model_type"] == "jamba" and metrics["train_seconds"] == 0.0
+    assert AutoModelForCausalLM.from_pretrained("models/base").config.model_type == "jamba"
+    assert not Path("reports/base/loss.png").exists()
+
+
+def test_missing_prepared_data_is_a_clear_error(workdir):
+    with pytest.raises(MissingDataError, match=r"dvc repro prepare"):
+        build_base(smoke_params(), progress=False)
+    assert not Path("models/base").exists()
