@@ -107,11 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmark",
         help="training tokens/s of both families at several lengths → reports/base/benchmark.json",
         description="Times forward+backward+AdamW steps of the params' model shape for each family and "
-        "sequence length at a fixed batch size, plus one step of transformers' reference Jamba scan "
-        "for comparison. A measurement, not a test: run it on an otherwise idle machine.",
+        "sequence length, once at a fixed batch size and once at a fixed number of tokens per step, "
+        "plus one step of transformers' reference Jamba scan for comparison. A measurement, not a "
+        "test: run it on an otherwise idle machine.",
     )
     bench.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024])
-    bench.add_argument("--batch-size", type=int, default=16)
+    bench.add_argument("--batch-size", type=int, default=16, help="batch of the fixed-batch sweep")
+    bench.add_argument("--tokens-per-step", type=int, default=2048, help="tokens per step of the fixed-tokens sweep")
     bench.add_argument("--steps", type=int, default=2, help="timed steps per run (after one warm-up step)")
     bench.add_argument("--families", nargs="+", default=["bamba", "jamba"], choices=["bamba", "jamba"])
     bench.set_defaults(run=_benchmark_command)

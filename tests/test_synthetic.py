@@ -43,15 +43,12 @@ def test_domains_splits_and_row_contract():
 
 def test_test_split_is_stable_when_train_grows():
     small = smoke_params()
-    raw_sizes = small.data.domains.math.sizes.model_dump()
-    bigger = smoke_params(
-        domains={
-            **small.data.model_dump()["domains"],
-            "math": {"sizes": {**raw_sizes, "train": raw_sizes["train"] * 3}},
-        }
-    )
+    domains = small.data.model_dump()["domains"]
+    domains["math"]["sizes"]["train"] *= 3  # only the train size changes; every knob stays
+    bigger = smoke_params(domains=domains)
     math = next(d for d in resolve(small.data) if d.name == "math")
     bigger_math = next(d for d in resolve(bigger.data) if d.name == "math")
+    assert bigger_math.expected_rows["train"] == 3 * math.expected_rows["train"]
     assert build(math, small.data, 5)["test"] == build(bigger_math, bigger.data, 5)["test"]
 
 

@@ -1,7 +1,9 @@
 """Training throughput of the MambaFormer families at several sequence lengths (not a test).
 
-Same batch size at every length, so tokens/s compares like with like: a linear-time model keeps
-its throughput as T grows (attention's own T² term aside).
+Two views: a fixed batch size (memory per step grows with T: a long step also pays for moving
+bigger tensors) and a fixed number of tokens per step (the same work and memory at every T, so
+what remains is the cost of length itself). A linear-time model keeps its throughput as T grows
+in the second view, attention's own T² term aside.
 """
 
 from __future__ import annotations
@@ -36,34 +38,39 @@ def _tokens_per_second(model, batch_size: int, seq_len: int, steps: int, vocab: 
     return batch_size * seq_len / (sum(timings) / len(timings))
 
 
+def _sweep(model_params: ModelParams, lengths, batch_of, steps: int, vocab: int, families, desc: str) -> dict:
+    out: dict = {}
+    for family, seq_len in tqdm([(f, t) for f in families for t in lengths], desc=desc, unit="run"):
+        set_seed(0)
+        params = model_params.model_copy(update={"family": family, "max_length": max(lengths)})
+        model = AutoModelForCausalLM.from_config(build_config(params, vocab, 0, 1, 2)).train()
+        entry = out.setdefault(family, {"parameters": sum(p.numel() for p in model.parameters())})
+        batch = batch_of(seq_len)
+        entry[f"T{seq_len}_batch"] = batch
+        entry[f"T{seq_len}_tokens_per_second"] = round(_tokens_per_second(model, batch, seq_len, steps, vocab), 1)
+    for entry in out.values():
+        ratio = entry[f"T{lengths[-1]}_tokens_per_second"] / entry[f"T{lengths[0]}_tokens_per_second"]
+        entry[f"ratio_T{lengths[-1]}_over_T{lengths[0]}"] = round(ratio, 3)
+    return out
+
+
 def benchmark(
     model_params: ModelParams,
     lengths=(128, 512, 1024),
     batch_size: int = 16,
+    tokens_per_step: int = 2048,
     steps: int = 2,
     vocab: int = 1024,
     families=("bamba", "jamba"),
     reference_jamba: bool = True,
     out: Path = REPORT,
 ) -> dict:
-    results: dict = {
-        "batch_size": batch_size,
-        "steps": steps,
-        "threads": torch.get_num_threads(),
-        "kernels": jamba_scan.kernels_available(),
-        "families": {},
-    }
-    runs = [(f, t) for f in families for t in lengths]
-    for family, seq_len in tqdm(runs, desc="benchmark", unit="run"):
-        set_seed(0)
-        params = model_params.model_copy(update={"family": family, "max_length": max(lengths)})
-        model = AutoModelForCausalLM.from_config(build_config(params, vocab, 0, 1, 2)).train()
-        entry = results["families"].setdefault(family, {"parameters": sum(p.numel() for p in model.parameters())})
-        entry[f"T{seq_len}_tokens_per_second"] = round(_tokens_per_second(model, batch_size, seq_len, steps, vocab), 1)
-    for entry in results["families"].values():
-        if f"T{lengths[0]}_tokens_per_second" in entry and f"T{lengths[-1]}_tokens_per_second" in entry:
-            ratio = entry[f"T{lengths[-1]}_tokens_per_second"] / entry[f"T{lengths[0]}_tokens_per_second"]
-            entry[f"ratio_T{lengths[-1]}_over_T{lengths[0]}"] = round(ratio, 3)
+    results: dict = {"steps": steps, "threads": torch.get_num_threads(), "kernels": jamba_scan.kernels_available()}
+    fixed_batch = _sweep(model_params, lengths, lambda _: batch_size, steps, vocab, families, "fixed batch")
+    results["fixed_batch"] = {"batch_size": batch_size, **fixed_batch}
+    per_length = lambda t: max(1, tokens_per_step // t)  # noqa: E731
+    fixed_tokens = _sweep(model_params, lengths, per_length, steps, vocab, families, "fixed tokens")
+    results["fixed_tokens"] = {"tokens_per_step": tokens_per_step, **fixed_tokens}
     if reference_jamba and "jamba" in families and not jamba_scan.kernels_available():
         # transformers' own O(L²)-backward scan, one step at the shortest length, for comparison.
         modeling_jamba.mamba_selective_scan = modeling_jamba._reference_selective_scan
@@ -72,7 +79,7 @@ def benchmark(
             params = model_params.model_copy(update={"family": "jamba", "max_length": max(lengths)})
             model = AutoModelForCausalLM.from_config(build_config(params, vocab, 0, 1, 2)).train()
             speed = _tokens_per_second(model, batch_size, lengths[0], 1, vocab)
-            results["families"]["jamba"][f"reference_scan_T{lengths[0]}_tokens_per_second"] = round(speed, 1)
+            results["fixed_batch"]["jamba"][f"reference_scan_T{lengths[0]}_tokens_per_second"] = round(speed, 1)
         finally:
             jamba_scan.install()
     write_json(out, results)
