@@ -17,6 +17,9 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, title: s
         if points:
             xs, ys = zip(*points, strict=True)
             axis.plot(xs, ys, label=label, marker="o" if len(points) < 30 else None, markersize=3)
+    values = [y for points in series.values() for _, y in points]
+    if values and min(values) > 0 and max(values) / min(values) > 5:
+        axis.set_yscale("log")  # the first steps would otherwise flatten the rest
     axis.set(title=title, xlabel=xlabel, ylabel=ylabel)
     axis.grid(alpha=0.3)
     axis.legend()

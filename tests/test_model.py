@@ -102,6 +102,10 @@ def test_checkpoint_errors_are_clear(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match=r"no config\.json"):
         load_checkpoint(str(tmp_path / "empty"))
+    broken = save_tiny_checkpoint("bamba", tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cannot load it"):
+        load_checkpoint(str(broken))
     from transformers import GPT2Config
 
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")

@@ -42,8 +42,11 @@ def load_checkpoint(source: str):
         raise CheckpointError(
             f"model.source {source!r} is a {config.model_type!r} model; supported: {', '.join(SUPPORTED_FAMILIES)}"
         )
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(location, padding_side="left")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(location, padding_side="left")
+    except Exception as error:  # truncated or corrupt weights, missing tokenizer files, no network
+        raise CheckpointError(f"model.source {source!r}: cannot load it: {type(error).__name__}: {error}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
