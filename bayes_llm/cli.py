@@ -65,6 +65,13 @@ def _benchmark_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_command(commands, name: str, run, **texts: str) -> None:
+    """A DVC stage's command: the stage script calls it with no arguments."""
+    parser = commands.add_parser(name, **texts)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bayes-llm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -81,27 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.set_defaults(run=_params_command)
 
-    prep = commands.add_parser(
+    _stage_command(
+        commands,
         "prepare",
+        _prepare_command,
         help="build, validate and write the data (DVC stage `prepare`)",
         description="Generate or load every domain's train/val/test splits, write "
         "them to data/prepared/ as parquet, and gate them with Great Expectations. "
         "On failure nothing is left in data/prepared/; the report is in "
         "reports/data/validation.json.",
     )
-    prep.add_argument("--quiet", action="store_true", help="no progress bars")
-    prep.set_defaults(run=_prepare_command)
-
-    base = commands.add_parser(
+    _stage_command(
+        commands,
         "base",
+        _base_command,
         help="pretrain or load the base model (DVC stage `base`)",
         description="model.source: scratch trains a byte-level BPE tokenizer and pretrains a MambaFormer "
         "(params model.*, pretrain.*) on every domain's train split; any other source loads that "
         "checkpoint (local dir or hub id). Either way the model goes to models/base/ and greedy "
         "val accuracy per domain to reports/base/metrics.json.",
     )
-    base.add_argument("--quiet", action="store_true", help="no progress bars")
-    base.set_defaults(run=_base_command)
 
     bench = commands.add_parser(
         "benchmark",

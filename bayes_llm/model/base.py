@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 from transformers import AutoModelForCausalLM, set_seed
 
 from bayes_llm.config import Params
@@ -23,7 +22,7 @@ BASE_DIR = Path("models/base")
 REPORT_DIR = Path("reports/base")
 
 
-def _train_rows(data_dir: Path, split: str) -> dict[str, list[dict]]:
+def _rows(data_dir: Path, split: str) -> dict[str, list[dict]]:
     return {
         d["name"]: prepared.read_split(data_dir, d["name"], split)
         for d in prepared.domains(data_dir)
@@ -32,7 +31,7 @@ def _train_rows(data_dir: Path, split: str) -> dict[str, list[dict]]:
 
 
 def _scratch(params: Params, data_dir: Path, progress: bool) -> tuple:
-    train_rows, val_rows = _train_rows(data_dir, "train"), _train_rows(data_dir, "val")
+    train_rows, val_rows = _rows(data_dir, "train"), _rows(data_dir, "val")
     train_docs = documents(train_rows, params.pretrain.classify_share, params.seed, params.pretrain.domain_weights)
     val_docs = documents(val_rows, params.pretrain.classify_share, params.seed + 1)
     tokenizer = train_tokenizer(train_docs, params.tokenizer.vocab_size, params.model.max_length)
@@ -96,7 +95,6 @@ def build_base(
     progress: bool = True,
 ) -> dict:
     """Writes the model + tokenizer to `out_dir` (atomically) and the reports; returns the metrics."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.monotonic()
     if params.model.source == "scratch":
         model, tokenizer, stats = _scratch(params, data_dir, progress)
