@@ -57,6 +57,7 @@ def _benchmark_command(args: argparse.Namespace) -> int:
         params.model,
         lengths=tuple(args.lengths),
         batch_size=args.batch_size,
+        tokens_per_step=args.tokens_per_step,
         steps=args.steps,
         vocab=params.tokenizer.vocab_size,
         families=tuple(args.families),

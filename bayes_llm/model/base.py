@@ -22,18 +22,10 @@ BASE_DIR = Path("models/base")
 REPORT_DIR = Path("reports/base")
 
 
-def _rows(data_dir: Path, split: str) -> dict[str, list[dict]]:
-    return {
-        d["name"]: prepared.read_split(data_dir, d["name"], split)
-        for d in prepared.domains(data_dir)
-        if not d["test_only"]
-    }
-
-
-def _scratch(params: Params, data_dir: Path, progress: bool) -> tuple:
-    train_rows, val_rows = _rows(data_dir, "train"), _rows(data_dir, "val")
-    train_docs = documents(train_rows, params.pretrain.classify_share, params.seed, params.pretrain.domain_weights)
-    val_docs = documents(val_rows, params.pretrain.classify_share, params.seed + 1)
+def _scratch(params: Params, data_dir: Path, names: list[str], val: dict[str, list[dict]], progress: bool) -> tuple:
+    train = {name: prepared.read_split(data_dir, name, "train") for name in names}
+    train_docs = documents(train, params.pretrain.classify_share, params.seed, params.pretrain.domain_weights)
+    val_docs = documents(val, params.pretrain.classify_share, params.seed + 1)
     tokenizer = train_tokenizer(train_docs, params.tokenizer.vocab_size, params.model.max_length)
     set_seed(params.seed)
     config = build_config(
@@ -42,44 +34,29 @@ def _scratch(params: Params, data_dir: Path, progress: bool) -> tuple:
     model = AutoModelForCausalLM.from_config(config)
     train_blocks = pack(train_docs, tokenizer, params.pretrain.seq_len)
     val_blocks = pack(val_docs, tokenizer, params.pretrain.seq_len)
-    stats = pretrain(model, tokenizer, train_blocks, val_blocks, params.pretrain, params.seed, progress)
+    stats = pretrain(model, train_blocks, val_blocks, params.pretrain, params.seed, progress)
     stats["tokens_per_document"] = round(train_blocks.numel() / len(train_docs), 1)
     stats["vocab_size"] = len(tokenizer)
     return model, tokenizer, stats
 
 
-def _val_accuracy(model, tokenizer, params: Params, data_dir: Path, progress: bool) -> dict:
+def _val_accuracy(
+    model, tokenizer, params: Params, kinds: dict[str, str], val: dict[str, list[dict]], progress: bool
+) -> dict:
     out = {}
-    for domain in prepared.domains(data_dir):
-        if domain["test_only"]:
-            continue
-        rows = prepared.read_split(data_dir, domain["name"], "val")[: params.base_eval.max_items]
-        kind = domain["answer_kind"]
-        result = domain_accuracy(
-            model,
-            tokenizer,
-            rows,
-            kind,
-            params.base_eval.max_new_tokens[kind],
-            params.base_eval.batch_size,
-            progress,
-            desc=f"val {domain['name']}",
-        )
+    for name, rows in val.items():
+        kind = kinds[name]
+        result = domain_accuracy(model, tokenizer, rows, kind, params.base_eval.max_new_tokens[kind],
+                                 params.base_eval.batch_size, progress, desc=f"val {name}")  # fmt: skip
         if kind == "letter":
             result["chance"] = round(sum(1 / len(r["choices"]) for r in rows) / len(rows), 4)
-        result["metric"] = {"number": "exact match", "letter": "exact match", "code": "parses as Python"}[kind]
-        out[domain["name"]] = result
+        out[name] = result
     return out
 
 
-def _routing_accuracy(model, tokenizer, params: Params, data_dir: Path) -> float:
+def _routing_accuracy(model, tokenizer, params: Params, val: dict[str, list[dict]]) -> float:
     """Greedy `Task: <prompt> / Domain:` → the true label, over every domain's val rows."""
-    rows = [
-        (d["name"], r)
-        for d in prepared.domains(data_dir)
-        if not d["test_only"]
-        for r in prepared.read_split(data_dir, d["name"], "val")[: params.base_eval.max_items]
-    ]
+    rows = [(name, row) for name, domain_rows in val.items() for row in domain_rows]
     completions = greedy_completions(
         model, tokenizer, [classify_prompt(r["prompt"]) for _, r in rows], 4, params.base_eval.batch_size
     )
@@ -96,8 +73,10 @@ def build_base(
 ) -> dict:
     """Writes the model + tokenizer to `out_dir` (atomically) and the reports; returns the metrics."""
     started = time.monotonic()
+    kinds = {d["name"]: d["answer_kind"] for d in prepared.domains(data_dir) if not d["test_only"]}
+    val = {name: prepared.read_split(data_dir, name, "val") for name in kinds}
     if params.model.source == "scratch":
-        model, tokenizer, stats = _scratch(params, data_dir, progress)
+        model, tokenizer, stats = _scratch(params, data_dir, list(kinds), val, progress)
     else:
         model, tokenizer = load_checkpoint(params.model.source)
         stats = {
@@ -109,7 +88,8 @@ def build_base(
             "vocab_size": len(tokenizer),
         }
     curve = stats.pop("curve", None)
-    accuracy = _val_accuracy(model, tokenizer, params, data_dir, progress)
+    evaluated = {name: rows[: params.base_eval.max_items] for name, rows in val.items()}
+    accuracy = _val_accuracy(model, tokenizer, params, kinds, evaluated, progress)
     metrics = {
         "source": params.model.source,
         "model_type": model.config.model_type,
@@ -117,7 +97,7 @@ def build_base(
         **stats,
         "val_accuracy": {name: round(result["accuracy"], 4) for name, result in accuracy.items()},
         "val_chance": {name: result["chance"] for name, result in accuracy.items() if "chance" in result},
-        "val_routing_accuracy": round(_routing_accuracy(model, tokenizer, params, data_dir), 4),
+        "val_routing_accuracy": round(_routing_accuracy(model, tokenizer, params, evaluated), 4),
         "stage_seconds": round(time.monotonic() - started, 1),
     }
     with staged_dir(out_dir) as staging:

@@ -83,7 +83,6 @@ def write_curve(points: list[tuple[int, float]], path: Path) -> None:
 
 def pretrain(
     model,
-    tokenizer,
     train_blocks: torch.Tensor,
     val_blocks: torch.Tensor,
     params: PretrainParams,
