@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bayes_llm.data.prepare import prepare
-from bayes_llm.data.prepared import MissingDataError
+from bayes_llm.data.prepared import PreparedDataError
 from bayes_llm.model.base import build_base
 from tests.conftest import smoke_params
 from tests.tiny_models import save_tiny_checkpoint
@@ -51,6 +51,13 @@ def test_checkpoint_source_skips_pretraining(prepared, workdir):
 
 
 def test_missing_prepared_data_is_a_clear_error(workdir):
-    with pytest.raises(MissingDataError, match=r"dvc repro prepare"):
+    with pytest.raises(PreparedDataError, match=r"dvc repro prepare"):
         build_base(smoke_params(), progress=False)
+    assert not Path("models/base").exists()
+
+
+def test_corrupt_prepared_split_is_a_clear_error(prepared):
+    Path("data/prepared/math/val.parquet").write_bytes(b"PAR1 not parquet")
+    with pytest.raises(PreparedDataError, match=r"math/val\.parquet: cannot read it .*dvc checkout"):
+        build_base(prepared, progress=False)
     assert not Path("models/base").exists()

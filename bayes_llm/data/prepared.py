@@ -13,8 +13,8 @@ PREPARED_DIR = Path("data/prepared")
 MANIFEST = "domains.json"
 
 
-class MissingDataError(UserError):
-    pass
+class PreparedDataError(UserError):
+    """`prepare`'s output is missing or unreadable."""
 
 
 def split_path(root: Path, domain: str, split: str) -> Path:
@@ -25,15 +25,21 @@ def domains(root: Path = PREPARED_DIR) -> list[dict]:
     """[{name, answer_kind, source, test_only, expected_rows}, ...] in the prepared order."""
     path = Path(root) / MANIFEST
     if not path.is_file():
-        raise MissingDataError(f"{path} not found: run `dvc repro prepare` first")
+        raise PreparedDataError(f"{path} not found: run `dvc repro prepare` first")
     return json.loads(path.read_text())["domains"]
 
 
 def read_split(root: Path, domain: str, split: str) -> list[dict]:
     path = split_path(root, domain, split)
     if not path.is_file():
-        raise MissingDataError(f"{path} not found: run `dvc repro prepare` first")
-    frame = pd.read_parquet(path)
+        raise PreparedDataError(f"{path} not found: run `dvc repro prepare` first")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as error:  # truncated or overwritten file
+        raise PreparedDataError(
+            f"{path}: cannot read it ({type(error).__name__}); restore it with `dvc checkout data/prepared`"
+            " or re-run `dvc repro prepare`"
+        ) from None
     rows = frame.to_dict(orient="records")
     for row in rows:  # parquet lists come back as numpy arrays
         for key in ("choices", "tests"):
