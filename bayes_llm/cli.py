@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,8 +38,6 @@ def _prepare_command(args: argparse.Namespace) -> int:
 
 
 def _base_command(args: argparse.Namespace) -> int:
-    import json
-
     from bayes_llm.model.base import build_base
 
     params = load_params(args.params)
@@ -47,9 +46,17 @@ def _base_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _benchmark_command(args: argparse.Namespace) -> int:
-    import json
+def _decompose_command(args: argparse.Namespace) -> int:
+    from bayes_llm.model.base import BASE_DIR
+    from bayes_llm.svf.decompose import decompose_base
 
+    params = load_params(args.params)
+    report = decompose_base(params.svf.targets, BASE_DIR, progress=not args.quiet)
+    print(json.dumps({k: report[k] for k in ("matrices", "singular_values", "seconds", "max_relative_error")}))
+    return 0
+
+
+def _benchmark_command(args: argparse.Namespace) -> int:
     from bayes_llm.model.benchmark import benchmark
 
     params = load_params(args.params)
@@ -108,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(params model.*, pretrain.*) on every domain's train split; any other source loads that "
         "checkpoint (local dir or hub id). Either way the model goes to models/base/ and greedy "
         "val accuracy per domain to reports/base/metrics.json.",
+    )
+
+    _stage_command(
+        commands,
+        "decompose",
+        _decompose_command,
+        help="SVD of the base's target matrices (DVC stage `decompose`)",
+        description="Thin fp32 SVD, layer by layer, of every matrix svf.targets selects in models/base/ "
+        "(presets mlp | attn | mamba | all, or module-name regexes). Writes models/svd/ (safetensors "
+        "U, S, Vh + svd.json with the base and SVD fingerprints) and reports/svf/decompose.json "
+        "(matrices, seconds, max relative reconstruction error).",
     )
 
     bench = commands.add_parser(

@@ -246,6 +246,16 @@ class BaseEvalParams(Strict):
     max_new_tokens: dict[Literal["number", "letter", "code"], PositiveInt] = {"number": 8, "letter": 2, "code": 64}
 
 
+class SVFParams(Strict):
+    """Singular-value fine-tuning: which matrices the experts adapt and how z scales them."""
+
+    # A preset (mlp: the official choice, attn, mamba, all) or regular expressions over module names.
+    targets: Literal["mlp", "attn", "mamba", "all"] | Annotated[list[str], Field(min_length=1)] = "mlp"
+    # scale: W' = U diag(σ·z) Vᵀ, z starts at 1. official: z = sigmoid(p)·max_mult, Σσ kept (Transformer²).
+    mode: Literal["scale", "official"] = "scale"
+    max_mult: Annotated[float, Field(gt=1.0, le=100.0)] = 2.0
+
+
 class Params(Strict):
     seed: NonNegativeInt = 0
     profile: Literal["full", "smoke"] = "full"
@@ -256,6 +266,7 @@ class Params(Strict):
     tokenizer: TokenizerParams = TokenizerParams()
     pretrain: PretrainParams = PretrainParams()
     base_eval: BaseEvalParams = BaseEvalParams()
+    svf: SVFParams = SVFParams()
 
 
 def _deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Singular-value fine-tuning (Transformer²): targets, decomposition, z scaling, expert files, blending."""
