@@ -73,6 +73,16 @@ def _benchmark_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _svf_benchmark_command(args: argparse.Namespace) -> int:
+    from bayes_llm.svf.benchmark import benchmark
+
+    params = load_params(args.params)
+    results = benchmark(params, batch_size=args.batch_size, seq_len=args.seq_len, new_tokens=args.new_tokens,
+                        repeats=args.repeats)  # fmt: skip
+    print(json.dumps(results, indent=2))
+    return 0
+
+
 def _stage_command(commands, name: str, run, **texts: str) -> None:
     """A DVC stage's command: the stage script calls it with no arguments."""
     parser = commands.add_parser(name, **texts)
@@ -142,6 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=2, help="timed steps per run (after one warm-up step)")
     bench.add_argument("--families", nargs="+", default=["bamba", "jamba"], choices=["bamba", "jamba"])
     bench.set_defaults(run=_benchmark_command)
+
+    svf_bench = commands.add_parser(
+        "svf-benchmark",
+        help="cost of SVF: training step vs frozen base, merged/unmerged generation → reports/svf/benchmark.json",
+        description="On a randomly initialised model of the params' shape and svf.targets/svf.mode: median "
+        "time of a training step of the frozen base (backward to the inputs), of SVF (only z trains) "
+        "and of a full fine-tune; greedy generation of the base, a merged expert and the unmerged "
+        "parametrized model; z parameters vs base parameters. A measurement, not a test.",
+    )
+    svf_bench.add_argument("--batch-size", type=int, default=16, help="training batch")
+    svf_bench.add_argument("--seq-len", type=int, default=128, help="training sequence length")
+    svf_bench.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt (8 prompts)")
+    svf_bench.add_argument("--repeats", type=int, default=9, help="timed rounds (median of each measurement)")
+    svf_bench.set_defaults(run=_svf_benchmark_command)
     return parser
 
 

@@ -54,6 +54,8 @@ def test_smoke_repro_is_reproducible_and_tracks_params(project: Path):
     assert (project / "data/prepared/code/test.parquet").is_file()
     base = json.loads((project / "reports/base/metrics.json").read_text())
     assert base["train_tokens"] == 4 * 4 * 64 and (project / "models/base/model.safetensors").is_file()
+    svd = json.loads((project / "reports/svf/decompose.json").read_text())
+    assert svd["targets"] == "mlp" and svd["matrices"] == 2 * 3 and svd["max_relative_error"] <= 1e-5
 
     out = _run(project, "dvc", "repro")
     assert "Running stage" not in out and "didn't change" in out
@@ -76,3 +78,10 @@ def test_smoke_repro_is_reproducible_and_tracks_params(project: Path):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(project, "dvc", "repro")
     assert "Running stage 'base'" in out and "Running stage 'prepare'" not in out
+
+    # Another SVF target set re-runs decompose only.
+    params["svf"]["targets"] = "attn"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _run(project, "dvc", "repro")
+    assert "Running stage 'decompose'" in out and "Running stage 'base'" not in out
+    assert json.loads((project / "reports/svf/decompose.json").read_text())["matrices"] == 4

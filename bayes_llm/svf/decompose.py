@@ -65,6 +65,12 @@ def svd_fingerprint(base: str, ranks: dict[str, int]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def svd_factors(weight: torch.Tensor) -> Factors:
+    """Thin fp32 SVD: W ≈ U diag(S) Vh with U (m×r), S (r), Vh (r×n), r = min(m, n)."""
+    u, s, vh = torch.linalg.svd(weight.detach().to(torch.float32), full_matrices=False)
+    return Factors(u.contiguous(), s.contiguous(), vh.contiguous())
+
+
 def _layer_file(name: str) -> str:
     match = re.search(r"\blayers\.(\d+)\.", name)
     return f"layer_{int(match.group(1)):03d}.safetensors" if match else "other.safetensors"
@@ -83,13 +89,14 @@ def decompose(model: torch.nn.Module, targets: str | list[str], out_dir: Path = 
             tensors = {}
             for name in members:
                 weight = model.get_submodule(name).weight.detach().to(torch.float32)
-                u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-                error = (torch.linalg.norm((u * s) @ vh - weight) / torch.linalg.norm(weight).clamp_min(1e-30)).item()
-                tensors.update({f"{name}.{part}": t.contiguous() for part, t in (("U", u), ("S", s), ("Vh", vh))})
+                f = svd_factors(weight)
+                residual = torch.linalg.norm((f.u * f.s) @ f.vh - weight)
+                error = (residual / torch.linalg.norm(weight).clamp_min(1e-30)).item()
+                tensors.update({f"{name}.U": f.u, f"{name}.S": f.s, f"{name}.Vh": f.vh})
                 matrices[name] = {
                     "file": file,
                     "shape": list(weight.shape),
-                    "rank": s.numel(),
+                    "rank": f.s.numel(),
                     "relative_error": error,
                 }
             save_file(tensors, staging / file)
