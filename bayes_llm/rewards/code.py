@@ -72,7 +72,7 @@ def run(solution, checks, seconds):
     while outcome is None:
         ready = select.select([read], [], [], max(0.0, deadline - time.monotonic()))[0]
         if not ready:
-            outcome = ["timed out", []]
+            outcome = ["TimeoutError: item time limit", []]
             break
         data = os.read(read, 65536)
         size += len(data)
