@@ -56,6 +56,16 @@ def _decompose_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_expert_command(args: argparse.Namespace) -> int:
+    from bayes_llm.experts.stage import build_expert
+
+    params = load_params(args.params)
+    report = build_expert(params, args.domain, progress=not args.quiet)
+    summary = {k: report[k] for k in ("domain", "objective", "test_accuracy", "gain", "train_seconds")}
+    print(json.dumps(summary))
+    return 0
+
+
 def _benchmark_command(args: argparse.Namespace) -> int:
     from bayes_llm.model.benchmark import benchmark
 
@@ -137,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
         "U, S, Vh + svd.json with the base and SVD fingerprints) and reports/svf/decompose.json "
         "(matrices, seconds, max relative reconstruction error).",
     )
+
+    train = commands.add_parser(
+        "train-expert",
+        help="train one domain's SVF expert (DVC stage `train_expert@<domain>`)",
+        description="Trains z for DOMAIN with params experts.DOMAIN (objective sft | rl | sft+rl), keeping "
+        "the z with the best greedy val accuracy and checkpointing every experts.DOMAIN.checkpoint_every "
+        "steps to models/checkpoints/DOMAIN (a killed run resumes there). Then evaluates base and expert "
+        "on every domain's test split and writes models/experts/DOMAIN.safetensors and "
+        "reports/experts/DOMAIN.{json,png} plus curve CSVs.",
+    )
+    train.add_argument("domain", help="a domain with an `experts.<domain>` entry in params.yaml")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(run=_train_expert_command)
 
     bench = commands.add_parser(
         "benchmark",

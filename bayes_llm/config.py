@@ -256,6 +256,42 @@ class SVFParams(Strict):
     max_mult: Annotated[float, Field(gt=1.0, le=100.0)] = 2.0
 
 
+class ExpertParams(Strict):
+    """One domain's expert: how its z is trained (see bayes_llm.experts)."""
+
+    # sft: next-token training of z on the reference answers (the paper's baseline). rl: RL on a
+    # correctness reward. sft+rl: SFT warm start, then RL from the best SFT z.
+    objective: Literal["sft", "rl", "sft+rl"] = "sft+rl"
+    sft_steps: NonNegativeInt = 60
+    sft_learning_rate: Annotated[float, Field(gt=0, le=10)] = 1e-2
+    sft_batch_size: PositiveInt = 32
+    # reinforce: Transformer²'s own (greedy rollouts at temperature 0, ±1 reward, no baseline unless
+    # `baseline`; with a temperature and `baseline` it is a group-relative policy gradient).
+    rl_algorithm: Literal["reinforce"] = "reinforce"
+    rl_steps: NonNegativeInt = 40
+    rl_learning_rate: Annotated[float, Field(gt=0, le=10)] = 1e-3
+    rl_batch_size: PositiveInt = 16
+    num_generations: PositiveInt = 1  # completions per prompt (sampled when temperature > 0)
+    temperature: Annotated[float, Field(ge=0, le=5)] = 0.0  # 0: greedy rollouts
+    baseline: bool = False  # reinforce: subtract the mean reward of the prompt's group
+    beta: Annotated[float, Field(ge=0, le=10)] = 0.0  # KL toward the base
+    max_new_tokens: PositiveInt = 8
+    eval_every: PositiveInt = 20
+    val_items: PositiveInt = 150
+    checkpoint_every: PositiveInt = 20
+    eval_batch_size: PositiveInt = 64
+
+    @model_validator(mode="after")
+    def _steps(self) -> ExpertParams:
+        if "sft" in self.objective and self.sft_steps == 0:
+            raise ValueError(f"objective {self.objective} needs sft_steps > 0")
+        if "rl" in self.objective and self.rl_steps == 0:
+            raise ValueError(f"objective {self.objective} needs rl_steps > 0")
+        if self.temperature == 0 and self.num_generations > 1:
+            raise ValueError("greedy rollouts (temperature 0) are all the same: use num_generations 1")
+        return self
+
+
 class Params(Strict):
     seed: NonNegativeInt = 0
     profile: Literal["full", "smoke"] = "full"
@@ -267,6 +303,8 @@ class Params(Strict):
     pretrain: PretrainParams = PretrainParams()
     base_eval: BaseEvalParams = BaseEvalParams()
     svf: SVFParams = SVFParams()
+    # One expert per listed domain (a domain of `data` without an entry gets none).
+    experts: dict[str, ExpertParams] = {}
 
 
 def _deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:

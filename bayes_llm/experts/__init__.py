@@ -1,0 +1,1 @@
+"""Training SVF experts: objectives (SFT, REINFORCE), the training loop with checkpoints, the stage."""

@@ -1,0 +1,137 @@
+"""The `train_expert@<domain>` stage: train z, evaluate it against the base, write the expert and reports.
+
+Reports (`reports/experts/<domain>.json`): base and expert accuracy on every domain's test split
+(greedy; code is pass@1 in the sandbox), the own-domain gain with a 95 % paired bootstrap CI, the
+gain on the other domains (interference), for `sft+rl` the RL phase's own gain over the SFT z, and
+the objective, steps and seconds. Curves go to CSVs for `dvc plots` and to a PNG.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+from bayes_llm.config import Params
+from bayes_llm.data import prepared
+from bayes_llm.errors import UserError
+from bayes_llm.eval.greedy import greedy_completions
+from bayes_llm.experts.train import train_expert
+from bayes_llm.io import write_json
+from bayes_llm.model.base import BASE_DIR
+from bayes_llm.model.load import load_checkpoint
+from bayes_llm.plots import line_plot
+from bayes_llm.prompts import answer_prompt
+from bayes_llm.rewards.correctness import correctness
+from bayes_llm.stats import paired_bootstrap
+from bayes_llm.svf.decompose import SVD_DIR, check_base, load_factors
+from bayes_llm.svf.expert import Expert, save_expert
+from bayes_llm.svf.scaling import SVF, Composer
+
+EXPERT_DIR = Path("models/experts")
+CHECKPOINT_DIR = Path("models/checkpoints")
+REPORT_DIR = Path("reports/experts")
+
+
+def _test_hits(model, tokenizer, kind: str, rows: list[dict], max_new_tokens: int, batch_size: int) -> list[float]:
+    prompts = [answer_prompt(r["prompt"]) for r in rows]
+    return correctness(kind, greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size), rows)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def build_expert(params: Params, domain: str, progress: bool = True) -> dict:
+    if domain not in params.experts:
+        raise UserError(f"no `experts.{domain}` entry in params.yaml (experts: {', '.join(params.experts) or 'none'})")
+    cfg = params.experts[domain]
+    infos = {d["name"]: d for d in prepared.domains()}
+    if domain not in infos or infos[domain]["test_only"]:
+        trainable = [n for n, d in infos.items() if not d["test_only"]]
+        raise UserError(f"experts.{domain}: not a prepared domain with a train split (have: {', '.join(trainable)})")
+    started = time.perf_counter()
+    model, tokenizer = load_checkpoint(str(BASE_DIR))
+    factors, manifest = load_factors(SVD_DIR)
+    check_base(model, manifest, SVD_DIR)
+    kind = infos[domain]["answer_kind"]
+    tokens = params.base_eval.max_new_tokens
+    train_rows = prepared.read_split(prepared.PREPARED_DIR, domain, "train")
+    val_rows = prepared.read_split(prepared.PREPARED_DIR, domain, "val")
+
+    svf = SVF(model, factors, mode=params.svf.mode, max_mult=params.svf.max_mult)
+    result = train_expert(svf, tokenizer, kind, train_rows, val_rows, cfg, params.seed, CHECKPOINT_DIR / domain,
+                          manifest["svd_fingerprint"], tokens[kind], progress)  # fmt: skip
+    scales = {}
+    for name, z in (("expert", result.best_z), ("sft", result.sft_z)):
+        if z is not None:
+            svf.load_z(z)
+            scales[name] = svf.scales()
+    svf.detach()
+
+    composer = Composer(model, factors)
+    evaluated = [n for n, d in infos.items() if not d["test_only"]]
+    hits: dict[str, dict[str, list[float]]] = {}
+    for other in evaluated:
+        other_kind = infos[other]["answer_kind"]
+        rows = prepared.read_split(prepared.PREPARED_DIR, other, "test")
+        systems = ["base", "expert"] + (["sft"] if other == domain and cfg.objective == "sft+rl" else [])
+        for system in systems:
+            composer.unmerge() if system == "base" else composer.merge(scales[system])
+            hits.setdefault(other, {})[system] = _test_hits(model, tokenizer, other_kind, rows,
+                                                            tokens[other_kind], cfg.eval_batch_size)  # fmt: skip
+    composer.unmerge()
+
+    accuracy = {d: {s: round(sum(h) / len(h), 4) for s, h in systems.items()} for d, systems in hits.items()}
+    own = hits[domain]
+    report = {
+        "domain": domain,
+        "answer_kind": kind,
+        "objective": cfg.objective,
+        "rl_algorithm": cfg.rl_algorithm if "rl" in cfg.objective else None,
+        "steps": result.steps,
+        "phases": dict(result.phases),
+        "train_seconds": round(result.seconds, 1),
+        "stage_seconds": round(time.perf_counter() - started, 1),
+        "resumed_from_step": result.resumed_from,
+        "val_accuracy": {"base": result.base_val, "sft": result.sft_val, "expert": result.best_val},
+        "test_accuracy": accuracy[domain],
+        "gain": paired_bootstrap(own["base"], own["expert"], seed=params.seed),
+        "interference": {
+            d: {**accuracy[d], "gain": paired_bootstrap(h["base"], h["expert"], seed=params.seed)}
+            for d, h in hits.items()
+            if d != domain
+        },
+        "z_parameters": sum(z.numel() for z in result.best_z.values()),
+    }
+    if "sft" in own:
+        report["rl_gain_over_sft"] = paired_bootstrap(own["sft"], own["expert"], seed=params.seed)
+
+    expert = Expert(
+        domain=domain,
+        mode=params.svf.mode,
+        max_mult=params.svf.max_mult,
+        z=result.best_z,
+        base_fingerprint=manifest["base_fingerprint"],
+        svd_fingerprint=manifest["svd_fingerprint"],
+        training={"seed": params.seed, **cfg.model_dump()},
+        metrics={"test_accuracy": accuracy[domain], "gain": report["gain"]},
+    )
+    save_expert(expert, EXPERT_DIR / f"{domain}.safetensors")
+    curve = result.curve
+    _write_csv(REPORT_DIR / f"{domain}_train.csv", ["step", "phase", "loss", "reward", "kl"],
+               [[r["step"], r["phase"], round(r["loss"], 6), r.get("reward", ""), r.get("kl", "")]
+                for r in curve if "loss" in r])  # fmt: skip
+    val_points = [(r["step"], r["val_accuracy"]) for r in curve if "val_accuracy" in r]
+    _write_csv(REPORT_DIR / f"{domain}_val.csv", ["step", "val_accuracy"], [list(p) for p in val_points])
+    rewards = [(r["step"], r["reward"]) for r in curve if "reward" in r]
+    line_plot({"val accuracy (greedy)": val_points, "RL batch reward": rewards}, REPORT_DIR / f"{domain}.png",
+              f"{domain} expert ({cfg.objective})", "step", "accuracy / reward")  # fmt: skip
+    write_json(REPORT_DIR / f"{domain}.json", report)
+    return report

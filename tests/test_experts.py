@@ -1,0 +1,178 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from bayes_llm.cli import main
+from bayes_llm.config import ExpertParams
+from bayes_llm.experts import train as train_module
+from bayes_llm.experts.objectives import reinforce_loss, rollouts, sft_batch
+from bayes_llm.experts.train import TrainingError, train_expert
+from bayes_llm.model.load import load_checkpoint
+from bayes_llm.rewards.correctness import code_of, correctness
+from bayes_llm.stats import paired_bootstrap
+from bayes_llm.svf.decompose import load_factors, read_manifest
+from bayes_llm.svf.expert import load_expert, read_expert
+from bayes_llm.svf.scaling import SVF
+from tests.conftest import ROOT, raw_params
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A smoke-size project with prepared data, a pretrained base and its SVD."""
+    root = tmp_path_factory.mktemp("project")
+    (root / "params.yaml").write_text(yaml.safe_dump(raw_params()))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        for stage in ("prepare", "base", "decompose"):
+            assert main([stage, "--quiet"]) == 0
+    return root
+
+
+@pytest.fixture
+def workdir_project(project, tmp_path, monkeypatch) -> Path:
+    copy = tmp_path / "p"
+    shutil.copytree(project, copy)
+    monkeypatch.chdir(copy)
+    return copy
+
+
+def _set_expert(root: Path, domain: str, **changes) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["experts"][domain].update(changes)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_train_expert_writes_a_loadable_expert_and_an_honest_report(workdir_project):
+    assert main(["train-expert", "math", "--quiet"]) == 0
+    report = json.loads(Path("reports/experts/math.json").read_text())
+    assert report["objective"] == "sft+rl" and report["steps"] == 4
+    assert set(report["interference"]) == {"code", "reasoning"}
+    gain = report["gain"]
+    assert gain["ci_low"] <= gain["gain_points"] <= gain["ci_high"] and gain["items"] == 12
+    assert "rl_gain_over_sft" in report
+    expert = load_expert("models/experts/math.safetensors", read_manifest("models/svd"))
+    assert expert.domain == "math" and expert.training["objective"] == "sft+rl"
+    assert expert.metrics["test_accuracy"] == report["test_accuracy"]
+    for name in ("math.png", "math_train.csv", "math_val.csv"):
+        assert Path("reports/experts", name).stat().st_size > 0
+    assert not Path("models/checkpoints/math").exists()  # cleared after success
+
+
+def test_unknown_or_test_only_domains_are_clear_errors(workdir_project, capsys):
+    assert main(["train-expert", "poetry", "--quiet"]) == 1
+    assert "no `experts.poetry` entry" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_checkpoint_and_ends_identical(project, tmp_path):
+    runs = {}
+    for name in ("straight", "killed"):
+        root = tmp_path / name
+        shutil.copytree(project, root)
+        _set_expert(root, "reasoning", objective="sft", sft_steps=40, checkpoint_every=2, eval_every=20)
+        runs[name] = root
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "bayes_llm.cli", "train-expert", "reasoning", "--quiet"]
+    subprocess.run(command, cwd=runs["straight"], env=env, check=True, capture_output=True)
+
+    process = subprocess.Popen(command, cwd=runs["killed"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    state = runs["killed"] / "models/checkpoints/reasoning/state.json"
+    deadline = time.monotonic() + 120
+    while not (state.is_file() and json.loads(state.read_text())["step"] >= 4) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = json.loads(state.read_text())["step"]
+    assert 4 <= killed_at < 40, "the run ended before it could be killed"
+    assert not (runs["killed"] / "models/experts/reasoning.safetensors").exists()
+
+    done = subprocess.run(command, cwd=runs["killed"], env=env, capture_output=True, text=True, check=True)
+    assert f"resuming from the checkpoint at step {killed_at}" in done.stdout + done.stderr
+    straight = read_expert(runs["straight"] / "models/experts/reasoning.safetensors")
+    resumed = read_expert(runs["killed"] / "models/experts/reasoning.safetensors")
+    assert all(torch.equal(straight.z[n], resumed.z[n]) for n in straight.z)
+    report = json.loads((runs["killed"] / "reports/experts/reasoning.json").read_text())
+    assert report["resumed_from_step"] == killed_at
+
+
+def test_a_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(project, tmp_path, monkeypatch):
+    monkeypatch.chdir(project)
+    model, tokenizer = load_checkpoint("models/base")
+    factors, _ = load_factors("models/svd")
+    svf = SVF(model, factors)
+    rows = [{"prompt": "What is 1 + 1?", "answer": "2"}] * 8
+    real = train_module.sft_loss
+    calls = []
+
+    def poisoned(model, batch):
+        calls.append(1)
+        loss = real(model, batch)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(train_module, "sft_loss", poisoned)
+    cfg = ExpertParams(objective="sft", sft_steps=10, sft_batch_size=2, checkpoint_every=2, eval_every=5, val_items=2)
+    with pytest.raises(TrainingError, match="non-finite loss at step 5"):
+        train_expert(svf, tokenizer, "number", rows, rows, cfg, 0, tmp_path / "ckpt", "fp", 4, progress=False)
+    assert json.loads((tmp_path / "ckpt/state.json").read_text())["step"] == 4
+
+
+def test_sft_batch_trains_on_answer_tokens_only(project):
+    _, tokenizer = load_checkpoint(str(project / "models/base"))
+    rows = [{"prompt": "What is 1 + 1?", "answer": "2"}, {"prompt": "Longer: 10 - 3?", "answer": "7"}]
+    batch = sft_batch(tokenizer, rows)
+    labels = batch["labels"]
+    assert batch["input_ids"].shape == labels.shape == batch["attention_mask"].shape
+    kept = [tokenizer.decode(row[row != -100]) for row in labels]
+    assert kept == [" 2<eos>", " 7<eos>"]
+    assert bool((batch["attention_mask"][0, : (batch["attention_mask"][0] == 0).sum()] == 0).all())  # left padding
+
+
+def test_rollouts_mask_everything_after_eos(project):
+    model, tokenizer = load_checkpoint(str(project / "models/base"))
+    rows = [{"prompt": "What is 1 + 1?"}, {"prompt": "Which is larger?"}]
+    batch = rollouts(model, tokenizer, rows, n=2, temperature=1.0, max_new_tokens=6)
+    assert batch.input_ids.shape[0] == 4 and len(batch.texts) == 4
+    completion = batch.input_ids[:, batch.prompt_width :]
+    for tokens, mask in zip(completion, batch.completion_mask, strict=True):
+        eos = (tokens == tokenizer.eos_token_id).nonzero()
+        if len(eos):
+            first = int(eos[0])
+            assert mask[: first + 1].all() and not mask[first + 1 :].any()
+
+
+def test_reinforce_loss_pushes_up_rewarded_completions_and_kl_is_zero_at_the_reference():
+    logprobs = torch.tensor([[-1.0, -2.0], [-1.0, -1.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    loss, kl = reinforce_loss(logprobs, mask, torch.tensor([1.0, -1.0]), logprobs.detach(), beta=0.5)
+    loss.backward()
+    assert kl == 0.0
+    assert logprobs.grad[0, 0] < 0 and logprobs.grad[1, 0] > 0 and logprobs.grad[1, 1] == 0
+
+
+def test_correctness_per_kind():
+    assert correctness("number", [" 12\nQuestion: x", " 13"], [{"answer": "12"}] * 2) == [1.0, 0.0]
+    assert correctness("letter", [" B", " C"], [{"answer": "B"}] * 2) == [1.0, 0.0]
+    row = {"tests": ["assert inc(1) == 2"]}
+    assert code_of(" def inc(n):\n    return n + 1\nQuestion: next") == "def inc(n):\n    return n + 1\n"
+    completions = [" def inc(n):\n    return n + 1\nQuestion: ...", " def inc(n):\n    return n"]
+    assert correctness("code", completions, [row] * 2) == [1.0, 0.0]
+
+
+def test_paired_bootstrap():
+    same = paired_bootstrap([1, 0, 1, 0], [1, 0, 1, 0])
+    assert same["gain_points"] == same["ci_low"] == same["ci_high"] == 0.0
+    better = paired_bootstrap([0] * 50 + [1] * 50, [1] * 80 + [0] * 20)
+    assert better["gain_points"] == 30.0 and 0 < better["ci_low"] < 30 < better["ci_high"]
+    with pytest.raises(ValueError):
+        paired_bootstrap([1], [1, 0])
