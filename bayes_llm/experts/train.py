@@ -196,7 +196,7 @@ def train_expert(
         if phase == "sft":
             picks = torch.randint(len(train_rows), (cfg.sft_batch_size,), generator=generator).tolist()
             loss = sft_loss(model, sft_batch(tokenizer, [train_rows[i] for i in picks]))
-            record = {"step": step + 1, "phase": phase, "loss": float(loss)}
+            record = {"step": step + 1, "phase": phase, "loss": float(loss.detach())}
         else:
             picks = torch.randint(len(train_rows), (cfg.rl_batch_size,), generator=generator).tolist()
             rows = [train_rows[i] for i in picks]
@@ -220,7 +220,8 @@ def train_expert(
             model.train()
             logprobs = completion_logprobs(model, batch)
             loss, kl = reinforce_loss(logprobs, batch.completion_mask, advantages, ref, cfg.beta)
-            record = {"step": step + 1, "phase": phase, "loss": float(loss), "reward": float(reward.mean()), "kl": kl}
+            record = {"step": step + 1, "phase": phase, "loss": float(loss.detach()), "reward": float(reward.mean())}
+            record["kl"] = kl
         if not math.isfinite(record["loss"]):
             raise TrainingError(
                 f"non-finite loss at step {step + 1} ({phase}): lower the learning rate; the last good "
