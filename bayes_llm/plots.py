@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from bayes_llm.io import atomic_path
+
 
 def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, title: str, xlabel: str, ylabel: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,7 +26,6 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, title: s
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp)
     plt.close(figure)
-    tmp.replace(path)

@@ -8,7 +8,6 @@ blocks and trained with the HF Trainer on the CPU.
 
 from __future__ import annotations
 
-import csv
 import random
 import tempfile
 import time
@@ -18,6 +17,7 @@ import torch
 from transformers import PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 from bayes_llm.config import PretrainParams
+from bayes_llm.io import write_csv
 from bayes_llm.prompts import answer_document, classify_document
 
 
@@ -74,11 +74,7 @@ class _Curve(TrainerCallback):
 
 
 def write_curve(points: list[tuple[int, float]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["step", "loss"])
-        writer.writerows((step, round(loss, 6)) for step, loss in points)
+    write_csv(path, ["step", "loss"], [(step, round(loss, 6)) for step, loss in points])
 
 
 def pretrain(

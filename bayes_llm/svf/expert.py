@@ -10,8 +10,6 @@ matrix has the same rank.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from bayes_llm.errors import UserError
+from bayes_llm.io import atomic_path
 from bayes_llm.svf.scaling import MODES, Factors, Mode, effective_scale
 
 FORMAT = "bayes-llm/svf-expert"
@@ -56,18 +55,10 @@ class Expert:
 
 def save_expert(expert: Expert, path: str | Path) -> None:
     """Write atomically: a crash leaves the previous file (or none), never a truncated one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: z.detach().to(torch.float32).contiguous() for name, z in expert.z.items()}
     header = {"format": FORMAT, "bayes_llm": json.dumps(expert.metadata(), sort_keys=True)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_expert(path: str | Path) -> Expert:
