@@ -93,11 +93,12 @@ def _svf_benchmark_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stage_command(commands, name: str, run, **texts: str) -> None:
-    """A DVC stage's command: the stage script calls it with no arguments."""
+def _stage_command(commands, name: str, run, **texts: str) -> argparse.ArgumentParser:
+    """A DVC stage's command: what the stage script calls (with its foreach key, if any)."""
     parser = commands.add_parser(name, **texts)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,8 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(matrices, seconds, max relative reconstruction error).",
     )
 
-    train = commands.add_parser(
+    train = _stage_command(
+        commands,
         "train-expert",
+        _train_expert_command,
         help="train one domain's SVF expert (DVC stage `train_expert@<domain>`)",
         description="Trains z for DOMAIN with params experts.DOMAIN (objective sft | rl | sft+rl), keeping "
         "the z with the best greedy val accuracy and checkpointing every experts.DOMAIN.checkpoint_every "
@@ -158,8 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
         "reports/experts/DOMAIN.{json,png} plus curve CSVs.",
     )
     train.add_argument("domain", help="a domain with an `experts.<domain>` entry in params.yaml")
-    train.add_argument("--quiet", action="store_true", help="no progress bars")
-    train.set_defaults(run=_train_expert_command)
 
     bench = commands.add_parser(
         "benchmark",

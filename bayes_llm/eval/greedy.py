@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from bayes_llm.prompts import answer_prompt
 from bayes_llm.rewards.answers import exact_match
+from bayes_llm.rewards.correctness import correctness
 
 
 @torch.no_grad()
@@ -64,3 +65,11 @@ def domain_accuracy(
             for r, c in zip(rows[:3], completions[:3], strict=True)
         ],
     }
+
+
+def greedy_scores(
+    model, tokenizer, kind: str, rows: Sequence[dict], max_new_tokens: int, batch_size: int
+) -> list[float]:
+    """Correctness (1/0) of the greedy answer to each row; code runs its tests in the sandbox."""
+    prompts = [answer_prompt(row["prompt"]) for row in rows]
+    return correctness(kind, greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size), rows)

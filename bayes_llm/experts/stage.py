@@ -8,21 +8,18 @@ the objective, steps and seconds. Curves go to CSVs for `dvc plots` and to a PNG
 
 from __future__ import annotations
 
-import csv
 import time
 from pathlib import Path
 
 from bayes_llm.config import Params
 from bayes_llm.data import prepared
 from bayes_llm.errors import UserError
-from bayes_llm.eval.greedy import greedy_completions
+from bayes_llm.eval.greedy import greedy_scores
 from bayes_llm.experts.train import train_expert
-from bayes_llm.io import write_json
+from bayes_llm.io import write_csv, write_json
 from bayes_llm.model.base import BASE_DIR
 from bayes_llm.model.load import load_checkpoint
 from bayes_llm.plots import line_plot
-from bayes_llm.prompts import answer_prompt
-from bayes_llm.rewards.correctness import correctness
 from bayes_llm.stats import paired_bootstrap
 from bayes_llm.svf.decompose import SVD_DIR, check_base, load_factors
 from bayes_llm.svf.expert import Expert, save_expert
@@ -31,21 +28,6 @@ from bayes_llm.svf.scaling import SVF, Composer
 EXPERT_DIR = Path("models/experts")
 CHECKPOINT_DIR = Path("models/checkpoints")
 REPORT_DIR = Path("reports/experts")
-
-
-def _test_hits(model, tokenizer, kind: str, rows: list[dict], max_new_tokens: int, batch_size: int) -> list[float]:
-    prompts = [answer_prompt(r["prompt"]) for r in rows]
-    return correctness(kind, greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size), rows)
-
-
-def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    tmp.replace(path)
 
 
 def build_expert(params: Params, domain: str, progress: bool = True) -> dict:
@@ -83,9 +65,12 @@ def build_expert(params: Params, domain: str, progress: bool = True) -> dict:
         rows = prepared.read_split(prepared.PREPARED_DIR, other, "test")
         systems = ["base", "expert"] + (["sft"] if other == domain and cfg.objective == "sft+rl" else [])
         for system in systems:
-            composer.unmerge() if system == "base" else composer.merge(scales[system])
-            hits.setdefault(other, {})[system] = _test_hits(model, tokenizer, other_kind, rows,
-                                                            tokens[other_kind], cfg.eval_batch_size)  # fmt: skip
+            if system == "base":
+                composer.unmerge()
+            else:
+                composer.merge(scales[system])
+            hits.setdefault(other, {})[system] = greedy_scores(model, tokenizer, other_kind, rows,
+                                                               tokens[other_kind], cfg.eval_batch_size)  # fmt: skip
     composer.unmerge()
 
     accuracy = {d: {s: round(sum(h) / len(h), 4) for s, h in systems.items()} for d, systems in hits.items()}
@@ -125,11 +110,11 @@ def build_expert(params: Params, domain: str, progress: bool = True) -> dict:
     )
     save_expert(expert, EXPERT_DIR / f"{domain}.safetensors")
     curve = result.curve
-    _write_csv(REPORT_DIR / f"{domain}_train.csv", ["step", "phase", "loss", "reward", "kl"],
+    write_csv(REPORT_DIR / f"{domain}_train.csv", ["step", "phase", "loss", "reward", "kl"],
                [[r["step"], r["phase"], round(r["loss"], 6), r.get("reward", ""), r.get("kl", "")]
                 for r in curve if "loss" in r])  # fmt: skip
     val_points = [(r["step"], r["val_accuracy"]) for r in curve if "val_accuracy" in r]
-    _write_csv(REPORT_DIR / f"{domain}_val.csv", ["step", "val_accuracy"], [list(p) for p in val_points])
+    write_csv(REPORT_DIR / f"{domain}_val.csv", ["step", "val_accuracy"], [list(p) for p in val_points])
     rewards = [(r["step"], r["reward"]) for r in curve if "reward" in r]
     line_plot({"val accuracy (greedy)": val_points, "RL batch reward": rewards}, REPORT_DIR / f"{domain}.png",
               f"{domain} expert ({cfg.objective})", "step", "accuracy / reward")  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,10 +22,9 @@ from tqdm.auto import tqdm
 
 from bayes_llm.config import ExpertParams
 from bayes_llm.errors import UserError
-from bayes_llm.eval.greedy import greedy_completions
+from bayes_llm.eval.greedy import greedy_scores
 from bayes_llm.experts.objectives import completion_logprobs, reinforce_loss, rollouts, sft_batch, sft_loss
 from bayes_llm.io import staged_dir
-from bayes_llm.prompts import answer_prompt
 from bayes_llm.rewards.correctness import correctness
 from bayes_llm.svf.scaling import SVF, identity_z
 
@@ -58,13 +58,6 @@ def _locate(phases: list[tuple[str, int]], step: int) -> tuple[str, int, int]:
             return name, step, steps
         step -= steps
     raise IndexError(step)
-
-
-def val_accuracy(model, tokenizer, kind: str, rows: Sequence[dict], max_new_tokens: int, batch_size: int) -> float:
-    completions = greedy_completions(model, tokenizer, [answer_prompt(r["prompt"]) for r in rows], max_new_tokens,
-                                     batch_size)  # fmt: skip
-    scores = correctness(kind, completions, rows)
-    return sum(scores) / max(len(scores), 1)
 
 
 class _Checkpoint:
@@ -112,8 +105,6 @@ class _Checkpoint:
         return meta, tensors
 
     def clear(self) -> None:
-        import shutil
-
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -153,7 +144,8 @@ def train_expert(
     checkpoint = _Checkpoint(checkpoint_dir, fingerprint)
 
     def validate() -> float:
-        return val_accuracy(model, tokenizer, kind, val_rows, eval_tokens, cfg.eval_batch_size)
+        scores = greedy_scores(model, tokenizer, kind, val_rows, eval_tokens, cfg.eval_batch_size)
+        return sum(scores) / max(len(scores), 1)
 
     def make_optimizer(phase: str) -> torch.optim.Optimizer:
         lr = cfg.sft_learning_rate if phase == "sft" else cfg.rl_learning_rate
