@@ -109,5 +109,5 @@ def reinforce_loss(
         delta = ref_logprobs - logprobs
         kl = ((torch.exp(delta) - delta - 1) * mask).sum(dim=1) / lengths
         loss = loss + beta * kl.mean()
-        kl_value = float(kl.mean())
+        kl_value = float(kl.mean().detach())
     return loss, kl_value
