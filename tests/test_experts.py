@@ -69,9 +69,13 @@ def test_train_expert_writes_a_loadable_expert_and_an_honest_report(workdir_proj
     assert not Path("models/checkpoints/math").exists()  # cleared after success
 
 
-def test_unknown_or_test_only_domains_are_clear_errors(workdir_project, capsys):
+def test_unknown_domain_or_missing_base_are_clear_errors(workdir_project, capsys):
     assert main(["train-expert", "poetry", "--quiet"]) == 1
     assert "no `experts.poetry` entry" in capsys.readouterr().err
+    shutil.rmtree("models/base")  # a clear error at once, not a hub lookup for the id 'models/base'
+    assert main(["train-expert", "math", "--quiet"]) == 1
+    assert "models/base: no base model there: run `dvc repro base` first" in capsys.readouterr().err
+    assert not Path("models/experts").exists()
 
 
 @pytest.mark.slow

@@ -17,8 +17,7 @@ from bayes_llm.errors import UserError
 from bayes_llm.eval.greedy import greedy_scores
 from bayes_llm.experts.train import train_expert
 from bayes_llm.io import write_csv, write_json
-from bayes_llm.model.base import BASE_DIR
-from bayes_llm.model.load import load_checkpoint
+from bayes_llm.model.base import load_base
 from bayes_llm.plots import line_plot
 from bayes_llm.stats import paired_bootstrap
 from bayes_llm.svf.decompose import SVD_DIR, check_base, load_factors
@@ -39,7 +38,7 @@ def build_expert(params: Params, domain: str, progress: bool = True) -> dict:
         trainable = [n for n, d in infos.items() if not d["test_only"]]
         raise UserError(f"experts.{domain}: not a prepared domain with a train split (have: {', '.join(trainable)})")
     started = time.perf_counter()
-    model, tokenizer = load_checkpoint(str(BASE_DIR))
+    model, tokenizer = load_base()
     factors, manifest = load_factors(SVD_DIR)
     check_base(model, manifest, SVD_DIR)
     kind = infos[domain]["answer_kind"]

@@ -12,7 +12,7 @@ from bayes_llm.data import prepared
 from bayes_llm.eval.greedy import domain_accuracy, greedy_completions
 from bayes_llm.io import staged_dir, write_json
 from bayes_llm.model.architecture import build_config
-from bayes_llm.model.load import load_checkpoint
+from bayes_llm.model.load import CheckpointError, load_checkpoint
 from bayes_llm.model.pretrain import documents, pack, pretrain, write_curve
 from bayes_llm.model.tokenizer import train_tokenizer
 from bayes_llm.plots import line_plot
@@ -20,6 +20,13 @@ from bayes_llm.prompts import classify_prompt
 
 BASE_DIR = Path("models/base")
 REPORT_DIR = Path("reports/base")
+
+
+def load_base(base_dir: Path = BASE_DIR) -> tuple:
+    """The pipeline's base (model, tokenizer); a clear error, not a hub lookup, when it is missing."""
+    if not (Path(base_dir) / "config.json").is_file():
+        raise CheckpointError(f"{base_dir}: no base model there: run `dvc repro base` first")
+    return load_checkpoint(str(base_dir))
 
 
 def _scratch(params: Params, data_dir: Path, names: list[str], val: dict[str, list[dict]], progress: bool) -> tuple:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from bayes_llm.errors import UserError
 from bayes_llm.io import staged_dir, write_json
-from bayes_llm.model.load import load_checkpoint
+from bayes_llm.model.base import load_base
 from bayes_llm.svf.scaling import Factors
 from bayes_llm.svf.targets import patterns_of, select_targets
 
@@ -186,9 +186,7 @@ def _has_linear(model: torch.nn.Module, name: str) -> bool:
 
 def decompose_base(targets: str | list[str], base_dir: Path, progress: bool = True) -> dict:
     """The stage: SVD of the base's targets → models/svd/, reports/svf/decompose.json."""
-    if not (Path(base_dir) / "config.json").is_file():
-        raise SVDError(f"{base_dir}: no base model there: run `dvc repro base` first")
-    model, _ = load_checkpoint(str(base_dir))
+    model, _ = load_base(base_dir)
     report = decompose(model, targets, SVD_DIR, progress=progress)
     write_json(REPORT, report)
     return report
