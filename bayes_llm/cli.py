@@ -66,6 +66,92 @@ def _train_expert_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_command(args: argparse.Namespace) -> int:
+    from bayes_llm.dispatch.stage import calibrate
+
+    params = load_params(args.params)
+    report = calibrate(params, progress=not args.quiet)
+    keys = ("strategy", "routing_accuracy", "ece_after")
+    print(json.dumps({**{k: report[k] for k in keys}, "overhead": report["timing"]["overhead_share_of_pass2"]}))
+    return 0
+
+
+def _show_answer(answer, show_experts: bool) -> None:
+    print(answer.text.strip())
+    if show_experts:
+        posterior = ", ".join(f"{k} {v:.3f}" for k, v in answer.posterior.items()) or "-"
+        blend = ", ".join(f"{k} {v:.3f}" for k, v in answer.blend.items()) or "base weights"
+        print(f"  [posterior: {posterior}]\n  [blend: {blend}]")
+
+
+def _engine_and_options(args: argparse.Namespace):
+    from bayes_llm.adapt.engine import Engine
+
+    params = load_params(args.params)
+    cfg = params.dispatch
+    options = {
+        "strategy": args.strategy or cfg.strategy,
+        "mode": args.blending_mode or cfg.blending_mode,
+        "top_k": args.top_k or cfg.top_k,
+        "max_new_tokens": args.max_new_tokens,
+    }
+    return Engine(args.models), options, params
+
+
+def _generate_command(args: argparse.Namespace) -> int:
+    engine, options, params = _engine_and_options(args)
+    if options["strategy"] == "fewshot":
+        return _fewshot(engine, options, params, args)
+    for answer in engine.generate(args.prompt, **options):
+        _show_answer(answer, args.show_experts)
+    return 0
+
+
+def _fewshot(engine, options: dict, params, args: argparse.Namespace) -> int:
+    from bayes_llm.dispatch.fewshot import read_examples
+
+    if not args.examples:
+        raise UserError("--strategy fewshot needs --examples FILE.jsonl (rows with prompt and answer)")
+    cfg = params.dispatch.fewshot
+    shots = read_examples(args.examples)[: cfg.shots]
+    result, _ = engine.fewshot(shots, args.answer_kind, cfg.population, cfg.elites, cfg.iterations, params.seed,
+                               cfg.per_layer, cfg.max_new_tokens)  # fmt: skip
+    alpha = dict(zip(engine.domains, result.alpha.reshape(len(engine.domains), -1).mean(axis=1).round(3).tolist(),
+                     strict=True))  # fmt: skip
+    for text, prompt in zip(engine.complete(args.prompt, options["max_new_tokens"]), args.prompt, strict=True):
+        print(text.strip())
+        if args.show_experts:
+            print(f"  [few-shot reward {result.reward:.3f} on {len(shots)} examples; alpha: {alpha}]  ({prompt[:40]})")
+    return 0
+
+
+def _chat_command(args: argparse.Namespace) -> int:
+    engine, options, _ = _engine_and_options(args)
+    print(f"bayes-llm chat: strategy {options['strategy']}, blending {options['mode']}; an empty line or Ctrl-D quits")
+    while True:
+        try:
+            prompt = input("> ").strip()
+        except EOFError:
+            break
+        if not prompt:
+            break
+        _show_answer(engine.generate([prompt], **options)[0], args.show_experts)
+    return 0
+
+
+def _add_adapt_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", type=Path, default=Path("models"),
+                        help="directory with base/ svd/ experts/ dispatcher/: the pipeline's models/ (default) "
+                        "or a bundle")  # fmt: skip
+    parser.add_argument("--strategy", help="first pass: prompt | cls | fewshot | base | expert:<domain> "
+                        "(default: params dispatch.strategy)")  # fmt: skip
+    parser.add_argument("--blending-mode", choices=["weighted_average", "top_k", "max"],
+                        help="how the posterior mixes experts (default: params dispatch.blending_mode)")  # fmt: skip
+    parser.add_argument("--top-k", type=int, help="experts kept by top_k blending (default: params dispatch.top_k)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--show-experts", action="store_true", help="print the posterior and the blend")
+
+
 def _benchmark_command(args: argparse.Namespace) -> int:
     from bayes_llm.model.benchmark import benchmark
 
@@ -161,6 +247,43 @@ def build_parser() -> argparse.ArgumentParser:
         "reports/experts/DOMAIN.{json,png} plus curve CSVs.",
     )
     train.add_argument("domain", help="a domain with an `experts.<domain>` entry in params.yaml")
+
+    _stage_command(
+        commands,
+        "calibrate",
+        _calibrate_command,
+        help="classification expert + dispatcher calibration (DVC stage `calibrate`)",
+        description="Trains the classification expert on the train splits, scores every val and test prompt "
+        "with both first-pass strategies (prompt: the base; cls: the classification expert), fits the "
+        "controller's temperature (NLL) and `other` threshold (params dispatch.max_fallback) on val, and "
+        "times pass 1, composition and pass 2. Writes models/dispatcher/ and reports/dispatch/ "
+        "(metrics.json with routing accuracy, confusion matrix and ECE before/after; reliability.png; "
+        "confusion.png).",
+    )
+
+    generate = commands.add_parser(
+        "generate",
+        help="answer prompts with self-adapted weights (two passes)",
+        description="Pass 1 identifies each prompt's task (strategy), the calibrated Bayesian controller "
+        "turns that into a posterior over experts and a blend of their singular-value scales (below the "
+        "`other` threshold: the base weights), pass 2 answers greedily with the composed weights. "
+        "fewshot: a CEM search over expert mixing weights on --examples first.",
+    )
+    generate.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    generate.add_argument("--examples", type=Path, help="fewshot: JSONL rows (prompt, answer, and "
+                          "choices/tests) of the new task")  # fmt: skip
+    generate.add_argument("--answer-kind", choices=["number", "letter", "code"], default="number",
+                          help="fewshot: how the examples are scored")  # fmt: skip
+    _add_adapt_options(generate)
+    generate.set_defaults(run=_generate_command)
+
+    chat = commands.add_parser(
+        "chat",
+        help="interactive two-pass session",
+        description="Reads prompts from stdin and answers each with two-pass adaptation (see `generate`).",
+    )
+    _add_adapt_options(chat)
+    chat.set_defaults(run=_chat_command)
 
     bench = commands.add_parser(
         "benchmark",

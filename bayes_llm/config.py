@@ -111,6 +111,7 @@ class FieldMap(Strict):
     domain: str | None = None
     choices: str | None = None
     tests: str | None = None
+    solution: str | None = None  # a worked solution ending '#### <answer>' (GSM8K's shape)
 
 
 class SplitFiles(Strict):
@@ -234,6 +235,9 @@ class PretrainParams(Strict):
     # Each train prompt also appears, with this probability, as 'Task: <prompt> / Domain: <label>'
     # so that the base can classify prompts in the first pass.
     classify_share: Share = 0.3
+    # Rows with a worked solution show it (instead of the bare answer) with this probability, so the
+    # base knows both formats and does not reliably pick the better one: room for the experts.
+    solution_share: Share = 0.5
     # Oversampling per domain (2.5: every row twice, half of them a third time); unlisted: 1.
     domain_weights: dict[str, Annotated[float, Field(gt=0, le=100)]] = {}
 
@@ -243,7 +247,7 @@ class BaseEvalParams(Strict):
 
     max_items: PositiveInt = 300
     batch_size: PositiveInt = 32
-    max_new_tokens: dict[Literal["number", "letter", "code"], PositiveInt] = {"number": 8, "letter": 2, "code": 64}
+    max_new_tokens: dict[Literal["number", "letter", "code"], PositiveInt] = {"number": 32, "letter": 2, "code": 64}
 
 
 class SVFParams(Strict):
@@ -292,6 +296,48 @@ class ExpertParams(Strict):
         return self
 
 
+class ClassifierParams(Strict):
+    """The classification expert: SFT of z on 'Task: <prompt> / Domain: <label>' from train splits."""
+
+    steps: PositiveInt = 100
+    learning_rate: Annotated[float, Field(gt=0, le=10)] = 1e-2
+    batch_size: PositiveInt = 32
+
+
+class FewShotParams(Strict):
+    """Few-shot CEM over expert mixing weights α (see bayes_llm.dispatch.fewshot)."""
+
+    shots: PositiveInt = 8
+    population: PositiveInt = 8
+    elites: PositiveInt = 3
+    iterations: PositiveInt = 4
+    per_layer: bool = False  # one α per expert and layer instead of per expert
+    max_new_tokens: PositiveInt = 32
+
+    @model_validator(mode="after")
+    def _elites(self) -> FewShotParams:
+        if self.elites > self.population:
+            raise ValueError(f"elites ({self.elites}) must be <= population ({self.population})")
+        return self
+
+
+class DispatchParams(Strict):
+    """First pass, Bayesian controller and its calibration (the `calibrate` stage)."""
+
+    strategy: Literal["prompt", "cls"] = "prompt"  # the default first pass of `generate` and evaluation
+    prior: Literal["uniform", "data"] = "uniform"  # data: domains in proportion to their train rows
+    blending_mode: Literal["weighted_average", "top_k", "max"] = "weighted_average"
+    top_k: PositiveInt = 2
+    # The threshold below which the base answers is set so that at most this share of in-domain
+    # val prompts falls back to it.
+    max_fallback: Share = 0.01
+    batch_size: PositiveInt = 32
+    classifier: ClassifierParams = ClassifierParams()
+    fewshot: FewShotParams = FewShotParams()
+    timing_prompts: PositiveInt = 16  # prompts timed for pass 1 / composition / pass 2
+    timing_new_tokens: PositiveInt = 64
+
+
 class Params(Strict):
     seed: NonNegativeInt = 0
     profile: Literal["full", "smoke"] = "full"
@@ -305,6 +351,7 @@ class Params(Strict):
     svf: SVFParams = SVFParams()
     # One expert per listed domain (a domain of `data` without an entry gets none).
     experts: dict[str, ExpertParams] = {}
+    dispatch: DispatchParams = DispatchParams()
 
 
 def _deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:

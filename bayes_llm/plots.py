@@ -25,7 +25,39 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, title: s
     axis.set(title=title, xlabel=xlabel, ylabel=ylabel)
     axis.grid(alpha=0.3)
     axis.legend()
+    _save(figure, path)
+
+
+def _save(figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp)
     plt.close(figure)
+
+
+def reliability_plot(curves: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Reliability diagram: accuracy vs confidence per bin (bins from `calibration.reliability`)."""
+    figure, axis = plt.subplots(figsize=(5.0, 5.0), dpi=120)
+    axis.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
+    for label, table in curves.items():
+        axis.plot([b["confidence"] for b in table], [b["accuracy"] for b in table], marker="o", label=label)
+    axis.set(
+        title=title, xlabel="confidence (top posterior)", ylabel="routing accuracy", xlim=(0, 1.02), ylim=(0, 1.02)
+    )
+    axis.grid(alpha=0.3)
+    axis.legend()
+    _save(figure, path)
+
+
+def confusion_plot(matrix: list[list[int]], rows: list[str], columns: list[str], path: Path, title: str) -> None:
+    figure, axis = plt.subplots(figsize=(1.4 * len(columns) + 2, 1.2 * len(rows) + 1.5), dpi=120)
+    axis.imshow(matrix, cmap="Blues")
+    axis.set_xticks(range(len(columns)), columns)
+    axis.set_yticks(range(len(rows)), rows)
+    top = max(max(r) for r in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            axis.text(j, i, str(value), ha="center", va="center", color="white" if value > top / 2 else "black")
+    axis.set(title=title, xlabel="routed to", ylabel="true domain")
+    _save(figure, path)

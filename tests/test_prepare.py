@@ -212,3 +212,17 @@ def test_failed_prepare_keeps_nothing_and_cli_exits_non_zero(workdir, capsys):
     err = capsys.readouterr().err
     assert "data validation FAILED" in err and "'answer' must not be null" in err and "Traceback" not in err
     assert not PREPARED.exists()
+
+
+def test_a_worked_solution_must_end_with_its_answer(workdir):
+    splits = {"train": _math_rows("train", 10), "val": _math_rows("val", 4), "test": _math_rows("test", 4)}
+    for rows in splits.values():
+        for row in rows:
+            row["working"] = f"{row['answer']} = {row['answer']}.\n#### {row['answer']}"
+    splits["train"][4]["working"] = "4 + 4 = 8.\n#### 8"  # the answer says 4
+    source = _local_math(workdir, splits)
+    source["math"]["fields"]["solution"] = "working"
+    with pytest.raises(DataValidationError) as caught:
+        prepare(smoke_params(sources=source), progress=False)
+    assert "a worked solution must end with '#### <answer>'" in str(caught.value)
+    assert "m-train-4" in str(caught.value)

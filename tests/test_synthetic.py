@@ -95,3 +95,26 @@ def test_too_many_rows_for_the_knobs_is_a_clear_error():
     math = next(d for d in resolve(params.data) if d.name == "math")
     with pytest.raises(GenerationError, match=r"lower data\.domains\.math\.sizes"):
         build(math, params.data, 0)
+
+
+def test_math_solutions_work_each_step_and_end_with_the_answer():
+    sizes = {"train": 300, "val": 10, "test": 10}
+    params = smoke_params(domains={"math": {"sizes": sizes, "ops": ["+", "-", "*"], "word_problem_share": 0.5}})
+    math = next(d for d in resolve(params.data) if d.name == "math")
+    for row in build(math, params.data, 0)["train"]:
+        working, final = row["solution"].split("\n#### ")
+        assert final == row["answer"]
+        steps = [s for s in working.split(". ") if s]
+        for step in steps:
+            left, right = step.rstrip(".").split(" = ")
+            assert eval(left) == int(right), row  # `a op b`: two integer literals
+        assert steps[-1].rstrip(".").split(" = ")[1] == row["answer"]
+
+
+def test_answers_are_read_after_the_final_marker():
+    from bayes_llm.rewards.answers import exact_match, extract_letter, extract_number
+
+    assert extract_number("5 + 11 = 16. 16 + 10 = 26.\n#### 26") == "26"
+    assert extract_number("26") == "26" and extract_number("#### ") is None
+    assert extract_letter("The largest is 12.\n#### B") == "B"
+    assert exact_match("number", "3 + 4 = 7.\n#### 7", "7") and not exact_match("number", "7 + 1 = 8.\n#### 8", "7")

@@ -1,4 +1,5 @@
-"""The row contract shared by every domain: `id, domain, subtask, prompt, answer` (+ `choices`, `tests`)."""
+"""The row contract shared by every domain: `id, domain, subtask, prompt, answer` (+ `choices`, `tests`,
+optional `solution`)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,21 @@ SPLITS = ("train", "val", "test")
 ANSWER_PATTERNS = {"number": r"^-?\d+(?:\.\d+)?$", "letter": r"^[A-Z]$"}
 EXTRA_COLUMNS = {"number": (), "letter": ("choices",), "code": ("tests",)}
 BASE_COLUMNS = ("id", "domain", "subtask", "prompt", "answer")
+# Optional on any row: a worked solution in GSM8K's shape, ending '#### <answer>'. Pretraining shows
+# it for a share of rows and SFT trains on it, so the base knows both answer formats.
+SOLUTION_COLUMN = "solution"
+FINAL_MARK = "####"
 
 
 def columns_for(answer_kind: str) -> tuple[str, ...]:
     return BASE_COLUMNS + EXTRA_COLUMNS[answer_kind]
+
+
+def solution_final(solution: str) -> str | None:
+    """The answer a worked solution ends with (after the last '####'), or None."""
+    if FINAL_MARK not in solution:
+        return None
+    return solution.rsplit(FINAL_MARK, 1)[1].strip().replace(",", "")
 
 
 def make_id(domain: str, prompt: str) -> str:

@@ -44,6 +44,8 @@ def map_row(domain: str, raw: dict[str, Any], fields: FieldMap, answer_kind: str
             row["prompt"] = format_choices(str(row["prompt"]), row["choices"])
     if answer_kind == "code":
         row["tests"] = _as_list(raw.get(fields.tests)) if fields.tests else None
+    if fields.solution:
+        row["solution"] = raw.get(fields.solution)
     if row["id"] is None and row["prompt"] is not None:
         row["id"] = make_id(domain, str(row["prompt"]))
     return row
@@ -87,7 +89,8 @@ def load_local(domain: str, source: LocalSource) -> dict[str, list[dict]]:
 def _gsm8k(raw: dict) -> dict:
     # GSM8K answers end with '#### 1,234'.
     final = raw["answer"].rsplit("####", 1)[-1].strip().replace(",", "")
-    return {"prompt": raw["question"], "answer": final}
+    working = raw["answer"].rsplit("####", 1)[0].strip()
+    return {"prompt": raw["question"], "answer": final, "solution": f"{working}\n#### {final}"}
 
 
 def _mbpp(raw: dict) -> dict:
@@ -126,7 +129,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "splits": {"train": "train", "val": "validation", "test": "test"},
     },
 }
-_PRESET_FIELDS = FieldMap(prompt="prompt", answer="answer", choices="choices", tests="tests")
+_PRESET_FIELDS = FieldMap(prompt="prompt", answer="answer", choices="choices", tests="tests", solution="solution")
 
 
 def hub_answer_kind(source: HubSource) -> str:

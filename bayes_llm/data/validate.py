@@ -13,7 +13,7 @@ import pandas as pd
 
 from bayes_llm.config import DataParams
 from bayes_llm.data.domains import Domain
-from bayes_llm.data.rows import ANSWER_PATTERNS, LETTERS, columns_for
+from bayes_llm.data.rows import ANSWER_PATTERNS, LETTERS, SOLUTION_COLUMN, columns_for, solution_final
 from bayes_llm.rewards.code import check_solutions
 
 MAX_EXAMPLES = 3
@@ -24,6 +24,7 @@ _SHOWN_AS = {
     "answer_in_choices": "answer",
     "choice_count": "choices",
     "test_count": "tests",
+    "solution_matches_answer": "solution",
 }
 
 
@@ -78,6 +79,11 @@ def check_frame(domain: Domain, splits: dict[str, pd.DataFrame], progress: bool 
     if "prompt" in frame:
         owners = frame.groupby("prompt", dropna=True)["split"].nunique()
         frame["prompt_in_other_split"] = frame["prompt"].map(owners).fillna(1).gt(1)
+    if SOLUTION_COLUMN in frame:
+        frame["solution_matches_answer"] = [
+            s is None or (isinstance(s, str) and solution_final(s) == a)
+            for s, a in zip(frame[SOLUTION_COLUMN], frame["answer"], strict=True)
+        ]
     if domain.answer_kind == "letter" and {"answer", "choices"} <= set(frame):
         frame["choice_count"] = frame["choices"].map(lambda c: 0 if c is None else len(c))
         frame["answer_in_choices"] = [_letter_ok(a, c) for a, c in zip(frame["answer"], frame["choices"], strict=True)]
@@ -92,7 +98,7 @@ def check_frame(domain: Domain, splits: dict[str, pd.DataFrame], progress: bool 
     return frame
 
 
-def _domain_rules(domain: Domain, data: DataParams) -> list[tuple[str, object]]:
+def _domain_rules(domain: Domain, data: DataParams, frame: pd.DataFrame) -> list[tuple[str, object]]:
     import great_expectations.expectations as gxe
 
     rules: list[tuple[str, object]] = []
@@ -121,6 +127,13 @@ def _domain_rules(domain: Domain, data: DataParams) -> list[tuple[str, object]]:
             (
                 f"answer must be a {domain.answer_kind}",
                 gxe.ExpectColumnValuesToMatchRegex(column="answer", regex=ANSWER_PATTERNS[domain.answer_kind]),
+            )
+        )
+    if SOLUTION_COLUMN in frame:
+        rules.append(
+            (
+                "a worked solution must end with '#### <answer>'",
+                gxe.ExpectColumnValuesToBeInSet(column="solution_matches_answer", value_set=[True]),
             )
         )
     if domain.answer_kind == "letter":
@@ -221,7 +234,7 @@ def validate(
     gate, failures = _Gate(), []
     for name, (domain, splits) in frames.items():
         frame = check_frame(domain, splits, progress=progress)
-        failures += gate.run(name, frame, _domain_rules(domain, data), name, "all splits")
+        failures += gate.run(name, frame, _domain_rules(domain, data, frame), name, "all splits")
         for split, split_frame in splits.items():
             failures += gate.run(f"{name}-{split}", split_frame, [_row_count_rule(domain, split, data)], name, split)
     return ValidationReport(not failures, gate.expectations, failures)

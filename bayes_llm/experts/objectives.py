@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from bayes_llm.prompts import answer_prompt
 
 
-def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    text = (tokenizer.bos_token or "") + answer_prompt(prompt)
+def _prompt_ids(tokenizer, prompt: str, template: Callable[[str], str] = answer_prompt) -> list[int]:
+    text = (tokenizer.bos_token or "") + template(prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -21,12 +21,19 @@ def _left_pad(sequences: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([[value] * (width - len(s)) + s for s in sequences])
 
 
-def sft_batch(tokenizer, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
-    """Prompt + ' answer' + EOS, left-padded; the loss sees the answer tokens only."""
+def sft_target(row: dict) -> str:
+    """The reference an expert imitates: the worked solution where the row has one, else the answer."""
+    return str(row.get("solution") or row["answer"]).strip()
+
+
+def sft_batch(
+    tokenizer, rows: Sequence[dict], template: Callable[[str], str] = answer_prompt
+) -> dict[str, torch.Tensor]:
+    """template(prompt) + ' target' + EOS, left-padded; the loss sees the target tokens only."""
     ids, labels = [], []
     for row in rows:
-        prompt = _prompt_ids(tokenizer, row["prompt"])
-        answer = tokenizer(" " + str(row["answer"]).strip(), add_special_tokens=False)["input_ids"]
+        prompt = _prompt_ids(tokenizer, row["prompt"], template)
+        answer = tokenizer(" " + sft_target(row), add_special_tokens=False)["input_ids"]
         answer = [*answer, tokenizer.eos_token_id]
         ids.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)

@@ -31,8 +31,9 @@ def load_base(base_dir: Path = BASE_DIR) -> tuple:
 
 def _scratch(params: Params, data_dir: Path, names: list[str], val: dict[str, list[dict]], progress: bool) -> tuple:
     train = {name: prepared.read_split(data_dir, name, "train") for name in names}
-    train_docs = documents(train, params.pretrain.classify_share, params.seed, params.pretrain.domain_weights)
-    val_docs = documents(val, params.pretrain.classify_share, params.seed + 1)
+    share = params.pretrain.solution_share
+    train_docs = documents(train, params.pretrain.classify_share, params.seed, params.pretrain.domain_weights, share)
+    val_docs = documents(val, params.pretrain.classify_share, params.seed + 1, solution_share=share)
     tokenizer = train_tokenizer(train_docs, params.tokenizer.vocab_size, params.model.max_length)
     set_seed(params.seed)
     config = build_config(

@@ -1,9 +1,10 @@
 """Pretraining a `scratch` MambaFormer on the mixture of every domain's train split.
 
-Each train row becomes a document `Question: <prompt> / Answer: <answer>`; with probability
-`classify_share` the same prompt also appears as `Task: <prompt> / Domain: <label>`, which is what
-the first dispatch pass asks later. Documents are wrapped in BOS/EOS, packed into fixed-length
-blocks and trained with the HF Trainer on the CPU.
+Each train row becomes a document `Question: <prompt> / Answer: <answer>` (or, with probability
+`solution_share` where the row has one, its worked solution); with probability `classify_share` the
+same prompt also appears as `Task: <prompt> / Domain: <label>`, which is what the first dispatch
+pass asks later. Documents are wrapped in BOS/EOS, packed into fixed-length blocks and trained with
+the HF Trainer on the CPU.
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ from bayes_llm.prompts import answer_document, classify_document
 
 
 def documents(
-    rows_by_domain: dict[str, list[dict]], classify_share: float, seed: int, weights: dict[str, float] | None = None
+    rows_by_domain: dict[str, list[dict]],
+    classify_share: float,
+    seed: int,
+    weights: dict[str, float] | None = None,
+    solution_share: float = 0.0,
 ) -> list[str]:
     rng = random.Random(seed)
     docs = []
@@ -30,7 +35,8 @@ def documents(
         weight = (weights or {}).get(domain, 1.0)
         for row in rows:
             copies = int(weight) + (rng.random() < weight - int(weight))
-            docs.extend([answer_document(row["prompt"], row["answer"])] * copies)
+            worked = row.get("solution") and rng.random() < solution_share
+            docs.extend([answer_document(row["prompt"], row["solution"] if worked else row["answer"])] * copies)
             if rng.random() < classify_share:
                 docs.append(classify_document(row["prompt"], domain))
     rng.shuffle(docs)

@@ -5,17 +5,24 @@ from __future__ import annotations
 import ast
 import re
 
+from bayes_llm.data.rows import FINAL_MARK
+
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _LETTER = re.compile(r"\b([A-Z])\b")
 
 
+def _final_part(completion: str) -> str:
+    """A worked answer names its result after '####' (GSM8K's convention); a bare answer is all final."""
+    return completion.rsplit(FINAL_MARK, 1)[1] if FINAL_MARK in completion else completion
+
+
 def extract_number(completion: str) -> str | None:
-    match = _NUMBER.search(completion)
+    match = _NUMBER.search(_final_part(completion))
     return match.group(0) if match else None
 
 
 def extract_letter(completion: str) -> str | None:
-    match = _LETTER.search(completion)
+    match = _LETTER.search(_final_part(completion))
     return match.group(1) if match else None
 
 
