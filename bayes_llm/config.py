@@ -247,7 +247,7 @@ class BaseEvalParams(Strict):
 
     max_items: PositiveInt = 300
     batch_size: PositiveInt = 32
-    max_new_tokens: dict[Literal["number", "letter", "code"], PositiveInt] = {"number": 32, "letter": 2, "code": 64}
+    max_new_tokens: dict[Literal["number", "letter", "code"], PositiveInt] = {"number": 32, "letter": 24, "code": 64}
 
 
 class SVFParams(Strict):

@@ -118,3 +118,12 @@ def test_answers_are_read_after_the_final_marker():
     assert extract_number("26") == "26" and extract_number("#### ") is None
     assert extract_letter("The largest is 12.\n#### B") == "B"
     assert exact_match("number", "3 + 4 = 7.\n#### 7", "7") and not exact_match("number", "7 + 1 = 8.\n#### 8", "7")
+
+
+def test_reasoning_solutions_name_the_right_choice_then_its_letter():
+    params = smoke_params(domains={"reasoning": {"sizes": {"train": 200, "val": 10, "test": 10}}})
+    reasoning = next(d for d in resolve(params.data) if d.name == "reasoning")
+    for row in build(reasoning, params.data, 0)["train"]:
+        working, letter = row["solution"].split("\n#### ")
+        assert letter == row["answer"]
+        assert row["choices"][ord(letter) - ord("A")] in working

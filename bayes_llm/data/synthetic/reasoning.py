@@ -1,4 +1,8 @@
-"""Reasoning: multiple choice over comparisons, ordering and simple syllogisms; the answer is a letter."""
+"""Reasoning: multiple choice over comparisons, ordering and simple syllogisms; the answer is a letter.
+
+Every row also carries a worked `solution` that names the right choice before its letter
+(`12 is the largest.\n#### B`), in the same GSM8K shape as math.
+"""
 
 from __future__ import annotations
 
@@ -60,6 +64,14 @@ def _syllogism(rng: random.Random) -> tuple[str, list[str], int]:
     return question, choices, choices.index(verdict)
 
 
+_WORKING = {
+    "largest": "{choice} is the largest.",
+    "smallest": "{choice} is the smallest.",
+    "sorted": "Sorted: {choice}.",
+    "syllogism": "The answer is: {choice}.",
+}
+
+
 def generate(cfg: ReasoningDomain, rng: random.Random) -> Iterator[dict]:
     while True:
         subtask = rng.choice(["largest", "smallest", "sorted", "syllogism"])
@@ -69,9 +81,11 @@ def generate(cfg: ReasoningDomain, rng: random.Random) -> Iterator[dict]:
             question, choices, answer = _sorted(rng, cfg)
         else:
             question, choices, answer = _extreme(rng, cfg, largest=subtask == "largest")
+        working = _WORKING[subtask].format(choice=choices[answer])
         yield {
             "subtask": subtask,
             "prompt": format_choices(question, choices),
             "answer": LETTERS[answer],
             "choices": choices,
+            "solution": f"{working}\n#### {LETTERS[answer]}",
         }
