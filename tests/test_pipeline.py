@@ -56,6 +56,9 @@ def test_smoke_repro_is_reproducible_and_tracks_params(project: Path):
     assert base["train_tokens"] == 4 * 4 * 64 and (project / "models/base/model.safetensors").is_file()
     svd = json.loads((project / "reports/svf/decompose.json").read_text())
     assert svd["targets"] == "mlp" and svd["matrices"] == 2 * 3 and svd["max_relative_error"] <= 1e-5
+    dispatch = json.loads((project / "reports/dispatch/metrics.json").read_text())
+    assert set(dispatch["strategies"]) == {"prompt", "cls"}
+    assert (project / "models/dispatcher/dispatcher.json").is_file()
 
     out = _run(project, "dvc", "repro")
     assert "Running stage" not in out and "didn't change" in out
@@ -85,3 +88,9 @@ def test_smoke_repro_is_reproducible_and_tracks_params(project: Path):
     out = _run(project, "dvc", "repro")
     assert "Running stage 'decompose'" in out and "Running stage 'base'" not in out
     assert json.loads((project / "reports/svf/decompose.json").read_text())["matrices"] == 4
+
+    # A dispatch param re-runs calibrate only.
+    params["dispatch"]["max_fallback"] = 0.05
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _run(project, "dvc", "repro")
+    assert "Running stage 'calibrate'" in out and "Running stage 'train_expert" not in out
