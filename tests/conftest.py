@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,26 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return str(path)
+
+
+def build_smoke_project(root: Path, commands: list[list[str]]) -> Path:
+    """Run `bayes-llm` commands (stages) in `root` on the smoke params: a module fixture's project."""
+    from bayes_llm.cli import main
+
+    (root / "params.yaml").write_text(yaml.safe_dump(raw_params()))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        for command in commands:
+            assert main([*command, "--quiet"]) == 0, command
+    return root
+
+
+def enter_copy(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of a module's project as the working directory, so a test may break it."""
+    copy = tmp_path / "p"
+    shutil.copytree(project, copy)
+    monkeypatch.chdir(copy)
+    return copy
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from bayes_llm.adapt.engine import Engine
 from bayes_llm.cli import main
@@ -20,7 +19,7 @@ from bayes_llm.dispatch.likelihood import label_logprobs
 from bayes_llm.errors import UserError
 from bayes_llm.eval.greedy import greedy_completions
 from bayes_llm.prompts import answer_prompt, classify_prompt
-from tests.conftest import raw_params
+from tests.conftest import build_smoke_project, enter_copy
 
 DOMAINS = ("math", "code", "reasoning")
 
@@ -162,24 +161,14 @@ def test_read_examples_gives_clear_errors(tmp_path):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A smoke-size project with base, SVD, all three experts and a calibrated dispatcher."""
-    root = tmp_path_factory.mktemp("dispatch")
-    (root / "params.yaml").write_text(yaml.safe_dump(raw_params()))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        for stage in ("prepare", "base", "decompose"):
-            assert main([stage, "--quiet"]) == 0
-        for domain in DOMAINS:
-            assert main(["train-expert", domain, "--quiet"]) == 0
-        assert main(["calibrate", "--quiet"]) == 0
-    return root
+    experts = [["train-expert", domain] for domain in DOMAINS]
+    commands = [["prepare"], ["base"], ["decompose"], *experts, ["calibrate"]]
+    return build_smoke_project(tmp_path_factory.mktemp("dispatch"), commands)
 
 
 @pytest.fixture
 def workdir_project(project, tmp_path, monkeypatch) -> Path:
-    copy = tmp_path / "p"
-    shutil.copytree(project, copy)
-    monkeypatch.chdir(copy)
-    return copy
+    return enter_copy(project, tmp_path, monkeypatch)
 
 
 def test_label_logprobs_match_a_plain_forward(workdir_project):

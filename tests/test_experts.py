@@ -24,27 +24,18 @@ from bayes_llm.stats import paired_bootstrap
 from bayes_llm.svf.decompose import load_factors, read_manifest
 from bayes_llm.svf.expert import load_expert, read_expert
 from bayes_llm.svf.scaling import SVF
-from tests.conftest import ROOT, raw_params
+from tests.conftest import ROOT, build_smoke_project, enter_copy
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A smoke-size project with prepared data, a pretrained base and its SVD."""
-    root = tmp_path_factory.mktemp("project")
-    (root / "params.yaml").write_text(yaml.safe_dump(raw_params()))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        for stage in ("prepare", "base", "decompose"):
-            assert main([stage, "--quiet"]) == 0
-    return root
+    return build_smoke_project(tmp_path_factory.mktemp("project"), [["prepare"], ["base"], ["decompose"]])
 
 
 @pytest.fixture
 def workdir_project(project, tmp_path, monkeypatch) -> Path:
-    copy = tmp_path / "p"
-    shutil.copytree(project, copy)
-    monkeypatch.chdir(copy)
-    return copy
+    return enter_copy(project, tmp_path, monkeypatch)
 
 
 def _set_expert(root: Path, domain: str, **changes) -> None:

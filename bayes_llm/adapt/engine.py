@@ -11,7 +11,6 @@ Artifacts come from a models directory with `base/ svd/ experts/ dispatcher/`: t
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bayes_llm.dispatch.controller import OTHER, Controller
+from bayes_llm.dispatch.controller import Controller
 from bayes_llm.dispatch.fewshot import SearchResult, cem_search, layer_of, mixed_scales
 from bayes_llm.dispatch.likelihood import label_logprobs
 from bayes_llm.dispatch.store import DispatcherError, load_dispatcher
@@ -34,8 +33,6 @@ from bayes_llm.svf.blend import BlendMode, blend_scales
 from bayes_llm.svf.decompose import check_base, load_factors
 from bayes_llm.svf.expert import load_expert
 from bayes_llm.svf.scaling import Composer
-
-STRATEGIES = ("prompt", "cls", "fewshot", "base")
 
 
 @dataclass
@@ -99,6 +96,10 @@ class Engine:
             self.composer.load(self._cache[key])
         self._loaded = key
 
+    def clear_cache(self) -> None:
+        """Forget composed weights (the loaded ones stay loaded)."""
+        self._cache.clear()
+
     def use_blend(self, blend: dict[str, float]) -> None:
         unknown = set(blend) - set(self.expert_scales)
         if unknown:
@@ -113,14 +114,18 @@ class Engine:
             raise DispatcherError(f"no calibrated controller for strategy {strategy!r}: run `dvc repro calibrate`")
         return self.controllers[strategy]
 
-    def posterior(self, prompts: Sequence[str], strategy: str, batch_size: int = 32) -> torch.Tensor:
-        """[n, domains + other] posterior of the first pass (`prompt`: base weights; `cls`: the
-        classification expert)."""
-        controller = self.controller(strategy)
+    def use_first_pass(self, strategy: str) -> None:
+        """Load the weights pass 1 scores with: the classification expert (`cls`) or the base (`prompt`)."""
         if strategy == "cls":
             self.use_scales(("cls",), lambda: self.classifier_scales)
         else:
             self.use_blend({})
+
+    def posterior(self, prompts: Sequence[str], strategy: str, batch_size: int = 32) -> torch.Tensor:
+        """[n, domains + other] posterior of the first pass (`prompt`: base weights; `cls`: the
+        classification expert)."""
+        controller = self.controller(strategy)
+        self.use_first_pass(strategy)
         logliks = label_logprobs(self.model, self.tokenizer, prompts, controller.labels, batch_size)
         return controller.posterior(logliks)
 
@@ -212,12 +217,3 @@ class Engine:
         scales = mixed_scales(result.alpha, self.expert_scales, per_layer)
         self.use_scales(("fewshot-best", result.alpha.round(6).tobytes()), lambda: scales)
         return result, scales
-
-
-def timed(fn, *args, **kwargs) -> tuple[object, float]:
-    started = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - started
-
-
-__all__ = ["OTHER", "STRATEGIES", "Answer", "Engine", "timed"]

@@ -73,7 +73,7 @@ def _timings(engine: Engine, params: Params, prompts: list[str]) -> dict:
         started = time.perf_counter()
         engine.route([prompt], cfg.strategy, cfg.blending_mode, cfg.top_k)
         pass1.append(time.perf_counter() - started)
-        engine._cache.clear()  # time a real composition, not a cache hit
+        engine.clear_cache()  # time a real composition, not a cache hit
         engine.use_blend({})
         started = time.perf_counter()
         engine.use_blend(blend)
@@ -114,10 +114,7 @@ def calibrate(params: Params, progress: bool = True) -> dict:
     controllers, report = {}, {"domains": domains, "prior": cfg.prior, "strategies": {}}
     for strategy in ("prompt", "cls"):
         start = Controller.with_prior(domains, prior)
-        if strategy == "cls":
-            engine.use_scales(("cls",), lambda: engine.classifier_scales)
-        else:
-            engine.use_blend({})
+        engine.use_first_pass(strategy)
         val = label_logprobs(engine.model, engine.tokenizer, val_prompts, start.labels, cfg.batch_size, progress)
         test = label_logprobs(engine.model, engine.tokenizer, test_prompts, start.labels, cfg.batch_size, progress)
         tuned = fit_threshold(fit_temperature(start, val, val_targets), val, cfg.max_fallback)
