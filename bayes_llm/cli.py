@@ -76,6 +76,23 @@ def _calibrate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_lora_command(args: argparse.Namespace) -> int:
+    from bayes_llm.baselines.lora import build_lora
+
+    report = build_lora(load_params(args.params), progress=not args.quiet)
+    print(json.dumps({d: r["last_loss"] for d, r in report["domains"].items()} | {"seconds": report["stage_seconds"]}))
+    return 0
+
+
+def _evaluate_command(args: argparse.Namespace) -> int:
+    from bayes_llm.evaluate.report import results_table
+    from bayes_llm.evaluate.stage import evaluate
+
+    report = evaluate(load_params(args.params), progress=not args.quiet)
+    print(results_table(report))
+    return 0
+
+
 def _show_answer(answer, show_experts: bool) -> None:
     print(answer.text.strip())
     if show_experts:
@@ -259,6 +276,27 @@ def build_parser() -> argparse.ArgumentParser:
         "times pass 1, composition and pass 2. Writes models/dispatcher/ and reports/dispatch/ "
         "(metrics.json with routing accuracy, confusion matrix and ECE before/after; reliability.png; "
         "confusion.png).",
+    )
+
+    _stage_command(
+        commands,
+        "train-lora",
+        _train_lora_command,
+        help="the LoRA baseline: one PEFT adapter per expert domain (DVC stage `train_lora`)",
+        description="Trains a LoRA adapter (params evaluate.lora: rank, alpha, target modules, steps) per "
+        "domain that has an expert, with the experts' SFT objective on its train split, and saves "
+        "models/lora/<domain>/ (PEFT safetensors) plus reports/lora/metrics.json.",
+    )
+    _stage_command(
+        commands,
+        "evaluate",
+        _evaluate_command,
+        help="every system on every test split through lm-eval (DVC stage `evaluate`)",
+        description="Runs lm-eval's tasks (bayes_llm/evaluate/tasks, or params evaluate.tasks) with the "
+        "registered model `bayes-llm` once per system in params evaluate.systems: base, each expert, "
+        "oracle routing, adaptive:prompt|cls|fewshot and the LoRA baseline. Writes reports/eval/ "
+        "(lm-eval results, summary.json for `dvc exp show`, gains with paired bootstrap CIs, results.md, "
+        "scores.png, gains.png) and reports/README.md.",
     )
 
     generate = commands.add_parser(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bayes_llm.errors import UserError
 
@@ -338,6 +338,44 @@ class DispatchParams(Strict):
     timing_new_tokens: PositiveInt = 64
 
 
+class LoraParams(Strict):
+    """The LoRA baseline (`train_lora` stage): one adapter per expert domain, the experts' SFT objective."""
+
+    rank: PositiveInt = 16
+    alpha: PositiveInt = 32
+    targets: list[str] = Field(default=["q_proj", "v_proj"], min_length=1)  # module names (the paper: q, v)
+    steps: PositiveInt = 100
+    learning_rate: Annotated[float, Field(gt=0, le=10)] = 2e-3
+    batch_size: PositiveInt = 32
+
+
+SYSTEMS = ("base", "expert:*", "oracle", "adaptive:prompt", "adaptive:cls", "adaptive:fewshot", "lora")
+
+
+class EvaluateParams(Strict):
+    """The `evaluate` stage: every system on every domain's test split through lm-eval."""
+
+    # expert:* expands to one row per expert; expert:<domain> names one.
+    systems: list[str] = Field(default=list(SYSTEMS), min_length=1)
+    batch_size: PositiveInt = 32
+    bootstrap_resamples: PositiveInt = 2000  # paired bootstrap CIs of each system's gain over the base
+    # domain → lm-eval task. Empty: the shipped `bayes_llm_<domain>` tasks on data/prepared. For real
+    # checkpoints with hub access, e.g. {math: gsm8k, code: mbpp, reasoning: arc_easy}.
+    tasks: dict[str, str] = {}
+    lora: LoraParams = LoraParams()
+
+    @field_validator("systems")
+    @classmethod
+    def _systems(cls, systems: list[str]) -> list[str]:
+        known = {s for s in SYSTEMS if s != "expert:*"}
+        bad = [s for s in systems if s not in known and not (s.startswith("expert:") and len(s) > len("expert:"))]
+        if bad:
+            raise ValueError(f"unknown systems {bad}; systems: {', '.join(SYSTEMS)}, expert:<domain>")
+        if len(set(systems)) != len(systems):
+            raise ValueError("each system once")
+        return systems
+
+
 class Params(Strict):
     seed: NonNegativeInt = 0
     profile: Literal["full", "smoke"] = "full"
@@ -352,6 +390,7 @@ class Params(Strict):
     # One expert per listed domain (a domain of `data` without an entry gets none).
     experts: dict[str, ExpertParams] = {}
     dispatch: DispatchParams = DispatchParams()
+    evaluate: EvaluateParams = EvaluateParams()
 
 
 def _deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:

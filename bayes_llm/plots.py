@@ -61,3 +61,34 @@ def confusion_plot(matrix: list[list[int]], rows: list[str], columns: list[str],
             axis.text(j, i, str(value), ha="center", va="center", color="white" if value > top / 2 else "black")
     axis.set(title=title, xlabel="routed to", ylabel="true domain")
     _save(figure, path)
+
+
+def grouped_bars(
+    values: dict[str, dict[str, float]],
+    path: Path,
+    title: str,
+    ylabel: str,
+    errors: dict[str, dict[str, tuple[float, float]]] | None = None,
+) -> None:
+    """One group of bars per column (e.g. a domain), one bar per row (e.g. a system); optional
+    (low, high) error bars per bar."""
+    rows = list(values)
+    columns = list(dict.fromkeys(c for row in values.values() for c in row))
+    width = 0.8 / max(len(rows), 1)
+    figure, axis = plt.subplots(figsize=(max(6.4, 1.1 * len(columns) * max(len(rows), 1) * 0.45 + 2), 4.2), dpi=120)
+    for i, row in enumerate(rows):
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j, c in enumerate(columns) if c in values[row]]
+        ys = [values[row][c] for c in columns if c in values[row]]
+        yerr = None
+        if errors and row in errors:
+            spans = [errors[row].get(c, (y, y)) for c, y in zip((c for c in columns if c in values[row]), ys,
+                                                                 strict=True)]  # fmt: skip
+            yerr = [[y - low for y, (low, _) in zip(ys, spans, strict=True)],
+                    [high - y for y, (_, high) in zip(ys, spans, strict=True)]]  # fmt: skip
+        axis.bar(xs, ys, width=width, label=row, yerr=yerr, capsize=2 if yerr else 0)
+    axis.set_xticks(range(len(columns)), columns)
+    axis.axhline(0, color="black", linewidth=0.8)
+    axis.set(title=title, ylabel=ylabel)
+    axis.grid(alpha=0.3, axis="y")
+    axis.legend(fontsize="small", ncol=2)
+    _save(figure, path)

@@ -43,8 +43,14 @@ class Answer:
     posterior: dict[str, float] = field(default_factory=dict)
 
 
+BLEND_DECIMALS = 2  # weights differ by < 0.005 from the posterior's; confident prompts share one blend
+
+
 def blend_key(blend: dict[str, float]) -> tuple:
-    return tuple(sorted((name, round(w, 4)) for name, w in blend.items() if round(w, 4) > 0))
+    """The blend as a cache and grouping key. Rounded, so a batch whose posteriors are all ~1 for one
+    expert runs as one group with one composition instead of one per prompt."""
+    rounded = ((name, round(w, BLEND_DECIMALS)) for name, w in blend.items())
+    return tuple(sorted((name, w) for name, w in rounded if w > 0))
 
 
 class Engine:

@@ -1,0 +1,169 @@
+"""What `evaluate` writes for people: the results table, the pictures, and reports/README.md, the page a
+person reads first (what ran with which params, the table, the pictures, the time per stage)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bayes_llm.config import Params
+from bayes_llm.io import atomic_path, write_json
+from bayes_llm.plots import grouped_bars
+
+REPORTS = Path("reports")
+EVAL_DIR = REPORTS / "eval"
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def results_table(report: dict) -> str:
+    """Rows: systems; columns: domains with an expert, their mean, then test-only tasks (e.g. transfer)."""
+    experts = report["expert_domains"]
+    others = [d for d in report["tasks"] if d not in experts]
+    header = ["system", *experts, "mean", *others]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for system in report["systems"]:
+        row = report["scores"][system]
+        mean = sum(row[d] for d in experts) / len(experts)
+        cells = [_pct(row[d]) for d in experts] + [f"**{_pct(mean)}**"] + [_pct(row[d]) for d in others]
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def gains_table(report: dict) -> str:
+    tasks = list(report["tasks"])
+    lines = ["| system | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+    for system, gains in report["gains"].items():
+        cells = [f"{g['gain_points']:+.1f} [{g['ci_low']:+.1f}, {g['ci_high']:+.1f}]" for g in gains.values()]
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def target_check(report: dict) -> list[str]:
+    """The issue's quality target, stated with the measured figures (met or not)."""
+    scores, experts = report["scores"], report["expert_domains"]
+
+    def mean(system: str) -> float:
+        return sum(scores[system][d] for d in experts) / len(experts)
+
+    adaptive = [s for s in report["systems"] if s.startswith("adaptive:")]
+    singles = [s for s in report["systems"] if s.startswith("expert:")]
+    if not adaptive or not singles or "oracle" not in scores:
+        return []
+    best = max(adaptive, key=mean)
+    best_single = max(singles, key=mean)
+    lines = [
+        f"- Best adaptive strategy: **{best}**, mean {_pct(mean(best))} "
+        f"(best single expert {best_single}: {_pct(mean(best_single))}; oracle routing: {_pct(mean('oracle'))}).",
+        f"- Adaptive ≥ best single expert: **{'met' if mean(best) >= mean(best_single) else 'missed'}**; "
+        f"adaptive ≥ 97 % of oracle ({_pct(0.97 * mean('oracle'))}): "
+        f"**{'met' if mean(best) >= 0.97 * mean('oracle') else 'missed'}**.",
+    ]
+    return lines
+
+
+def stage_times(report: dict) -> list[tuple[str, float | None]]:
+    rows: list[tuple[str, float | None]] = [
+        ("prepare", _read(REPORTS / "data" / "timing.json").get("prepare_seconds")),
+        ("base", _read(REPORTS / "base" / "metrics.json").get("stage_seconds")),
+        ("decompose", _read(REPORTS / "svf" / "decompose.json").get("seconds")),
+    ]
+    for domain in report["expert_domains"]:
+        rows.append((f"train_expert@{domain}", _read(REPORTS / "experts" / f"{domain}.json").get("stage_seconds")))
+    rows.append(("train_lora", _read(REPORTS / "lora" / "metrics.json").get("stage_seconds")))
+    rows.append(("calibrate", _read(REPORTS / "dispatch" / "metrics.json").get("stage_seconds")))
+    rows.append(("evaluate", report["timing"]["stage_seconds"]))
+    return rows
+
+
+def readme(report: dict, params: Params) -> str:
+    base = _read(REPORTS / "base" / "metrics.json")
+    dispatch = _read(REPORTS / "dispatch" / "metrics.json")
+    data = _read(REPORTS / "data" / "summary.json").get("domains", {})
+    times = stage_times(report)
+    total = sum(t for _, t in times if t is not None)
+    lines = [
+        "# bayes-llm reports",
+        "",
+        "Written by the `evaluate` stage of `dvc repro` from the other stages' reports; every figure here",
+        "comes from a file under `reports/` (the links say which). Compare runs with `dvc exp show` and",
+        "`dvc metrics diff`.",
+        "",
+        "## What ran",
+        "",
+        f"- Profile **{params.profile}**, seed {params.seed}.",
+        "- Data: "
+        + ", ".join(f"{name} ({info['source']}, {info['answer_kind']}, {info['rows']})" for name, info in data.items())
+        + " — [reports/data](data/).",
+        f"- Base: {base.get('model_type', '?')} ({params.model.source}), {base.get('parameters', 0) / 1e6:.2f}M "
+        f"parameters, val greedy accuracy {base.get('val_accuracy')} — [reports/base](base/).",
+        f"- Experts: SVF on `{params.svf.targets}` ({params.svf.mode}); "
+        + ", ".join(f"{d}: {e.objective}" for d, e in params.experts.items())
+        + " — [reports/experts](experts/).",
+        f"- LoRA baseline: rank {params.evaluate.lora.rank} on {params.evaluate.lora.targets}, "
+        f"{params.evaluate.lora.steps} SFT steps per domain — [reports/lora](lora/).",
+        f"- Dispatcher: first pass `{dispatch.get('strategy')}`, routing accuracy {dispatch.get('routing_accuracy')}, "
+        f"ECE {dispatch.get('ece_after')}, blending `{params.dispatch.blending_mode}` — [reports/dispatch](dispatch/).",
+        "",
+        "## Results (test splits, %)",
+        "",
+        "Greedy exact match (math), pass@1 in the sandbox (code), multiple-choice accuracy by option",
+        "log-likelihood (reasoning, transfer), all through lm-eval (`bayes_llm/evaluate/tasks`). `mean` is",
+        "over the domains that have an expert; the transfer task has no expert (oracle = base there).",
+        "",
+        results_table(report),
+        "",
+        *target_check(report),
+        "",
+        "Gain over the base in points, [95 % paired bootstrap CI]:",
+        "",
+        gains_table(report) if report["gains"] else "(no base row evaluated)",
+        "",
+        "![scores](eval/scores.png)",
+        "",
+        "![gain over base](eval/gains.png)",
+        "",
+    ]
+    if report["fewshot"]:
+        lines += ["Few-shot CEM mixtures (α per expert; reward on the k examples):", ""]
+        for task, found in report["fewshot"].items():
+            note = " (taken from the test split and still scored)" if found["split"] == "test" else ""
+            lines.append(f"- {task}: α {found['alpha']}, reward {found['reward']} on {found['shots']} "
+                         f"{found['split']} examples{note}")  # fmt: skip
+        lines.append("")
+    lines += [
+        "## Time per stage (seconds, this machine)",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *[f"| {name} | {'—' if t is None else t} |" for name, t in times],
+        f"| **total** | **{total:.0f}** |",
+        "",
+        "Per system (evaluate): " + ", ".join(f"{s} {t}" for s, t in report["timing"]["systems_seconds"].items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_reports(report: dict, summary: dict[str, float], params: Params) -> None:
+    write_json(EVAL_DIR / "summary.json", summary)
+    write_json(EVAL_DIR / "gains.json", report["gains"])
+    write_json(EVAL_DIR / "fewshot.json", report["fewshot"])
+    write_json(EVAL_DIR / "timing.json", report["timing"])
+    with atomic_path(EVAL_DIR / "results.md") as tmp:
+        tmp.write_text("# Evaluation (test splits, %)\n\n" + results_table(report) + "\n\nGain over base "
+                       "(points, [95 % CI]):\n\n" + (gains_table(report) or "") + "\n")  # fmt: skip
+    scores = {s: {d: 100 * v for d, v in row.items()} for s, row in report["scores"].items()}
+    grouped_bars(scores, EVAL_DIR / "scores.png", "test scores per domain", "score (%)")
+    if report["gains"]:
+        gains = {s: {d: g["gain_points"] for d, g in row.items()} for s, row in report["gains"].items()}
+        spans = {s: {d: (g["ci_low"], g["ci_high"]) for d, g in row.items()} for s, row in report["gains"].items()}
+        grouped_bars(gains, EVAL_DIR / "gains.png", "gain over the base (points, 95 % CI)", "points", spans)
+    with atomic_path(REPORTS / "README.md") as tmp:
+        tmp.write_text(readme(report, params))

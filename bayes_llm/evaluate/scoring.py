@@ -1,0 +1,47 @@
+"""How the evaluation tasks score an answer (the task YAMLs reach these through tasks/metrics.py).
+
+Scoring goes through the same functions as the experts' reward, so a benchmark number and a training
+reward mean the same thing: `exact_match` reads the answer after '####' when there is one, and code is
+judged by its unit tests in the sandbox.
+"""
+
+from __future__ import annotations
+
+from bayes_llm.data.rows import LETTERS
+from bayes_llm.rewards.answers import exact_match
+from bayes_llm.rewards.code import check_solutions
+from bayes_llm.rewards.correctness import code_of
+
+
+def letter_choices(doc: dict) -> list[str]:
+    return list(LETTERS[: len(doc["choices"])])
+
+
+def letter_target(doc: dict) -> int:
+    return LETTERS.index(doc["answer"])
+
+
+def number_match(doc: dict, results: list[str]) -> dict[str, float]:
+    return {"exact_match": float(exact_match("number", results[0], doc["answer"]))}
+
+
+def code_item(doc: dict, results: list[str]) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The program and its tests; `pass_at_1` judges all of a task's items in one sandbox run."""
+    return {"pass@1": (code_of(results[0]), tuple(doc["tests"]))}
+
+
+_VERDICTS: dict[tuple[str, tuple[str, ...]], bool] = {}  # (program, tests) → passes; programs repeat across systems
+
+
+def passes(items: list[tuple[str, tuple[str, ...]]]) -> list[bool]:
+    """Whether each program passes all its tests; unseen ones are checked together in one sandbox run."""
+    items = [(code, tuple(tests)) for code, tests in items]
+    new = list(dict.fromkeys(item for item in items if item not in _VERDICTS))
+    if new:
+        for item, verdict in zip(new, check_solutions(new, progress=False), strict=True):
+            _VERDICTS[item] = verdict is None
+    return [_VERDICTS[item] for item in items]
+
+
+def pass_at_1(items: list[tuple[str, tuple[str, ...]]]) -> float:
+    return sum(passes(items)) / max(len(items), 1)

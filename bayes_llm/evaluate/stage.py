@@ -1,0 +1,166 @@
+"""The `evaluate` stage: every system on every prepared domain's test split (and the transfer task)
+through lm-eval, side by side.
+
+Writes reports/eval/: lm_eval/<system>.json (lm-eval's results and task configs), summary.json (flat
+`<system>.<domain>` and `<system>.mean` scores for `dvc exp show`; mean = over the domains that have
+an expert), gains.json (each system's gain over the base with paired bootstrap CIs), fewshot.json
+(the mixture CEM found per task), timing.json, results.md, scores.png, gains.png; and reports/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from bayes_llm.config import Params
+from bayes_llm.data import prepared
+from bayes_llm.errors import UserError
+from bayes_llm.io import write_json
+from bayes_llm.stats import paired_bootstrap
+
+REPORT_DIR = Path("reports/eval")
+TASKS_DIR = Path(__file__).parent / "tasks"
+SHIPPED_KINDS = {"number": "_number", "letter": "_letter", "code": "_code"}
+
+
+def expand_systems(systems: list[str], experts: list[str]) -> list[str]:
+    out: list[str] = []
+    for system in systems:
+        out += [f"expert:{d}" for d in experts] if system == "expert:*" else [system]
+    missing = [s for s in out if s.startswith("expert:") and s.split(":", 1)[1] not in experts]
+    if missing:
+        raise UserError(f"evaluate.systems names experts that do not exist: {missing} (experts: {experts})")
+    return list(dict.fromkeys(out))
+
+
+def slug(system: str) -> str:
+    """A system's name in metric keys: expert:math → expert_math."""
+    return system.replace(":", "_")
+
+
+def _task_files(infos: list[dict], custom: dict[str, str], directory: Path) -> dict[str, str]:
+    """domain → lm-eval task name; writes a task YAML (from the shipped template of its answer kind)
+    for a prepared domain that has no shipped one."""
+    tasks = {}
+    for info in infos:
+        name = info["name"]
+        if name in custom:
+            tasks[name] = custom[name]
+            continue
+        tasks[name] = f"bayes_llm_{name}"
+        if not (TASKS_DIR / f"{name}.yaml").is_file():
+            template = (TASKS_DIR / SHIPPED_KINDS[info["answer_kind"]]).resolve()
+            data = prepared.split_path(prepared.PREPARED_DIR, name, "test")
+            (directory / f"{name}.yaml").write_text(
+                f"include: {template}\ntask: bayes_llm_{name}\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+            )
+    return tasks
+
+
+def primary_metric(result: dict) -> str:
+    """The first metric lm-eval reports for a task (e.g. 'exact_match,none')."""
+    for key in result:
+        if "," in key and "_stderr" not in key:
+            return key
+    raise UserError(f"lm-eval returned no metric for a task: {sorted(result)}")
+
+
+def per_item(samples: list[dict], metric: str) -> list[float]:
+    """Each test item's score (in doc order) for paired comparisons; code items are judged here from
+    the (program, tests) pairs (memoized: each program already ran once for pass@1)."""
+    from bayes_llm.evaluate.scoring import passes
+
+    ordered = sorted(samples, key=lambda s: s["doc_id"])
+    values = [s[metric.split(",", 1)[0]] for s in ordered]
+    if values and isinstance(values[0], (tuple, list)):
+        return [float(v) for v in passes([(code, tuple(tests)) for code, tests in values])]
+    return [float(v) for v in values]
+
+
+def evaluate(params: Params, progress: bool = True) -> dict:
+    # Offline, and a fresh datasets cache per run: a cache keyed on file paths could serve stale rows.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    with tempfile.TemporaryDirectory(prefix="bayes-llm-eval-") as scratch:
+        os.environ["HF_DATASETS_CACHE"] = str(Path(scratch) / "datasets")
+        return _evaluate(params, Path(scratch), progress)
+
+
+def _evaluate(params: Params, scratch: Path, progress: bool) -> dict:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from bayes_llm.adapt.engine import Engine
+    from bayes_llm.baselines.lora import LoraAdapters
+    from bayes_llm.evaluate.lm import BayesLLM, FewShotSearch
+    from bayes_llm.evaluate.report import write_reports
+
+    started = time.perf_counter()
+    cfg = params.evaluate
+    engine = Engine(Path("models"))
+    systems = expand_systems(cfg.systems, engine.domains)
+    infos = prepared.domains()
+    tasks = _task_files(infos, cfg.tasks, scratch)
+    hub_tasks = any(not task.startswith("bayes_llm_") for task in tasks.values())
+    manager = TaskManager(include_path=[str(TASKS_DIR), str(scratch)], include_defaults=hub_tasks)
+    search = params.dispatch.fewshot
+    fewshot = FewShotSearch(engine, search.shots, {"population": search.population, "elites": search.elites,
+                                                   "iterations": search.iterations, "per_layer": search.per_layer},
+                            params.seed, params.base_eval.max_new_tokens)  # fmt: skip
+    lora = LoraAdapters(Path("models/base")) if "lora" in systems else None
+    memo: dict = {}  # (weights, request) → result, shared by all systems
+    scores: dict[str, dict[str, float]] = {}
+    items: dict[str, dict[str, list[float]]] = {}
+    timing: dict[str, float] = {}
+    for system in systems:
+        if progress:
+            print(f"evaluate: {system}", flush=True)
+        clock = time.perf_counter()
+        model = BayesLLM(mode=system, engine=engine, results=memo, fewshot=fewshot, lora=lora,
+                         blending_mode=params.dispatch.blending_mode, top_k=params.dispatch.top_k,
+                         batch_size=cfg.batch_size)  # fmt: skip
+        out = lm_eval.simple_evaluate(
+            model=model, tasks=list(tasks.values()), task_manager=manager, bootstrap_iters=0, log_samples=True,
+            random_seed=params.seed, numpy_random_seed=params.seed, torch_random_seed=params.seed,
+            fewshot_random_seed=params.seed, verbosity="ERROR",
+        )  # fmt: skip
+        scores[system], items[system] = {}, {}
+        for domain, task in tasks.items():
+            result = out["results"][task]
+            metric = primary_metric(result)
+            scores[system][domain] = round(float(result[metric]), 4)
+            items[system][domain] = per_item(out["samples"][task], metric)
+        timing[system] = round(time.perf_counter() - clock, 1)
+        kept = {k: out[k] for k in ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
+                if k in out}  # fmt: skip
+        # Task configs hold the metric functions: written by name (a repr would carry a memory address).
+        kept = json.loads(json.dumps(kept, default=lambda o: getattr(o, "__qualname__", None) or str(o)))
+        write_json(REPORT_DIR / "lm_eval" / f"{slug(system)}.json", kept)
+
+    expert_domains = [d for d in tasks if d in engine.domains]
+    summary: dict[str, float] = {}
+    for system in systems:
+        for domain in tasks:
+            summary[f"{slug(system)}.{domain}"] = scores[system][domain]
+        summary[f"{slug(system)}.mean"] = round(sum(scores[system][d] for d in expert_domains) / len(expert_domains), 4)
+    gains = {}
+    if "base" in systems:
+        gains = {
+            system: {d: paired_bootstrap(items["base"][d], items[system][d], cfg.bootstrap_resamples, params.seed)
+                     for d in tasks}
+            for system in systems if system != "base"
+        }  # fmt: skip
+    report = {
+        "systems": systems,
+        "tasks": tasks,
+        "expert_domains": expert_domains,
+        "scores": scores,
+        "gains": gains,
+        "fewshot": fewshot.results,
+        "timing": {"systems_seconds": timing, "stage_seconds": round(time.perf_counter() - started, 1)},
+    }
+    write_reports(report, summary, params)
+    return report
