@@ -93,6 +93,16 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lm_eval_command(args: argparse.Namespace) -> int:
+    import lm_eval.__main__
+
+    import bayes_llm.evaluate.lm  # noqa: F401  registers the model `bayes-llm`
+
+    sys.argv = ["lm-eval", *args.lm_eval_args]
+    lm_eval.__main__.cli_evaluate()
+    return 0
+
+
 def _show_answer(answer, show_experts: bool) -> None:
     print(answer.text.strip())
     if show_experts:
@@ -298,6 +308,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(lm-eval results, summary.json for `dvc exp show`, gains with paired bootstrap CIs, results.md, "
         "scores.png, gains.png) and reports/README.md.",
     )
+
+    harness = commands.add_parser(
+        "lm-eval",
+        help="lm-eval's own CLI with the model `bayes-llm` registered (arguments pass through)",
+        description="Runs lm-eval's command line after registering the model `bayes-llm` (modes: base, "
+        "expert:<domain>, oracle, adaptive:prompt|cls). In the project root, for example:\n  bayes-llm lm-eval "
+        "run --model bayes-llm --model_args mode=adaptive:prompt --tasks bayes_llm --include_path "
+        "bayes_llm/evaluate/tasks --limit 20",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    harness.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm-eval")
+    harness.set_defaults(run=_lm_eval_command)
 
     generate = commands.add_parser(
         "generate",

@@ -59,13 +59,16 @@ def test_smoke_repro_is_reproducible_and_tracks_params(project: Path):
     dispatch = json.loads((project / "reports/dispatch/metrics.json").read_text())
     assert set(dispatch["strategies"]) == {"prompt", "cls"}
     assert (project / "models/dispatcher/dispatcher.json").is_file()
+    summary = json.loads((project / "reports/eval/summary.json").read_text())
+    assert {"base.mean", "oracle.math", "adaptive_prompt.mean", "lora.code"} <= set(summary)
+    assert (project / "reports/README.md").is_file() and (project / "models/lora/lora.json").is_file()
 
     out = _run(project, "dvc", "repro")
     assert "Running stage" not in out and "didn't change" in out
 
     # `dvc exp show` lists the run with its params and metrics.
     shown = _run(project, "dvc", "exp", "show", "--json")
-    assert "rows_total" in shown and "profile" in shown
+    assert "rows_total" in shown and "profile" in shown and "adaptive_prompt.mean" in shown
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["data"]["seed"] = 99
@@ -94,3 +97,4 @@ def test_smoke_repro_is_reproducible_and_tracks_params(project: Path):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(project, "dvc", "repro")
     assert "Running stage 'calibrate'" in out and "Running stage 'train_expert" not in out
+    assert "Running stage 'evaluate'" in out and "Running stage 'train_lora'" not in out
