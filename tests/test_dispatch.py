@@ -173,17 +173,31 @@ def workdir_project(project, tmp_path, monkeypatch) -> Path:
 
 def test_label_logprobs_match_a_plain_forward(workdir_project):
     engine = Engine()
-    labels = ["math", "code", OTHER]
-    prompt = "What is 3 + 4?"
-    scores = label_logprobs(engine.model, engine.tokenizer, [prompt, "Write a function."], labels)
-    assert scores.shape == (2, 3) and torch.all(scores < 0)
     tok = engine.tokenizer
+    prompt = "What is 3 + 4?"
     context = [tok.bos_token_id, *tok(classify_prompt(prompt), add_special_tokens=False)["input_ids"]]
-    label = [*tok(" code", add_special_tokens=False)["input_ids"], tok.eos_token_id]
-    with torch.no_grad():
-        logits = engine.model(input_ids=torch.tensor([context + label])).logits[0].double()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    expected = sum(float(logprobs[len(context) - 1 + i, t]) for i, t in enumerate(label))
+
+    def forward(label: str) -> tuple[list[int], torch.Tensor]:
+        ids = [*tok(" " + label, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+        with torch.no_grad():
+            logits = engine.model(input_ids=torch.tensor([context + ids])).logits[0].double()
+        return ids, torch.log_softmax(logits, dim=-1)
+
+    # Labels whose first tokens differ: one pass over the prompt, scored by that first token. (The
+    # smoke tokenizer splits off the space, so take words it merged with their leading space.)
+    words = [t[1:] for t in sorted(tok.get_vocab()) if t.startswith("Ġ") and t[1:].isalpha() and len(t) > 2]
+    labels = [words[0], "code", words[-1]]
+    assert len({forward(label)[0][0] for label in labels}) == 3
+    scores = label_logprobs(engine.model, tok, [prompt, "Write a function."], labels)
+    assert scores.shape == (2, 3) and torch.all(scores < 0)
+    ids, logprobs = forward("code")
+    assert math.isclose(float(scores[0, 1]), float(logprobs[len(context) - 1, ids[0]]), rel_tol=1e-4)
+    # Labels sharing a first token: every token of the label and the EOS after it count.
+    shared = ["math", "mathx"]
+    assert forward(shared[0])[0][0] == forward(shared[1])[0][0]
+    scores = label_logprobs(engine.model, tok, [prompt, "Write a function."], shared)
+    ids, logprobs = forward("mathx")
+    expected = sum(float(logprobs[len(context) - 1 + i, t]) for i, t in enumerate(ids))
     assert math.isclose(float(scores[0, 1]), expected, rel_tol=1e-4)  # padding and batching change nothing
 
 

@@ -1,9 +1,11 @@
 """First-pass likelihoods: how likely the model finds each label after the classification prompt.
 
-Each label is scored as the sum of the log-probabilities of its tokens (and the EOS that ends a
-classification document in pretraining) after `Task: <prompt> / Domain:`, so labels of different
-token lengths and shared prefixes are compared fairly. No free generation: one forward pass over
-prompt × label sequences.
+When the labels' first tokens are all different (the default domains and `other`), that token alone
+identifies the label, so one forward pass over the prompt scores every label: log p(first token |
+`Task: <prompt> / Domain:`). Otherwise each label is scored as the sum of the log-probabilities of
+its tokens and the EOS that ends a classification document in pretraining (one forward pass over
+prompt × label sequences), so labels of different token lengths and shared prefixes compare fairly.
+No free generation either way.
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _right_padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Right padding: a causal model's scores at real positions never see the padding after them.
+    width = max(len(s) for s in sequences)
+    input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
+    attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    return input_ids, attention_mask
+
+
 @torch.no_grad()
 def label_logprobs(
     model,
@@ -33,24 +43,29 @@ def label_logprobs(
     """[len(prompts), len(labels)] log p(label | classification prompt), float64."""
     model.eval()
     label_ids = [[*_encode(tokenizer, " " + label), tokenizer.eos_token_id] for label in labels]
+    firsts = [ids[0] for ids in label_ids]
+    first_token_only = len(set(firsts)) == len(firsts)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     out = torch.empty(len(prompts), len(labels), dtype=torch.float64)
-    per_batch = max(1, batch_size // len(labels))
+    per_batch = batch_size if first_token_only else max(1, batch_size // len(labels))
     starts = range(0, len(prompts), per_batch)
     for start in tqdm(starts, desc="pass 1", unit="batch", disable=not progress):
         chunk = prompts[start : start + per_batch]
+        contexts = [bos + _encode(tokenizer, classify_prompt(prompt)) for prompt in chunk]
+        if first_token_only:
+            input_ids, attention_mask = _right_padded(contexts, tokenizer.pad_token_id)
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            last = logits[torch.arange(len(chunk)), torch.tensor([len(c) - 1 for c in contexts])].float()
+            out[start : start + len(chunk)] = F.log_softmax(last, dim=-1)[:, firsts].double()
+            continue
         sequences, spans = [], []
-        for prompt in chunk:
-            context = bos + _encode(tokenizer, classify_prompt(prompt))
+        for context in contexts:
             for ids in label_ids:
                 sequences.append(context + ids)
                 spans.append((len(context), len(ids)))
-        # Right padding: a causal model's scores at real positions never see the padding after them.
-        width = max(len(s) for s in sequences)
-        input_ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in sequences])
-        attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+        input_ids, attention_mask = _right_padded(sequences, tokenizer.pad_token_id)
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
         logprobs = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
-        scores = [logprobs[i, start_ - 1 : start_ - 1 + n].sum() for i, (start_, n) in enumerate(spans)]
+        scores = [logprobs[i, begin - 1 : begin - 1 + n].sum() for i, (begin, n) in enumerate(spans)]
         out[start : start + len(chunk)] = torch.stack(scores).double().view(len(chunk), len(labels))
     return out
