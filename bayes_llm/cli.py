@@ -93,6 +93,22 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bundle_command(args: argparse.Namespace) -> int:
+    from bayes_llm.bundle import build_bundle
+
+    print(build_bundle(load_params(args.params)))
+    return 0
+
+
+def _verify_command(args: argparse.Namespace) -> int:
+    from bayes_llm.bundle import verify
+
+    manifest = verify(args.bundle, args.base)
+    checked = "files and base" if args.base else "files (no --base given: the base was not checked)"
+    print(f"{args.bundle}: {manifest['name']} {manifest['version']}: {len(manifest['files'])} {checked} OK")
+    return 0
+
+
 def _lm_eval_command(args: argparse.Namespace) -> int:
     import lm_eval.__main__
 
@@ -122,7 +138,22 @@ def _engine_and_options(args: argparse.Namespace):
         "top_k": args.top_k or cfg.top_k,
         "max_new_tokens": args.max_new_tokens,
     }
-    return Engine(args.models), options, params
+    if args.bundle is None:
+        return Engine(args.models), options, params
+    return Engine(_bundle_models(args.bundle, args.models)), options, params
+
+
+def _bundle_models(bundle: Path, models: Path) -> Path:
+    """A models layout from the base and SVD of `models` and the experts and dispatcher of a verified bundle."""
+    import tempfile
+
+    from bayes_llm.bundle import verify
+
+    verify(bundle, models / "base")
+    layout = Path(tempfile.mkdtemp(prefix="bayes-llm-bundle-"))
+    for name, source in (("base", models), ("svd", models), ("experts", bundle), ("dispatcher", bundle)):
+        (layout / name).symlink_to((source / name).resolve(), target_is_directory=True)
+    return layout
 
 
 def _generate_command(args: argparse.Namespace) -> int:
@@ -168,8 +199,9 @@ def _chat_command(args: argparse.Namespace) -> int:
 
 def _add_adapt_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", type=Path, default=Path("models"),
-                        help="directory with base/ svd/ experts/ dispatcher/: the pipeline's models/ (default) "
-                        "or a bundle")  # fmt: skip
+                        help="directory with base/ svd/ experts/ dispatcher/ (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--bundle", type=Path, help="take the experts and the dispatcher from this bundle "
+                        "(verified against --models' base first) instead of --models")  # fmt: skip
     parser.add_argument("--strategy", help="first pass: prompt | cls | fewshot | base | expert:<domain> "
                         "(default: params dispatch.strategy)")  # fmt: skip
     parser.add_argument("--blending-mode", choices=["weighted_average", "top_k", "max"],
@@ -308,6 +340,26 @@ def build_parser() -> argparse.ArgumentParser:
         "(lm-eval results, summary.json for `dvc exp show`, gains with paired bootstrap CIs, results.md, "
         "scores.png, gains.png) and reports/README.md.",
     )
+
+    bundle = _stage_command(
+        commands,
+        "bundle",
+        _bundle_command,
+        help="build bundles/<name>/ (DVC stage `bundle`); `bundle verify DIR` checks one",
+        description="Copies the experts, the dispatcher and the SVD manifest into bundles/<params bundle.name>/ "
+        "with manifest.json (version, base and SVD fingerprints, every file's sha256, params, metrics, git "
+        "revision) and a model card (README.md).",
+    )
+    bundle_commands = bundle.add_subparsers(dest="bundle_command", metavar="SUBCOMMAND")
+    check = bundle_commands.add_parser(
+        "verify",
+        help="check a bundle's files against its manifest (and a base's fingerprint)",
+        description="Refuses (exit 1, with the reason) a bundle with a missing, added or modified file, or, with "
+        "--base, a base other than the one the experts were trained on.",
+    )
+    check.add_argument("bundle", type=Path)
+    check.add_argument("--base", type=Path, help="a base model directory to check (e.g. models/base)")
+    check.set_defaults(run=_verify_command)
 
     harness = commands.add_parser(
         "lm-eval",

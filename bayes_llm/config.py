@@ -376,6 +376,13 @@ class EvaluateParams(Strict):
         return systems
 
 
+class BundleParams(Strict):
+    """The `bundle` stage: bundles/<name>/ with the experts, the dispatcher, a manifest and a model card."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")] = "bayes-llm-experts"
+    version: Annotated[str, Field(pattern=r"^\d+\.\d+\.\d+$")] = "0.1.0"
+
+
 class Params(Strict):
     seed: NonNegativeInt = 0
     profile: Literal["full", "smoke"] = "full"
@@ -391,6 +398,7 @@ class Params(Strict):
     experts: dict[str, ExpertParams] = {}
     dispatch: DispatchParams = DispatchParams()
     evaluate: EvaluateParams = EvaluateParams()
+    bundle: BundleParams = BundleParams()
 
 
 def _deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:

@@ -50,6 +50,16 @@ def build_smoke_project(root: Path, commands: list[list[str]]) -> Path:
     return root
 
 
+FULL_PIPELINE = [["prepare"], ["base"], ["decompose"], ["train-expert", "math"], ["train-expert", "code"],
+                 ["train-expert", "reasoning"], ["calibrate"], ["train-lora"], ["evaluate"], ["bundle"]]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def full_smoke_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every stage's CLI command once at smoke size (shared, read-only: use `enter_copy` to change it)."""
+    return build_smoke_project(tmp_path_factory.mktemp("full"), FULL_PIPELINE)
+
+
 def enter_copy(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private copy of a module's project as the working directory, so a test may break it."""
     copy = tmp_path / "p"

@@ -17,15 +17,12 @@ from bayes_llm.errors import UserError
 from bayes_llm.evaluate import scoring
 from bayes_llm.evaluate.lm import BayesLLM
 from bayes_llm.evaluate.stage import TASKS_DIR, expand_systems, per_item
-from tests.conftest import build_smoke_project, enter_copy, raw_params
-
-STAGES = [["prepare"], ["base"], ["decompose"], ["train-expert", "math"], ["train-expert", "code"],
-          ["train-expert", "reasoning"], ["calibrate"], ["train-lora"], ["evaluate"]]  # fmt: skip
+from tests.conftest import enter_copy, raw_params
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_smoke_project(tmp_path_factory.mktemp("evaluate"), STAGES)
+def evaluated(full_smoke_project: Path) -> Path:
+    return full_smoke_project
 
 
 # --- tasks and scoring ---------------------------------------------------------------------------
