@@ -9,7 +9,6 @@ a changed, missing or added file is refused too.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ from bayes_llm.config import Params
 from bayes_llm.errors import UserError
 from bayes_llm.io import staged_dir
 from bayes_llm.svf.decompose import MANIFEST as SVD_MANIFEST
+from bayes_llm.svf.decompose import _sha256 as sha256  # one file hash for SVD factors and bundles
 from bayes_llm.svf.decompose import base_fingerprint, read_manifest
 from bayes_llm.svf.expert import read_expert
 
@@ -29,14 +29,6 @@ FORMAT_VERSION = 1
 
 class BundleError(UserError):
     """A bundle that is incomplete, tampered with, or made for another base."""
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _git_revision() -> str | None:
