@@ -152,7 +152,8 @@ def verify(bundle: Path, base_dir: Path | None = None) -> dict:
 
         model, _ = load_base(Path(base_dir))
         svd = json.loads((bundle / SVD_MANIFEST).read_text())
-        missing = [name for name in svd["matrices"] if name not in dict(model.named_modules())]
+        modules = dict(model.named_modules())
+        missing = [name for name in svd["matrices"] if name not in modules]
         actual_fp = None if missing else base_fingerprint(model, svd["matrices"])
         if actual_fp != manifest["base_fingerprint"]:
             raise BundleError(

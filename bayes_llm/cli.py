@@ -144,12 +144,14 @@ def _engine_and_options(args: argparse.Namespace):
 
 
 def _bundle_models(bundle: Path, models: Path) -> Path:
-    """A models layout from the base and SVD of `models` and the experts and dispatcher of a verified bundle."""
+    """A models layout from the base and SVD of `models` and the experts and dispatcher of a bundle whose
+    files match its manifest. The base is not fingerprinted here: the Engine refuses experts trained on
+    another base than `models/svd`, and factors decomposed from another base than `models/base`."""
     import tempfile
 
     from bayes_llm.bundle import verify
 
-    verify(bundle, models / "base")
+    verify(bundle)
     layout = Path(tempfile.mkdtemp(prefix="bayes-llm-bundle-"))
     for name, source in (("base", models), ("svd", models), ("experts", bundle), ("dispatcher", bundle)):
         (layout / name).symlink_to((source / name).resolve(), target_is_directory=True)

@@ -13,8 +13,8 @@ each group's weights are composed and loaded once and the group runs batched thr
 are memoized by (weights, request), so systems that share weights (an expert and the oracle on that
 expert's domain) share the work when they share a `results` dict.
 
-From lm-eval's CLI (run in the project root):
-  lm_eval --model bayes-llm --model_args mode=adaptive:prompt --tasks bayes_llm \
+From lm-eval's own CLI (`bayes-llm lm-eval` registers the model first; run in the project root):
+  bayes-llm lm-eval run --model bayes-llm --model_args mode=adaptive:prompt --tasks bayes_llm \
           --include_path bayes_llm/evaluate/tasks
 """
 

@@ -68,6 +68,17 @@ def primary_metric(result: dict) -> str:
     raise UserError(f"lm-eval returned no metric for a task: {sorted(result)}")
 
 
+def _portable(results: dict) -> dict:
+    """lm-eval records each task's YAML by absolute path: keep it relative to the project instead."""
+    root = Path.cwd()
+    for config in results.get("configs", {}).values():
+        metadata = config.get("metadata") or {}
+        source = metadata.get("config_source")
+        if source and Path(source).is_relative_to(root):
+            metadata["config_source"] = Path(source).relative_to(root).as_posix()
+    return results
+
+
 def per_item(samples: list[dict], metric: str) -> list[float]:
     """Each test item's score (in doc order) for paired comparisons; code items are judged here from
     the (program, tests) pairs (memoized: each program already ran once for pass@1)."""
@@ -138,14 +149,15 @@ def _evaluate(params: Params, scratch: Path, progress: bool) -> dict:
                 if k in out}  # fmt: skip
         # Task configs hold the metric functions: written by name (a repr would carry a memory address).
         kept = json.loads(json.dumps(kept, default=lambda o: getattr(o, "__qualname__", None) or str(o)))
-        write_json(REPORT_DIR / "lm_eval" / f"{slug(system)}.json", kept)
+        write_json(REPORT_DIR / "lm_eval" / f"{slug(system)}.json", _portable(kept))
 
     expert_domains = [d for d in tasks if d in engine.domains]
+    means = {system: sum(scores[system][d] for d in expert_domains) / len(expert_domains) for system in systems}
     summary: dict[str, float] = {}
     for system in systems:
         for domain in tasks:
             summary[f"{slug(system)}.{domain}"] = scores[system][domain]
-        summary[f"{slug(system)}.mean"] = round(sum(scores[system][d] for d in expert_domains) / len(expert_domains), 4)
+        summary[f"{slug(system)}.mean"] = round(means[system], 4)
     gains = {}
     if "base" in systems:
         gains = {
@@ -158,6 +170,7 @@ def _evaluate(params: Params, scratch: Path, progress: bool) -> dict:
         "tasks": tasks,
         "expert_domains": expert_domains,
         "scores": scores,
+        "means": means,  # over expert_domains
         "gains": gains,
         "fewshot": fewshot.results,
         "timing": {"systems_seconds": timing, "stage_seconds": round(time.perf_counter() - started, 1)},
