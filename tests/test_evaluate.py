@@ -141,9 +141,24 @@ def test_lora_adapters_refuse_another_base_and_missing_files(evaluated, tmp_path
     assert adapters.domains == ["math", "code", "reasoning"]
     assert adapters.weights("transfer")[0] == () and adapters.weights("math")[0] == ("lora", "math")
     meta = project / "models/lora/lora.json"
+    adapters_fingerprint = json.loads(meta.read_text())["base_fingerprint"]
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "base_fingerprint": "0" * 64}))
     with pytest.raises(LoraError, match="another base"):
+        LoraAdapters(Path("models/base"))
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "base_fingerprint": adapters_fingerprint}))
+    (project / "models/lora/code/adapter_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(LoraError, match="cannot load the adapter"):
         LoraAdapters(Path("models/base"))
     shutil.rmtree(project / "models/lora")
     assert main(["evaluate", "--quiet"]) == 1  # a clear error (UserError), not a traceback
     assert "run `dvc repro train_lora`" in capsys.readouterr().err
+
+
+def test_a_corrupt_test_split_fails_clearly_and_keeps_the_old_reports(evaluated, tmp_path, monkeypatch, capsys):
+    project = enter_copy(evaluated, tmp_path, monkeypatch)
+    before = {path.name: path.read_bytes() for path in (project / "reports/eval/lm_eval").iterdir()}
+    (project / "data/prepared/reasoning/test.parquet").write_bytes(b"garbage")
+    assert main(["evaluate", "--quiet"]) == 1
+    assert "reasoning/test.parquet: cannot read it" in capsys.readouterr().err
+    after = {path.name: path.read_bytes() for path in (project / "reports/eval/lm_eval").iterdir()}
+    assert after == before

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import set_seed
 
@@ -138,10 +139,16 @@ class LoraAdapters:
         self.domains: list[str] = meta["domains"]
         for index, domain in enumerate(self.domains):
             path = Path(lora_dir) / domain
-            if index == 0:
-                model = PeftModel.from_pretrained(model, path, adapter_name=domain)
-            else:
-                model.load_adapter(path, adapter_name=domain)
+            try:
+                if index == 0:
+                    model = PeftModel.from_pretrained(model, path, adapter_name=domain)
+                else:
+                    model.load_adapter(path, adapter_name=domain)
+            except (SafetensorError, OSError, ValueError) as error:  # missing, truncated or overwritten files
+                raise LoraError(
+                    f"{path}: cannot load the adapter ({type(error).__name__}: {str(error)[:120]}); restore it with "
+                    "`dvc checkout models/lora` or re-run `dvc repro train_lora`"
+                ) from None
         self.model = model.eval()
 
     def weights(self, domain: str):

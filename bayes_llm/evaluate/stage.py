@@ -18,7 +18,7 @@ from pathlib import Path
 from bayes_llm.config import Params
 from bayes_llm.data import prepared
 from bayes_llm.errors import UserError
-from bayes_llm.io import write_json
+from bayes_llm.io import staged_dir, write_json
 from bayes_llm.stats import paired_bootstrap
 
 REPORT_DIR = Path("reports/eval")
@@ -51,6 +51,7 @@ def _task_files(infos: list[dict], custom: dict[str, str], directory: Path) -> d
             tasks[name] = custom[name]
             continue
         tasks[name] = f"bayes_llm_{name}"
+        prepared.read_split(prepared.PREPARED_DIR, name, "test")  # a clear error now, not a traceback in lm-eval
         if not (TASKS_DIR / f"{name}.yaml").is_file():
             template = (TASKS_DIR / SHIPPED_KINDS[info["answer_kind"]]).resolve()
             data = prepared.split_path(prepared.PREPARED_DIR, name, "test")
@@ -126,6 +127,7 @@ def _evaluate(params: Params, scratch: Path, progress: bool) -> dict:
     scores: dict[str, dict[str, float]] = {}
     items: dict[str, dict[str, list[float]]] = {}
     timing: dict[str, float] = {}
+    raw: dict[str, dict] = {}  # lm-eval's results per system, written together once all systems ran
     for system in systems:
         if progress:
             print(f"evaluate: {system}", flush=True)
@@ -148,9 +150,13 @@ def _evaluate(params: Params, scratch: Path, progress: bool) -> dict:
         kept = {k: out[k] for k in ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
                 if k in out}  # fmt: skip
         # Task configs hold the metric functions: written by name (a repr would carry a memory address).
-        kept = json.loads(json.dumps(kept, default=lambda o: getattr(o, "__qualname__", None) or str(o)))
-        write_json(REPORT_DIR / "lm_eval" / f"{slug(system)}.json", _portable(kept))
+        raw[system] = _portable(
+            json.loads(json.dumps(kept, default=lambda o: getattr(o, "__qualname__", None) or str(o)))
+        )
 
+    with staged_dir(REPORT_DIR / "lm_eval") as staging:
+        for system, results in raw.items():
+            write_json(staging / f"{slug(system)}.json", results)
     expert_domains = [d for d in tasks if d in engine.domains]
     means = {system: sum(scores[system][d] for d in expert_domains) / len(expert_domains) for system in systems}
     summary: dict[str, float] = {}
