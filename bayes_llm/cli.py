@@ -230,6 +230,18 @@ def _benchmark_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kernel_check_command(args: argparse.Namespace) -> int:
+    from bayes_llm.model import kernel_check
+
+    params = load_params(args.params)
+    if args.step == "reference":
+        print(kernel_check.reference(args.checkpoint, args.work, params.model, params.tokenizer.vocab_size, args.steps))
+        return 0
+    report = kernel_check.compare(args.checkpoint, args.work, params.model, params.tokenizer.vocab_size, args.steps)
+    print(json.dumps(report, indent=2))
+    return 0 if report["within_tolerance"] else 1
+
+
 def _svf_benchmark_command(args: argparse.Namespace) -> int:
     from bayes_llm.svf.benchmark import benchmark
 
@@ -413,6 +425,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=2, help="timed steps per run (after one warm-up step)")
     bench.add_argument("--families", nargs="+", default=["bamba", "jamba"], choices=["bamba", "jamba"])
     bench.set_defaults(run=_benchmark_command)
+
+    check = commands.add_parser(
+        "kernel-check",
+        help="GPU: do the mamba-ssm kernels match the PyTorch path? → reports/base/kernel_check.json",
+        description="Two runs over the same weights and inputs, since transformers binds the kernels at "
+        "import. `reference`, where mamba-ssm is NOT importable: PyTorch-path logits, loss and gradients "
+        "(CPU, and GPU if any) of the checkpoint and of a tiny Jamba, plus GPU training tokens/s. "
+        "`compare`, with `pip install '.[gpu]'` on a CUDA machine: the same with the kernels, differences "
+        "against the stated tolerance, and kernel tokens/s. Exits 1 when outside the tolerance.",
+    )
+    check.add_argument("step", choices=["reference", "compare"])
+    check.add_argument("--checkpoint", type=Path, default=Path("models/base"), help="default: %(default)s")
+    check.add_argument("--work", type=Path, default=Path("kernel-check"), help="reference files (default: %(default)s)")
+    check.add_argument("--steps", type=int, default=10, help="timed training steps per benchmark run")
+    check.set_defaults(run=_kernel_check_command)
 
     svf_bench = commands.add_parser(
         "svf-benchmark",

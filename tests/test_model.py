@@ -142,3 +142,24 @@ def test_answer_extraction():
         and not parses_as_python("def f(n) return")
         and not parses_as_python("  ")
     )
+
+
+def test_kernel_check_reference_on_cpu_and_its_verdict(tmp_path):
+    from safetensors.torch import load_file
+
+    from bayes_llm.model import kernel_check
+
+    params = ModelParams(hidden_size=32, layers=2, attention_heads=2, kv_heads=2, intermediate_size=64)
+    checkpoint = save_tiny_checkpoint("bamba", tmp_path / "ckpt")
+    written = kernel_check.reference(checkpoint, tmp_path / "work", params, vocab=64)
+    ref = load_file(written)
+    assert {"checkpoint.cpu.dense.logits", "jamba.cpu.padded.logits", "jamba.cpu.train.grad"} <= set(ref)
+    # Valid positions only: the padded batch has fewer logits rows than the dense one.
+    assert ref["checkpoint.cpu.padded.logits"].shape[0] < ref["checkpoint.cpu.dense.logits"].shape[0]
+    own = {k.removeprefix("checkpoint.cpu."): v for k, v in ref.items() if k.startswith("checkpoint.cpu.")}
+    assert kernel_check._difference(own, own)["within_tolerance"]
+    shifted = dict(own, **{"dense.logits": own["dense.logits"] + 0.05})
+    verdict = kernel_check._difference(shifted, own)
+    assert not verdict["within_tolerance"] and verdict["dense"]["logits_max_abs"] == pytest.approx(0.05, rel=1e-3)
+    with pytest.raises(kernel_check.KernelCheckError, match="CUDA GPU with mamba-ssm"):
+        kernel_check.compare(checkpoint, tmp_path / "work", params, vocab=64)

@@ -25,25 +25,29 @@ REPORT = Path("reports/base/benchmark.json")
 
 
 def _tokens_per_second(model, batch_size: int, seq_len: int, steps: int, vocab: int) -> float:
+    device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(3, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     timings = []
-    for step in range(steps + 1):  # the first step warms up allocators and is not counted
+    for step in range(steps + 1):  # the first step warms up allocators (and compiles kernels): not counted
         started = time.perf_counter()
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # GPU work is asynchronous: wait for it before reading the clock
         if step:
             timings.append(time.perf_counter() - started)
     return batch_size * seq_len / (sum(timings) / len(timings))
 
 
-def _sweep(model_params: ModelParams, lengths, batch_of, steps: int, vocab: int, families, desc: str) -> dict:
+def _sweep(model_params: ModelParams, lengths, batch_of, steps: int, vocab: int, families, desc: str,
+           device: str = "cpu") -> dict:  # fmt: skip
     out: dict = {}
     for family, seq_len in tqdm([(f, t) for f in families for t in lengths], desc=desc, unit="run"):
         set_seed(0)
         params = model_params.model_copy(update={"family": family, "max_length": max(lengths)})
-        model = AutoModelForCausalLM.from_config(build_config(params, vocab, 0, 1, 2)).train()
+        model = AutoModelForCausalLM.from_config(build_config(params, vocab, 0, 1, 2)).to(device).train()
         entry = out.setdefault(family, {"parameters": sum(p.numel() for p in model.parameters())})
         batch = batch_of(seq_len)
         entry[f"T{seq_len}_batch"] = batch
@@ -63,15 +67,18 @@ def benchmark(
     vocab: int = 1024,
     families=("bamba", "jamba"),
     reference_jamba: bool = True,
-    out: Path = REPORT,
+    device: str = "cpu",
+    out: Path | None = REPORT,
 ) -> dict:
-    results: dict = {"steps": steps, "threads": torch.get_num_threads(), "kernels": jamba_scan.kernels_available()}
-    fixed_batch = _sweep(model_params, lengths, lambda _: batch_size, steps, vocab, families, "fixed batch")
+    results: dict = {"steps": steps, "device": _device_name(device), "kernels": jamba_scan.kernels_available()}
+    if device == "cpu":
+        results["threads"] = torch.get_num_threads()
+    fixed_batch = _sweep(model_params, lengths, lambda _: batch_size, steps, vocab, families, "fixed batch", device)
     results["fixed_batch"] = {"batch_size": batch_size, **fixed_batch}
     per_length = lambda t: max(1, tokens_per_step // t)  # noqa: E731
-    fixed_tokens = _sweep(model_params, lengths, per_length, steps, vocab, families, "fixed tokens")
+    fixed_tokens = _sweep(model_params, lengths, per_length, steps, vocab, families, "fixed tokens", device)
     results["fixed_tokens"] = {"tokens_per_step": tokens_per_step, **fixed_tokens}
-    if reference_jamba and "jamba" in families and not jamba_scan.kernels_available():
+    if reference_jamba and device == "cpu" and "jamba" in families and not jamba_scan.kernels_available():
         # transformers' own O(L²)-backward scan, one step at the shortest length, for comparison.
         modeling_jamba.mamba_selective_scan = modeling_jamba._reference_selective_scan
         try:
@@ -82,5 +89,10 @@ def benchmark(
             results["fixed_batch"]["jamba"][f"reference_scan_T{lengths[0]}_tokens_per_second"] = round(speed, 1)
         finally:
             jamba_scan.install()
-    write_json(out, results)
+    if out is not None:
+        write_json(out, results)
     return results
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
