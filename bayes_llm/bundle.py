@@ -16,9 +16,8 @@ from pathlib import Path
 
 from bayes_llm.config import Params
 from bayes_llm.errors import UserError
-from bayes_llm.io import staged_dir
+from bayes_llm.io import sha256, staged_dir
 from bayes_llm.svf.decompose import MANIFEST as SVD_MANIFEST
-from bayes_llm.svf.decompose import _sha256 as sha256  # one file hash for SVD factors and bundles
 from bayes_llm.svf.decompose import base_fingerprint, read_manifest
 from bayes_llm.svf.expert import read_expert
 

@@ -106,9 +106,19 @@ def train_adapters(
                 "learning_rate": learning_rate, "batch_size": batch_size, "seed": seed, "objective": "sft"}  # fmt: skip
     with staged_dir(out_dir) as staging:
         peft_model.save_pretrained(staging)  # named adapters land in staging/<name>/
+        _sort_target_modules(staging)
         meta = {"base_fingerprint": fingerprint, "domains": list(train), **settings}
         (staging / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return {**report, **settings}
+
+
+def _sort_target_modules(directory: Path) -> None:
+    """PEFT writes `target_modules` from a set (order varies per process): sort it for stable bytes."""
+    for config_path in directory.glob("*/adapter_config.json"):
+        config = json.loads(config_path.read_text())
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def build_lora(params: Params, progress: bool = True) -> dict:

@@ -21,6 +21,7 @@ From lm-eval's own CLI (`bayes-llm lm-eval` registers the model first; run in th
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -175,7 +176,10 @@ class FewShotSearch:
             split = "test" if infos[domain]["test_only"] else "val"
             rows = prepared.read_split(prepared.PREPARED_DIR, domain, split)[: self.shots]
             kind = infos[domain]["answer_kind"]
-            result, scales = self.engine.fewshot(rows, kind, **self.search, seed=self.seed,
+            # A seed per task: the same seed everywhere would draw the same candidate mixtures for
+            # every task, so tasks with flat rewards would all return the same α.
+            seed = self.seed + zlib.crc32(task_name.encode()) % 10_000
+            result, scales = self.engine.fewshot(rows, kind, **self.search, seed=seed,
                                                  max_new_tokens=self.max_new_tokens[kind])  # fmt: skip
             alpha = np.asarray(result.alpha)
             key = ("fewshot", task_name, alpha.round(6).tobytes())

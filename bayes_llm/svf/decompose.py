@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from bayes_llm.errors import UserError
-from bayes_llm.io import staged_dir, write_json
+from bayes_llm.io import sha256, staged_dir, write_json
 from bayes_llm.model.base import load_base
 from bayes_llm.svf.scaling import Factors
 from bayes_llm.svf.targets import patterns_of, select_targets
@@ -40,14 +40,6 @@ _VOLATILE_CONFIG = {"transformers_version", "dtype", "torch_dtype", "use_cache",
 
 class SVDError(UserError):
     pass
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def base_fingerprint(model: torch.nn.Module, names: Iterable[str]) -> str:
@@ -100,7 +92,7 @@ def decompose(model: torch.nn.Module, targets: str | list[str], out_dir: Path = 
                     "relative_error": error,
                 }
             save_file(tensors, staging / file)
-            files[file] = _sha256(staging / file)
+            files[file] = sha256(staging / file)
         base = base_fingerprint(model, names)
         ranks = {name: m["rank"] for name, m in matrices.items()}
         manifest = {
@@ -148,7 +140,7 @@ def load_factors(svd_dir: Path = SVD_DIR) -> tuple[dict[str, Factors], dict]:
     tensors: dict[str, torch.Tensor] = {}
     for file, digest in manifest["files"].items():
         path = svd_dir / file
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or sha256(path) != digest:
             state = "missing" if not path.is_file() else "modified since decomposition (sha256 differs)"
             raise SVDError(f"{path}: {state}: run `dvc checkout models/svd` or `dvc repro decompose`")
         try:

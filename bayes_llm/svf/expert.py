@@ -56,7 +56,9 @@ class Expert:
 def save_expert(expert: Expert, path: str | Path) -> None:
     """Write atomically: a crash leaves the previous file (or none), never a truncated one."""
     tensors = {name: z.detach().to(torch.float32).contiguous() for name, z in expert.z.items()}
-    header = {"format": FORMAT, "bayes_llm": json.dumps(expert.metadata(), sort_keys=True)}
+    # One metadata key: safetensors writes its metadata map in hash order, so two keys would make the
+    # bytes (and DVC's hash) of equal experts differ between runs.
+    header = {"bayes_llm": json.dumps(expert.metadata(), sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=header)
 
@@ -73,12 +75,15 @@ def read_expert(path: str | Path) -> Expert:
             z = {name: handle.get_tensor(name) for name in names}
     except (SafetensorError, OSError, ValueError) as error:
         raise ExpertFileError(f"{path}: not a readable safetensors file, truncated or corrupt? ({error})") from None
-    if header.get("format") != FORMAT or "bayes_llm" not in header:
-        raise ExpertFileError(f"{path}: a safetensors file, but not a bayes-llm SVF expert (no {FORMAT} header)")
+    not_an_expert = ExpertFileError(f"{path}: a safetensors file, but not a bayes-llm SVF expert (no {FORMAT} header)")
+    if "bayes_llm" not in header:
+        raise not_an_expert
     try:
         meta = json.loads(header["bayes_llm"])
     except json.JSONDecodeError as error:
         raise ExpertFileError(f"{path}: expert metadata is not valid JSON ({error})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise not_an_expert
     if meta.get("format_version") != FORMAT_VERSION:
         version = meta.get("format_version")
         raise ExpertFileError(f"{path}: expert format version {version!r}, expected {FORMAT_VERSION}")
