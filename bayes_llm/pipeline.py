@@ -1,0 +1,180 @@
+"""The DVC pipeline driven from code: what the Prefect flows run (they stay thin).
+
+A `Workspace` is a checkout of this project. The flows run the stages with the `dvc` command line
+(DVC's own locks, run-cache and progress), and an expert can be trained in a scratch copy of the
+workspace so that several experts train at once: DVC holds one lock per workspace. Workspaces meet
+only through the DVC remote; what one run hands to another (params, lock file, git revision) travels
+as a `Snapshot`, so a worker on another machine can take part.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from bayes_llm.config import load_params, parse_params
+from bayes_llm.errors import UserError
+
+# Output that marks a failure worth retrying: another process holds the lock, or the remote is
+# briefly unreachable. Anything else (a stage's own error, bad params) fails the same way again.
+TRANSIENT_PATTERNS = re.compile(
+    r"Unable to acquire lock|is busy|Connection (reset|refused|aborted)|timed out|Temporary failure in name resolution"
+    r"|Service Unavailable|Too Many Requests",
+    re.IGNORECASE,
+)
+OUTPUT_TAIL = 40  # lines of a failed command's output kept in its error
+
+
+class StageFailed(UserError):
+    """A `dvc` command failed; the message holds the command and the end of its output."""
+
+
+class TransientFailure(StageFailed):
+    """A failure that may pass when tried again (a lock, the network)."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a run hands to an expert worker: the code revision and the files DVC reads state from."""
+
+    rev: str
+    params: str
+    lock: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def tool(name: str) -> str:
+    """The command `name` beside this interpreter (a worker started from the venv uses its DVC/GTO)."""
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.is_file() else name
+
+
+class Workspace:
+    def __init__(self, root: Path | str, log: Callable[[str], None] = print) -> None:
+        self.root = Path(root).resolve()
+        self.log = log
+        if not (self.root / "dvc.yaml").is_file():
+            raise UserError(f"{self.root}: not a bayes-llm project (no dvc.yaml)")
+
+    # -- commands ------------------------------------------------------------------------------
+    def run(self, *cmd: str) -> str:
+        """Run a command in the workspace, streaming its output to the log; raise on failure."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        process = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True)  # fmt: skip
+        lines = []
+        assert process.stdout is not None
+        for line in process.stdout:
+            line = line.rstrip()
+            if line and "\r" not in line:  # progress-bar redraws stay out of the log
+                self.log(line)
+            lines.append(line)
+        if process.wait():
+            tail = "\n".join(lines[-OUTPUT_TAIL:])
+            error = TransientFailure if TRANSIENT_PATTERNS.search(tail) else StageFailed
+            name = " ".join(Path(cmd[0]).name if i == 0 else part for i, part in enumerate(cmd))
+            raise error(f"`{name}` failed (exit {process.returncode}) in {self.root}:\n{tail}")
+        return "\n".join(lines)
+
+    def dvc(self, *args: str) -> str:
+        return self.run(tool("dvc"), *args)
+
+    def git(self, *args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=self.root, capture_output=True, text=True)
+        if done.returncode:
+            raise StageFailed(f"`git {' '.join(args)}` failed in {self.root}: {done.stderr.strip()}")
+        return done.stdout.strip()
+
+    # -- pipeline ------------------------------------------------------------------------------
+    def domains(self) -> list[str]:
+        """The expert domains: the keys of `experts` in params.yaml (the `train_expert` foreach)."""
+        return list(load_params(self.root / "params.yaml").experts)
+
+    def expert_gain(self, domain: str) -> dict:
+        """The expert's own-domain gain over the base (points, 95 % CI) from its report."""
+        return json.loads((self.root / f"reports/experts/{domain}.json").read_text())["gain"]
+
+    def repro(self, stages: list[str], force: bool = False) -> str:
+        """Exactly these stages (their upstream was run before); cached runs are restored, not rerun."""
+        return self.dvc("repro", "--single-item", "--pull", *(["--force"] if force else []), *stages)
+
+    def pull(self, *targets: str, with_deps: bool = False) -> str:
+        """What the remote has (run-cache included); missing objects are not an error on a first run."""
+        extra = ["--with-deps"] if with_deps else []
+        return self.dvc("pull", "--run-cache", "--allow-missing", *extra, *targets)
+
+    def push(self, *targets: str) -> str:
+        out = self.dvc("push", "--run-cache", *targets)
+        self._push_uncached_outputs(targets)
+        return out
+
+    def _push_uncached_outputs(self, targets: tuple[str, ...]) -> None:
+        """`dvc push --run-cache` leaves out the objects of `cache: false` outputs (the reports), so
+        another workspace could not restore those stages from the run-cache: push them too."""
+        from dvc.repo import Repo
+
+        with Repo(str(self.root)) as repo:
+            stages = [s for t in targets for s in repo.stage.collect(t)] if targets else list(repo.index.stages)
+            objects = [out.hash_info for s in stages for out in s.outs if not out.use_cache and out.hash_info]
+            # The run-cache save committed those files to the local cache; outputs never run have none.
+            present = [h for h in objects if repo.cache.local.exists(h.value)]
+            if present and (failed := repo.cloud.push(present).failed):
+                raise TransientFailure(f"could not push {len(failed)} report object(s) to the DVC remote")
+
+    def snapshot(self) -> Snapshot:
+        lock = self.root / "dvc.lock"
+        return Snapshot(
+            rev=self.git("rev-parse", "HEAD"),
+            params=(self.root / "params.yaml").read_text(),
+            lock=lock.read_text() if lock.is_file() else "",
+        )
+
+    @contextmanager
+    def scratch_copy(self, snapshot: Snapshot) -> Iterator[Workspace]:
+        """A private copy of this workspace's files (no outputs, its own DVC cache) at `snapshot`."""
+        head = self.git("rev-parse", "HEAD")
+        if head != snapshot.rev:
+            raise StageFailed(
+                f"{self.root} is at {head[:12]}, the run is at {snapshot.rev[:12]}: check out the same revision"
+            )
+        listed = self.git("ls-files", "-co", "--exclude-standard", "-z").split("\0")
+        scratch = Path(tempfile.mkdtemp(prefix="bayes-llm-scratch-"))
+        try:
+            for name in [*filter(None, listed), ".dvc/config.local"]:
+                source = self.root / name
+                if source.is_file():
+                    (scratch / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(source, scratch / name)
+            (scratch / "params.yaml").write_text(snapshot.params)
+            (scratch / "dvc.lock").write_text(snapshot.lock)
+            subprocess.run(["git", "init", "-q"], cwd=scratch, check=True)
+            yield Workspace(scratch, self.log)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def train_expert_isolated(workspace: Workspace, domain: str, snapshot: Snapshot, force: bool = False) -> None:
+    """Train one expert in a scratch copy and push it (and its run-cache entry) to the DVC remote.
+
+    The calling run then restores it with `dvc repro`, which finds the run in the run-cache.
+    """
+    if domain not in parse_params(yaml.safe_load(snapshot.params), "the run's params").experts:
+        raise StageFailed(f"no expert domain {domain!r} in the run's params")
+    stage = f"train_expert@{domain}"
+    with workspace.scratch_copy(snapshot) as scratch:
+        scratch.pull(stage, with_deps=True)
+        scratch.repro([stage], force=force)
+        scratch.push(stage)

@@ -1,0 +1,137 @@
+"""Retrain and publish: the whole DVC pipeline as a Prefect flow, experts fanned out to workers.
+
+    python -m flows.retrain [--force] [--version X.Y.Z] [--no-publish]
+
+runs in-process on Prefect's embedded local API (no server needed), training the experts
+concurrently in scratch copies. Deployed (`prefect.yaml`), the `retrain` flow sends each expert to
+the `train-expert` deployment instead, so each domain can run on its own GPU worker; the experts
+meet through the DVC remote and come back to this run through DVC's run-cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.deployments import run_deployment
+
+from bayes_llm.pipeline import Snapshot, StageFailed, TransientFailure, Workspace, train_expert_isolated
+from bayes_llm.publish import metrics_table, publish, summary_markdown
+
+UPSTREAM = ["prepare", "base", "decompose"]
+DOWNSTREAM = ["train_lora", "calibrate", "evaluate"]
+
+
+def _transient_only(task, task_run, state) -> bool:
+    """Retry a DVC task only when it failed on a lock or the network, never on a stage's own error."""
+    try:
+        state.result()
+    except TransientFailure:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+# DVC does the caching (stages, run-cache): Prefect's own result cache stays out of the way.
+dvc_task = task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=_transient_only)
+
+
+def _workspace() -> Workspace:
+    logger = get_run_logger()
+    return Workspace(".", log=logger.info)
+
+
+@dvc_task
+def pull() -> None:
+    _workspace().pull()
+
+
+@dvc_task
+def repro(stages: list[str], force: bool = False) -> None:
+    _workspace().repro(stages, force=force)
+
+
+@dvc_task
+def push(stages: list[str]) -> None:
+    _workspace().push(*stages)
+
+
+@dvc_task
+def train_expert_here(domain: str, snapshot: dict, force: bool) -> None:
+    train_expert_isolated(_workspace(), domain, Snapshot(**snapshot), force)
+
+
+@task(cache_policy=NO_CACHE)
+def train_expert_on_worker(deployment: str, domain: str, snapshot: dict, force: bool) -> None:
+    run = run_deployment(deployment, parameters={"domain": domain, "snapshot": snapshot, "force": force},
+                         flow_run_name=f"train-expert-{domain}")  # fmt: skip
+    if not run.state or not run.state.is_completed():
+        message = run.state.message if run.state else "no state"
+        raise StageFailed(f"expert {domain}: flow run {run.name} ended {run.state_name}: {message}")
+
+
+@flow(name="train-expert", log_prints=True)
+def train_expert(domain: str, snapshot: dict, force: bool = False) -> None:
+    """One expert in a scratch copy of this worker's checkout; the result goes to the DVC remote."""
+    train_expert_here(domain, snapshot, force)
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(
+    force: bool = False,
+    version: str | None = None,
+    publish_bundle: bool = True,
+    push_git: bool = False,
+    expert_deployment: str | None = None,
+) -> dict:
+    """pull → prepare, base, decompose → experts (concurrently) → train_lora, calibrate, evaluate →
+    bundle → publish. `force` retrains even what DVC's run-cache would restore; `version` (X.Y.Z)
+    names the new bundle version (default: the next patch, and only if the bundle changed);
+    `expert_deployment` sends each expert to that deployment (e.g. `train-expert/train-expert`)."""
+    workspace = _workspace()
+    pull()
+    repro(UPSTREAM, force)
+    push(UPSTREAM)  # the inputs of the experts, for workers that share only the remote
+    snapshot = workspace.snapshot().to_dict()
+    domains = workspace.domains()
+    if expert_deployment:
+        futures = [train_expert_on_worker.submit(expert_deployment, d, snapshot, force) for d in domains]
+    else:
+        futures = [train_expert_here.submit(d, snapshot, force) for d in domains]
+    for future in futures:
+        future.result()  # raises the first failed expert's error
+    pull()
+    repro([f"train_expert@{domain}" for domain in domains])  # restored from the run-cache
+    repro(DOWNSTREAM, force)
+    result: dict = {"experts": {d: workspace.expert_gain(d) for d in domains}}
+    if publish_bundle:
+        published = publish(workspace, version, push_git)
+        create_markdown_artifact(key="bayes-llm-bundle", markdown=summary_markdown(published, workspace),
+                                 description=f"{published.name} v{published.version}")  # fmt: skip
+        create_table_artifact(key="bayes-llm-metrics", table=metrics_table(workspace),
+                              description=f"test accuracy (%) of every system, {published.tag}")  # fmt: skip
+        result["published"] = published.to_dict()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="retrain even what DVC's run-cache would restore")
+    parser.add_argument("--version", help="bundle version X.Y.Z (default: next patch, only if changed)")
+    parser.add_argument("--no-publish", action="store_true", help="stop after evaluate: no bundle version")
+    parser.add_argument("--push-git", action="store_true", help="also push the commit and tag to git origin")
+    args = parser.parse_args(argv)
+    result = retrain(force=args.force, version=args.version, publish_bundle=not args.no_publish,
+                     push_git=args.push_git)  # fmt: skip
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
