@@ -47,9 +47,17 @@ def _files(root: Path) -> dict[str, str]:
     }
 
 
+def results_section(reports: Path) -> list[str]:
+    """The evaluation table and gains of `reports/eval/results.md` under a heading (none if absent)."""
+    results = reports / "eval" / "results.md"
+    if not results.is_file():
+        return []
+    return ["## Evaluation (test splits, %)", "", results.read_text().split("\n", 2)[2]]
+
+
 def model_card(manifest: dict, reports: Path) -> str:
     """The bundle's README.md: what it adapts, how to load it, and the evaluation it shipped with."""
-    eval_report, params = reports / "eval", manifest["params"]
+    params = manifest["params"]
     lines = [
         f"# {manifest['name']} {manifest['version']}",
         "",
@@ -72,8 +80,7 @@ def model_card(manifest: dict, reports: Path) -> str:
         "```",
         "",
     ]
-    if (eval_report / "results.md").is_file():
-        lines += ["## Evaluation (test splits, %)", "", (eval_report / "results.md").read_text().split("\n", 2)[2]]
+    lines += results_section(reports)
     for picture in ("scores.png", "gains.png", "reliability.png"):
         lines.append(f"![{picture}](pictures/{picture})")
     return "\n".join(lines) + "\n"

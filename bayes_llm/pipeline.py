@@ -85,7 +85,7 @@ class Workspace:
         if process.wait():
             tail = "\n".join(lines[-OUTPUT_TAIL:])
             error = TransientFailure if TRANSIENT_PATTERNS.search(tail) else StageFailed
-            name = " ".join(Path(cmd[0]).name if i == 0 else part for i, part in enumerate(cmd))
+            name = " ".join([Path(cmd[0]).name, *cmd[1:]])
             raise error(f"`{name}` failed (exit {process.returncode}) in {self.root}:\n{tail}")
         return "\n".join(lines)
 

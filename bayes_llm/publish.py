@@ -98,6 +98,8 @@ def default_remote_url(workspace: Workspace) -> str:
 
 def publish(workspace: Workspace, version: str | None = None, push_git: bool = False) -> Published:
     """Build the bundle, and if it is new: commit the DVC state, push the data, tag the version."""
+    if version is not None:
+        _semver(version)  # a bad version fails before any work
     params_file = workspace.root / "params.yaml"
     params = load_params(params_file)
     name = params.bundle.name
@@ -112,7 +114,6 @@ def publish(workspace: Workspace, version: str | None = None, push_git: bool = F
             commit = workspace.git("rev-list", "-n", "1", f"{name}@v{versions[-1]}")
             return Published(name, versions[-1], f"{name}@v{versions[-1]}", commit, remote, new=False)
     target = version or next_version(versions, params.bundle.version)
-    _semver(target)
     if target in versions:
         raise PublishError(f"{name} v{target} is already published: pass another version, or none for the next")
     if target != params.bundle.version:
@@ -132,6 +133,8 @@ def publish(workspace: Workspace, version: str | None = None, push_git: bool = F
 
 def summary_markdown(published: Published, workspace: Workspace) -> str:
     """The Prefect artifact: which version, where, how to fetch it, and its evaluation table."""
+    from bayes_llm.bundle import results_section  # imports torch: not at the flow's start-up
+
     state = "published" if published.new else "unchanged: the latest version is still"
     lines = [
         f"# {published.name} v{published.version}",
@@ -148,10 +151,8 @@ def summary_markdown(published: Published, workspace: Workspace) -> str:
         f"bayes-llm bundle verify {published.name} --base models/base",
         "```",
         "",
+        *results_section(workspace.root / "reports"),
     ]
-    results = workspace.root / "reports/eval/results.md"
-    if results.is_file():
-        lines += ["## Evaluation (test splits, %)", "", results.read_text().split("\n", 2)[2]]
     return "\n".join(lines)
 
 

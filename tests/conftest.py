@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,28 @@ import yaml
 from bayes_llm.config import Params, _deep_merge, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's dvc, prefect, bayes-llm
+
+
+def copy_project(target: Path, *, smoke: bool = False, remote: Path | None = None) -> Path:
+    """This project's tracked and unignored files (no data, outputs or reports) as a fresh git repo.
+    `smoke`: `profile: smoke` in params.yaml; `remote`: the DVC remote's url, committed as a real
+    project commits it."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.split("\n")  # fmt: skip
+    for name in filter(None, listed):
+        if (ROOT / name).is_file() and not name.startswith(("data/", "reports/")) and name != "dvc.lock":
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, target / name)
+    if smoke:
+        params = target / "params.yaml"
+        params.write_text(params.read_text().replace("\nprofile: full", "\nprofile: smoke", 1))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    setup = [["dvc", "remote", "modify", "local", "url", str(remote)]] if remote else []
+    for cmd in (["git", "init", "-q"], *setup, ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):  # fmt: skip
+        subprocess.run(cmd, cwd=target, check=True, env=env, capture_output=True)
+    return target
 
 
 def raw_params(profile: str = "smoke", **data_overrides: Any) -> dict:

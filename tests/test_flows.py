@@ -9,7 +9,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -19,28 +18,7 @@ import pytest
 from bayes_llm.config import load_params
 from bayes_llm.pipeline import Snapshot, StageFailed, TransientFailure, Workspace
 from bayes_llm.publish import PublishError, next_version, set_bundle_version
-from tests.conftest import ROOT
-
-BIN = Path(sys.executable).parent
-
-
-def copy_project(target: Path, remote: Path) -> Path:
-    """This project's tracked and unignored files as a fresh git repo at smoke size, its DVC remote
-    set (committed, as a real project commits its remote) to `remote`."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout.split("\n")  # fmt: skip
-    for name in filter(None, listed):
-        if (ROOT / name).is_file() and not name.startswith(("data/", "reports/")) and name != "dvc.lock":
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, target / name)
-    params = target / "params.yaml"
-    params.write_text(params.read_text().replace("\nprofile: full", "\nprofile: smoke", 1))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    for cmd in (["git", "init", "-q"], ["dvc", "remote", "modify", "local", "url", str(remote)], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):  # fmt: skip
-        subprocess.run(cmd, cwd=target, check=True, env=env, capture_output=True)
-    return target
-
+from tests.conftest import BIN, ROOT, copy_project
 
 # -- fast -------------------------------------------------------------------------------------
 
@@ -75,7 +53,7 @@ def test_failures_are_classified_for_retries(tmp_path):
 
 
 def test_scratch_copy_takes_the_snapshot_and_refuses_another_revision(tmp_path):
-    project = copy_project(tmp_path / "p", tmp_path / "remote")
+    project = copy_project(tmp_path / "p", smoke=True, remote=tmp_path / "remote")
     (project / ".dvc/config.local").write_text("[core]\n    remote = local\n")
     (project / "untracked_note.md").write_text("kept\n")
     workspace = Workspace(project)
@@ -156,7 +134,7 @@ class Prefect:
 @pytest.mark.slow
 def test_deployment_run_on_gpu_pool_publishes_a_fetchable_version(tmp_path):
     remote = tmp_path / "remote"
-    project = copy_project(tmp_path / "project", remote)
+    project = copy_project(tmp_path / "project", smoke=True, remote=remote)
     prefect = Prefect(tmp_path / "prefect-home", project)
     try:
         prefect.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(prefect.port))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import copy_project
 
 pytestmark = pytest.mark.slow
 
@@ -27,21 +26,7 @@ def _run(cwd: Path, *cmd: str) -> str:
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """This project's tracked and unignored files in a fresh git repo, without data or outputs."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split("\n")
-    copy = tmp_path / "project"
-    for name in filter(None, listed):
-        if (ROOT / name).is_file() and not name.startswith(("data/", "reports/")) and name != "dvc.lock":
-            (copy / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, copy / name)
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
-    ):
-        subprocess.run(cmd, cwd=copy, check=True)
-    return copy
+    return copy_project(tmp_path / "project")
 
 
 def test_smoke_repro_is_reproducible_and_tracks_params(project: Path):

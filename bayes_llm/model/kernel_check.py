@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, set_seed
 
 from bayes_llm.config import ModelParams
 from bayes_llm.errors import UserError
-from bayes_llm.io import write_json
+from bayes_llm.io import atomic_path, write_json
 from bayes_llm.model import jamba_scan
 from bayes_llm.model.architecture import build_config
 from bayes_llm.model.benchmark import benchmark
@@ -85,7 +85,10 @@ def _models(checkpoint: Path, work: Path, params: ModelParams, vocab: int) -> di
 
 
 def _load(path: Path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except Exception as error:  # no checkpoint there, truncated or corrupt weights
+        raise KernelCheckError(f"{path}: cannot load the checkpoint: {type(error).__name__}: {error}") from None
 
 
 def _devices() -> list[str]:
@@ -103,7 +106,8 @@ def reference(checkpoint: Path, work: Path, params: ModelParams, vocab: int, ste
         for device in _devices():
             for key, value in _measure(model, inputs, device).items():
                 tensors[f"{name}.{device}.{key}"] = value.contiguous()
-    save_file(tensors, work / "reference.safetensors")
+    with atomic_path(work / "reference.safetensors") as tmp:  # never a half-written reference
+        save_file(tensors, tmp)
     if torch.cuda.is_available():
         speed = benchmark(params, steps=steps, vocab=vocab, device="cuda", out=None)
         (work / "pytorch_speed.json").write_text(json.dumps(speed, indent=2))
