@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bayes_llm.config import Params
 from bayes_llm.errors import UserError
-from bayes_llm.io import sha256, staged_dir
+from bayes_llm.io import read_json, sha256, staged_dir, write_json
 from bayes_llm.svf.decompose import MANIFEST as SVD_MANIFEST
 from bayes_llm.svf.decompose import base_fingerprint, read_manifest
 from bayes_llm.svf.expert import read_expert
@@ -126,7 +126,7 @@ def build_bundle(params: Params, models: Path = Path("models"), reports: Path = 
         }
         (staging / "README.md").write_text(model_card(manifest, reports))
         manifest["files"] = _files(staging)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_json(staging / MANIFEST, manifest)
     return final
 
 
@@ -135,12 +135,7 @@ def verify(bundle: Path, base_dir: Path | None = None) -> dict:
     `base_dir`, once that base has the fingerprint the experts were trained on."""
     bundle = Path(bundle)
     path = bundle / MANIFEST
-    if not path.is_file():
-        raise BundleError(f"{bundle}: no {MANIFEST}: not a bundle (build one with `dvc repro bundle`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise BundleError(f"{path}: not valid JSON ({error.msg})") from None
+    manifest = read_json(path, BundleError, "not a bundle (build one with `dvc repro bundle`)")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{path}: format version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
     listed, actual = manifest.get("files", {}), _files(bundle)
@@ -157,7 +152,7 @@ def verify(bundle: Path, base_dir: Path | None = None) -> dict:
         from bayes_llm.model.base import load_base
 
         model, _ = load_base(Path(base_dir))
-        svd = json.loads((bundle / SVD_MANIFEST).read_text())
+        svd = read_manifest(bundle)
         modules = dict(model.named_modules())
         missing = [name for name in svd["matrices"] if name not in modules]
         actual_fp = None if missing else base_fingerprint(model, svd["matrices"])

@@ -36,6 +36,21 @@ def write_json(path: str | Path, payload: Any) -> None:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+def read_json(path: str | Path, error: type[Exception], hint: str) -> dict:
+    """The JSON object at `path`; `error` naming the file and `hint` (what to run) when it is
+    missing, unreadable or not an object, never a bare decoder traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path} not found: {hint}")
+    try:
+        payload = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as problem:
+        raise error(f"{path}: not valid JSON ({problem}): {hint}") from None
+    if not isinstance(payload, dict):
+        raise error(f"{path}: not a JSON object: {hint}")
+    return payload
+
+
 def write_csv(path: str | Path, header: list[str], rows: Iterable[Iterable[Any]]) -> None:
     with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)

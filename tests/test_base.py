@@ -56,6 +56,14 @@ def test_missing_prepared_data_is_a_clear_error(workdir):
     assert not Path("models/base").exists()
 
 
+def test_corrupt_prepared_manifest_is_a_clear_error(prepared):
+    for text in ("{truncated", "[]", '{"rows": 3}'):
+        Path("data/prepared/domains.json").write_text(text)
+        with pytest.raises(PreparedDataError, match=r"domains\.json: .*run `dvc repro prepare`"):
+            build_base(prepared, progress=False)
+    assert not Path("models/base").exists()
+
+
 def test_corrupt_prepared_split_is_a_clear_error(prepared):
     Path("data/prepared/math/val.parquet").write_bytes(b"PAR1 not parquet")
     with pytest.raises(PreparedDataError, match=r"math/val\.parquet: cannot read it .*dvc checkout"):

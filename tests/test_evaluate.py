@@ -149,6 +149,9 @@ def test_lora_adapters_refuse_another_base_and_missing_files(evaluated, tmp_path
     (project / "models/lora/code/adapter_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(LoraError, match="cannot load the adapter"):
         LoraAdapters(Path("models/base"))
+    meta.write_text("{not json")
+    with pytest.raises(LoraError, match="not valid JSON"):
+        LoraAdapters(Path("models/base"))
     shutil.rmtree(project / "models/lora")
     assert main(["evaluate", "--quiet"]) == 1  # a clear error (UserError), not a traceback
     assert "run `dvc repro train_lora`" in capsys.readouterr().err

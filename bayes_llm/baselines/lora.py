@@ -25,7 +25,7 @@ from bayes_llm.config import Params
 from bayes_llm.data import prepared
 from bayes_llm.errors import UserError
 from bayes_llm.experts.objectives import sft_batch, sft_loss
-from bayes_llm.io import staged_dir, write_json
+from bayes_llm.io import read_json, staged_dir, write_json
 from bayes_llm.model.base import load_base
 from bayes_llm.svf.decompose import base_fingerprint
 
@@ -108,7 +108,7 @@ def train_adapters(
         peft_model.save_pretrained(staging)  # named adapters land in staging/<name>/
         _sort_target_modules(staging)
         meta = {"base_fingerprint": fingerprint, "domains": list(train), **settings}
-        (staging / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        write_json(staging / META, meta)
     return {**report, **settings}
 
 
@@ -118,7 +118,7 @@ def _sort_target_modules(directory: Path) -> None:
         config = json.loads(config_path.read_text())
         if isinstance(config.get("target_modules"), list):
             config["target_modules"] = sorted(config["target_modules"])
-            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            write_json(config_path, config)
 
 
 def build_lora(params: Params, progress: bool = True) -> dict:
@@ -139,10 +139,7 @@ class LoraAdapters:
     """A second copy of the base with every domain's adapter; `weights(domain)` for BayesLLM's `lora` mode."""
 
     def __init__(self, base_dir: Path, lora_dir: Path = LORA_DIR) -> None:
-        meta_path = Path(lora_dir) / META
-        if not meta_path.is_file():
-            raise LoraError(f"{lora_dir}: no LoRA adapters: run `dvc repro train_lora` first")
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(Path(lora_dir) / META, LoraError, "no LoRA adapters: run `dvc repro train_lora`")
         model, _ = load_base(base_dir)
         if meta["base_fingerprint"] != _fingerprint(model, meta["targets"]):
             raise LoraError(f"{lora_dir}: adapters were trained on another base: run `dvc repro train_lora`")

@@ -6,7 +6,6 @@ validation report is written either way, so a failure can be read, and nothing h
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -77,7 +76,7 @@ def prepare(params: Params, out_dir: Path = PREPARED_DIR, report_dir: Path = REP
         if not report.success:
             raise DataValidationError(f"{report.text()}\nfull report: {report_dir / 'validation.json'}")
         manifest = {"seed": params.data.seed, "domains": [asdict(d) for d in domains]}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_json(staging / MANIFEST, manifest)
     return summary
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
 from bayes_llm.errors import UserError
+from bayes_llm.io import read_json
 
 PREPARED_DIR = Path("data/prepared")
 MANIFEST = "domains.json"
@@ -23,10 +23,10 @@ def split_path(root: Path, domain: str, split: str) -> Path:
 
 def domains(root: Path = PREPARED_DIR) -> list[dict]:
     """[{name, answer_kind, source, test_only, expected_rows}, ...] in the prepared order."""
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise PreparedDataError(f"{path} not found: run `dvc repro prepare` first")
-    return json.loads(path.read_text())["domains"]
+    manifest = read_json(Path(root) / MANIFEST, PreparedDataError, "run `dvc repro prepare`")
+    if not isinstance(manifest.get("domains"), list):
+        raise PreparedDataError(f"{Path(root) / MANIFEST}: no `domains` list: run `dvc repro prepare`")
+    return manifest["domains"]
 
 
 def read_split(root: Path, domain: str, split: str) -> list[dict]:

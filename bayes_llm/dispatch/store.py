@@ -8,13 +8,12 @@ was calibrated for, and one controller (labels, log prior, temperature, threshol
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
 from bayes_llm.dispatch.controller import Controller
 from bayes_llm.errors import UserError
-from bayes_llm.io import staged_dir
+from bayes_llm.io import read_json, staged_dir, write_json
 from bayes_llm.svf.expert import Expert, load_expert, save_expert
 
 DISPATCHER_DIR = Path("models/dispatcher")
@@ -39,18 +38,13 @@ def save_dispatcher(directory: Path, controllers: Mapping[str, Controller], clas
     }
     with staged_dir(directory) as staging:
         save_expert(classifier, staging / CLS_FILE)
-        (staging / "dispatcher.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        write_json(staging / "dispatcher.json", meta)
 
 
 def load_dispatcher(directory: Path, svd_manifest: Mapping) -> tuple[dict[str, Controller], Expert, dict]:
     """(controllers per strategy, classification expert, metadata), checked against the decomposition."""
     path = Path(directory) / "dispatcher.json"
-    if not path.is_file():
-        raise DispatcherError(f"{directory}: no dispatcher there: run `dvc repro calibrate` first")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DispatcherError(f"{path}: not valid JSON ({error}): run `dvc repro calibrate` again") from None
+    meta = read_json(path, DispatcherError, "run `dvc repro calibrate`")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise DispatcherError(f"{path}: not a bayes-llm dispatcher (format {FORMAT} v{FORMAT_VERSION})")
     if meta["svd_fingerprint"] != svd_manifest["svd_fingerprint"]:

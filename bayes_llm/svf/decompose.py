@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from bayes_llm.errors import UserError
-from bayes_llm.io import sha256, staged_dir, write_json
+from bayes_llm.io import read_json, sha256, staged_dir, write_json
 from bayes_llm.model.base import load_base
 from bayes_llm.svf.scaling import Factors
 from bayes_llm.svf.targets import patterns_of, select_targets
@@ -122,12 +122,7 @@ def decompose(model: torch.nn.Module, targets: str | list[str], out_dir: Path = 
 
 def read_manifest(svd_dir: Path = SVD_DIR) -> dict:
     path = Path(svd_dir) / MANIFEST
-    if not path.is_file():
-        raise SVDError(f"{path} not found: run `dvc repro decompose` (or `bayes-llm decompose`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise SVDError(f"{path}: not valid JSON ({error}): run `dvc repro decompose`") from None
+    manifest = read_json(path, SVDError, "run `dvc repro decompose` (or `bayes-llm decompose`)")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise SVDError(f"{path}: format version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
     return manifest
