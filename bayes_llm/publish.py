@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bayes_llm.config import load_params
 from bayes_llm.errors import UserError
+from bayes_llm.io import read_json
 from bayes_llm.pipeline import Workspace, tool
 
 TRACKED_STATE = ["dvc.lock", "params.yaml", "reports"]  # what a version's commit records
@@ -105,7 +106,7 @@ def publish(workspace: Workspace, version: str | None = None, push_git: bool = F
     name = params.bundle.name
     manifest_path = f"bundles/{name}/manifest.json"
     workspace.repro(["bundle"])
-    manifest = json.loads((workspace.root / manifest_path).read_text())
+    manifest = read_json(workspace.root / manifest_path, PublishError, "run `dvc repro bundle`")
     versions = published_versions(workspace, name)
     remote = default_remote_url(workspace)
     if versions and version is None:

@@ -110,7 +110,7 @@ def reference(checkpoint: Path, work: Path, params: ModelParams, vocab: int, ste
         save_file(tensors, tmp)
     if torch.cuda.is_available():
         speed = benchmark(params, steps=steps, vocab=vocab, device="cuda", out=None)
-        (work / "pytorch_speed.json").write_text(json.dumps(speed, indent=2))
+        write_json(work / "pytorch_speed.json", speed)
     return work / "reference.safetensors"
 
 
