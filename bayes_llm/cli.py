@@ -66,6 +66,14 @@ def _train_expert_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_objectives_command(args: argparse.Namespace) -> int:
+    from bayes_llm.experts.compare import compare_objectives
+
+    report = compare_objectives(load_params(args.params), args.domain, args.rl_steps, progress=not args.quiet)
+    print(json.dumps({run["variant"]: run["gain"]["gain_points"] for run in report["runs"]}))
+    return 0
+
+
 def _calibrate_command(args: argparse.Namespace) -> int:
     from bayes_llm.dispatch.stage import calibrate
 
@@ -320,6 +328,19 @@ def build_parser() -> argparse.ArgumentParser:
         "reports/experts/DOMAIN.{json,png} plus curve CSVs.",
     )
     train.add_argument("domain", help="a domain with an `experts.<domain>` entry in params.yaml")
+
+    compare = _stage_command(
+        commands,
+        "compare-objectives",
+        _compare_objectives_command,
+        help="train one domain's z with each objective and RL algorithm and compare them (not a DVC stage)",
+        description="From experts.DOMAIN in params.yaml, trains z with sft, rl (greedy REINFORCE, trl GRPO, trl "
+        "RLOO), sft+rl (the configured algorithm) and sft+rl with trl RLOO, on the same base and seed; each keeps "
+        "its best val z. Scores each on DOMAIN's test split with a paired bootstrap CI of the gain over the base "
+        "and writes reports/experts/comparison/DOMAIN.{json,md}. Needs `dvc repro decompose` first.",
+    )
+    compare.add_argument("domain", help="a domain with an `experts.<domain>` entry in params.yaml")
+    compare.add_argument("--rl-steps", type=int, default=60, help="RL steps of the RL-only variants (default 60)")
 
     _stage_command(
         commands,

@@ -271,7 +271,8 @@ class ExpertParams(Strict):
     sft_batch_size: PositiveInt = 32
     # reinforce: Transformer²'s own (greedy rollouts at temperature 0, ±1 reward, no baseline unless
     # `baseline`; with a temperature and `baseline` it is a group-relative policy gradient).
-    rl_algorithm: Literal["reinforce"] = "reinforce"
+    # grpo, rloo: trl's GRPOTrainer / RLOOTrainer on z (sampled groups of num_generations ≥ 2).
+    rl_algorithm: Literal["reinforce", "grpo", "rloo"] = "reinforce"
     rl_steps: NonNegativeInt = 40
     rl_learning_rate: Annotated[float, Field(gt=0, le=10)] = 1e-3
     rl_batch_size: PositiveInt = 16
@@ -293,6 +294,11 @@ class ExpertParams(Strict):
             raise ValueError(f"objective {self.objective} needs rl_steps > 0")
         if self.temperature == 0 and self.num_generations > 1:
             raise ValueError("greedy rollouts (temperature 0) are all the same: use num_generations 1")
+        if self.rl_algorithm != "reinforce" and (self.num_generations < 2 or self.temperature == 0):
+            raise ValueError(
+                f"rl_algorithm {self.rl_algorithm} compares sampled completions of one prompt: "
+                "set num_generations >= 2 and temperature > 0"
+            )
         return self
 
 

@@ -122,6 +122,46 @@ def test_a_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(pro
     assert json.loads((tmp_path / "ckpt/state.json").read_text())["step"] == 4
 
 
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_trl_rl_phase_trains_z_only_and_reports_each_step(project, tmp_path, monkeypatch, algorithm):
+    monkeypatch.chdir(project)
+    model, tokenizer = load_checkpoint("models/base")
+    factors, _ = load_factors("models/svd")
+    svf = SVF(model, factors)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith(".z")}
+    rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(8)]
+    cfg = ExpertParams(objective="rl", rl_algorithm=algorithm, rl_steps=3, rl_batch_size=2, num_generations=2,
+                       temperature=1.0, rl_learning_rate=0.05, beta=0.04, max_new_tokens=4, eval_every=2,
+                       val_items=4, checkpoint_every=2)  # fmt: skip
+    result = train_expert(svf, tokenizer, "number", rows, rows, cfg, 0, tmp_path / "ckpt", "fp", 4, progress=False)
+    assert [r["step"] for r in result.curve] == [0, 1, 2, 3] and {r["phase"] for r in result.curve} == {"rl"}
+    assert all({"loss", "reward", "kl"} <= set(r) for r in result.curve[1:])
+    assert "val_accuracy" in result.curve[2] and "val_accuracy" in result.curve[3]
+    assert any(not torch.equal(z, torch.ones_like(z)) for z in svf.z().values()), "trl did not move z"
+    unchanged = {n: p for n, p in model.named_parameters() if n in weights}
+    assert all(torch.equal(weights[n], p) for n, p in unchanged.items()), "trl trained more than z"
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_compare_objectives_reports_every_variant_against_the_base(workdir_project, capsys):
+    assert main(["compare-objectives", "math", "--quiet", "--rl-steps", "2"]) == 0
+    report = json.loads(Path("reports/experts/comparison/math.json").read_text())
+    algorithms = [run["changes"].get("rl_algorithm") for run in report["runs"]]
+    assert algorithms == [None, "reinforce", "grpo", "rloo", None, "rloo"]
+    for run in report["runs"]:
+        assert run["gain"]["ci_low"] <= run["gain"]["gain_points"] <= run["gain"]["ci_high"]
+        assert run["gain"]["items"] == report["test_items"] == 12
+    assert report["runs"][1]["steps"] == {"rl": 2} and report["runs"][4]["steps"] == {"sft": 2, "rl": 2}
+    table = Path("reports/experts/comparison/math.md").read_text()
+    assert table.count("\n| ") == 7  # header + one row per variant
+    assert not Path("models/experts").exists()  # a comparison writes no expert
+
+
+def test_trl_algorithms_need_sampled_groups():
+    with pytest.raises(ValueError, match="num_generations >= 2 and temperature > 0"):
+        ExpertParams(objective="rl", rl_algorithm="grpo", num_generations=1, temperature=1.0)
+
+
 def test_sft_batch_trains_on_answer_tokens_only(project):
     _, tokenizer = load_checkpoint(str(project / "models/base"))
     rows = [{"prompt": "What is 1 + 1?", "answer": "2"}, {"prompt": "Longer: 10 - 3?", "answer": "7"}]

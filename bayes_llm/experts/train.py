@@ -24,6 +24,7 @@ from bayes_llm.config import ExpertParams
 from bayes_llm.errors import UserError
 from bayes_llm.eval.greedy import greedy_scores
 from bayes_llm.experts.objectives import completion_logprobs, reinforce_loss, rollouts, sft_batch, sft_loss
+from bayes_llm.experts.trl_rl import trl_phase
 from bayes_llm.io import staged_dir
 from bayes_llm.rewards.correctness import correctness
 from bayes_llm.svf.scaling import SVF, identity_z
@@ -176,6 +177,27 @@ def train_expert(
         optimizer.load_state_dict(_optimizer_state(*restored))
 
     bar = tqdm(range(start, total), desc=f"train {'+'.join(p for p, _ in phases)}", unit="step", disable=not progress)
+
+    def finish(step: int, record: dict) -> None:
+        """After a step's update: stop on non-finite values, validate, keep the best z, checkpoint."""
+        phase, within, length = _locate(phases, step)
+        if not math.isfinite(record["loss"]):
+            raise TrainingError(
+                f"non-finite loss at step {step + 1} ({phase}): lower the learning rate; the last good "
+                f"checkpoint is kept in {checkpoint_dir}"
+            )
+        if not all(bool(torch.isfinite(p).all()) for p in svf.parameters()):
+            raise TrainingError(f"z became non-finite at step {step + 1} ({phase}): lower the learning rate")
+        record = {"step": step + 1, "phase": phase, **record}
+        if (within + 1) % cfg.eval_every == 0 or within + 1 == length:
+            record["val_accuracy"] = validate()
+            if record["val_accuracy"] > best["best_val"]:
+                best["best_val"], best["best_z"] = record["val_accuracy"], svf.z()
+            bar.set_postfix(val=f"{record['val_accuracy']:.3f}", best=f"{best['best_val']:.3f}")
+        curve.append(record)
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+            checkpoint.save(step + 1, phase, svf, optimizer, best, curve)
+
     for step in bar:
         phase, within, length = _locate(phases, step)
         if within == 0 and phase == "rl" and best["sft_z"] is None and "sft" in cfg.objective:
@@ -183,12 +205,21 @@ def train_expert(
             best["sft_z"], best["sft_val"] = best["best_z"], best["best_val"]
             svf.load_z(best["sft_z"])
             optimizer = make_optimizer("rl")
+        if phase == "rl" and cfg.rl_algorithm != "reinforce":
+
+            def on_step(step: int, record: dict) -> None:
+                finish(step, record)
+                bar.update()
+
+            # trl runs the rest of the RL phase (the last phase) in one go, reporting each step.
+            trl_phase(model, tokenizer, kind, train_rows, cfg, seed, step, length - within, optimizer, on_step)
+            break
         model.train()
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
         if phase == "sft":
             picks = torch.randint(len(train_rows), (cfg.sft_batch_size,), generator=generator).tolist()
             loss = sft_loss(model, sft_batch(tokenizer, [train_rows[i] for i in picks]))
-            record = {"step": step + 1, "phase": phase, "loss": float(loss.detach())}
+            record = {"loss": float(loss.detach())}
         else:
             picks = torch.randint(len(train_rows), (cfg.rl_batch_size,), generator=generator).tolist()
             rows = [train_rows[i] for i in picks]
@@ -212,26 +243,12 @@ def train_expert(
             model.train()
             logprobs = completion_logprobs(model, batch)
             loss, kl = reinforce_loss(logprobs, batch.completion_mask, advantages, ref, cfg.beta)
-            record = {"step": step + 1, "phase": phase, "loss": float(loss.detach()), "reward": float(reward.mean())}
-            record["kl"] = kl
-        if not math.isfinite(record["loss"]):
-            raise TrainingError(
-                f"non-finite loss at step {step + 1} ({phase}): lower the learning rate; the last good "
-                f"checkpoint is kept in {checkpoint_dir}"
-            )
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if not all(bool(torch.isfinite(p).all()) for p in svf.parameters()):
-            raise TrainingError(f"z became non-finite at step {step + 1} ({phase}): lower the learning rate")
-        if (within + 1) % cfg.eval_every == 0 or within + 1 == length:
-            record["val_accuracy"] = validate()
-            if record["val_accuracy"] > best["best_val"]:
-                best["best_val"], best["best_z"] = record["val_accuracy"], svf.z()
-            bar.set_postfix(val=f"{record['val_accuracy']:.3f}", best=f"{best['best_val']:.3f}")
-        curve.append(record)
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-            checkpoint.save(step + 1, phase, svf, optimizer, best, curve)
+            record = {"loss": float(loss.detach()), "reward": float(reward.mean()), "kl": kl}
+        if math.isfinite(record["loss"]):  # a non-finite loss must not reach z: finish() stops the run
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        finish(step, record)
     if best["sft_z"] is None and cfg.objective == "sft":
         best["sft_z"], best["sft_val"] = best["best_z"], best["best_val"]
     checkpoint.clear()

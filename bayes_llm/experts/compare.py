@@ -1,0 +1,110 @@
+"""Does RL beat next-token training here? The same domain's z trained with each objective and RL
+algorithm, from the same base and seed, scored on the domain's test split against the base.
+
+`bayes-llm compare-objectives DOMAIN` writes `reports/experts/comparison/DOMAIN.{json,md}`. Each
+variant starts from `experts.DOMAIN` in params.yaml and changes only what names it; nothing here is
+chosen on the test split (each run keeps its best z on val, as the stage does).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from bayes_llm.config import ExpertParams, Params
+from bayes_llm.data import prepared
+from bayes_llm.errors import UserError
+from bayes_llm.eval.greedy import greedy_scores
+from bayes_llm.experts.train import train_expert
+from bayes_llm.io import atomic_path, write_json
+from bayes_llm.model.base import load_base
+from bayes_llm.stats import paired_bootstrap
+from bayes_llm.svf.decompose import SVD_DIR, check_base, load_factors
+from bayes_llm.svf.scaling import SVF, Composer
+
+REPORT_DIR = Path("reports/experts/comparison")
+# Sampled-group settings for trl's algorithms (greedy rollouts give a group no variance to learn from).
+SAMPLED = {"num_generations": 4, "temperature": 0.7, "rl_batch_size": 8, "rl_learning_rate": 3e-3}
+
+
+def variants(cfg: ExpertParams, rl_steps: int) -> dict[str, dict]:
+    """name → changes to the domain's params; RL-only runs get `rl_steps`, sft+rl keeps its own."""
+    rl_only = {"objective": "rl", "rl_steps": rl_steps}
+    return {
+        "sft": {"objective": "sft"},
+        "rl (reinforce, greedy ±1)": {**rl_only, "rl_algorithm": "reinforce"},
+        "rl (trl grpo)": {**rl_only, "rl_algorithm": "grpo", **SAMPLED},
+        "rl (trl rloo)": {**rl_only, "rl_algorithm": "rloo", **SAMPLED},
+        f"sft+rl ({cfg.rl_algorithm}, the default)": {"objective": "sft+rl"},
+        "sft+rl (trl rloo)": {"objective": "sft+rl", "rl_algorithm": "rloo", **SAMPLED},
+    }
+
+
+def compare_objectives(params: Params, domain: str, rl_steps: int = 60, progress: bool = True) -> dict:
+    if domain not in params.experts:
+        raise UserError(f"no `experts.{domain}` entry in params.yaml (experts: {', '.join(params.experts) or 'none'})")
+    base_cfg = params.experts[domain]
+    kind = {d["name"]: d["answer_kind"] for d in prepared.domains()}[domain]
+    tokens = params.base_eval.max_new_tokens[kind]
+    train_rows, val_rows, test_rows = (
+        prepared.read_split(prepared.PREPARED_DIR, domain, split) for split in ("train", "val", "test")
+    )
+    model, tokenizer = load_base()
+    factors, manifest = load_factors(SVD_DIR)
+    check_base(model, manifest, SVD_DIR)
+
+    def test_scores() -> list[float]:
+        return greedy_scores(model, tokenizer, kind, test_rows, tokens, base_cfg.eval_batch_size)
+
+    base = test_scores()
+    runs = []
+    for name, changes in variants(base_cfg, rl_steps).items():
+        cfg = ExpertParams.model_validate({**base_cfg.model_dump(), **changes})
+        svf = SVF(model, factors, mode=params.svf.mode, max_mult=params.svf.max_mult)
+        with tempfile.TemporaryDirectory() as checkpoints:  # every variant trains from the start
+            result = train_expert(svf, tokenizer, kind, train_rows, val_rows, cfg, params.seed, Path(checkpoints),
+                                  manifest["svd_fingerprint"], tokens, progress, log=lambda _: None)  # fmt: skip
+        svf.load_z(result.best_z)
+        scales = svf.scales()
+        svf.detach()
+        composer = Composer(model, factors)
+        composer.merge(scales)
+        scores = test_scores()
+        composer.unmerge()
+        runs.append({
+            "variant": name,
+            "changes": changes,
+            "steps": dict(result.phases),
+            "train_seconds": round(result.seconds, 1),
+            "val_accuracy": {"base": result.base_val, "best": result.best_val, "sft": result.sft_val},
+            "test_accuracy": round(sum(scores) / len(scores), 4),
+            "gain": paired_bootstrap(base, scores, seed=params.seed),
+        })  # fmt: skip
+        if progress:
+            print(f"{name}: test {runs[-1]['test_accuracy']:.3f} (base {sum(base) / len(base):.3f})", flush=True)
+    report = {"domain": domain, "seed": params.seed, "base_test_accuracy": round(sum(base) / len(base), 4),
+              "test_items": len(base), "runs": runs, "started_from": base_cfg.model_dump()}  # fmt: skip
+    write_json(REPORT_DIR / f"{domain}.json", report)
+    with atomic_path(REPORT_DIR / f"{domain}.md") as tmp:
+        tmp.write_text(markdown(report))
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# Objectives compared: {report['domain']} (seed {report['seed']}, {report['test_items']} test items)",
+        "",
+        f"Base test accuracy {100 * report['base_test_accuracy']:.1f} %. Each z keeps its best val step.",
+        "",
+        "| variant | steps | train s | best val % | test % | gain, points [95 % CI] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in report["runs"]:
+        gain = run["gain"]
+        ci = f"{gain['gain_points']:+.1f} [{gain['ci_low']:+.1f}, {gain['ci_high']:+.1f}]"
+        steps = " + ".join(f"{phase} {n}" for phase, n in run["steps"].items())
+        lines.append(
+            f"| {run['variant']} | {steps} | {run['train_seconds']:.0f} | {100 * run['val_accuracy']['best']:.1f} | "
+            f"{100 * run['test_accuracy']:.1f} | {ci} |"
+        )
+    return "\n".join(lines) + "\n"
