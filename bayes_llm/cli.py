@@ -67,7 +67,7 @@ def _train_expert_command(args: argparse.Namespace) -> int:
 
 
 def _compare_objectives_command(args: argparse.Namespace) -> int:
-    from bayes_llm.experts.compare import compare_objectives
+    from bayes_llm.objective_study import compare_objectives
 
     report = compare_objectives(load_params(args.params), args.domain, args.rl_steps, progress=not args.quiet)
     print(json.dumps({run["variant"]: run["gain"]["gain_points"] for run in report["runs"]}))
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="From experts.DOMAIN in params.yaml, trains z with sft, rl (greedy REINFORCE, trl GRPO, trl "
         "RLOO), sft+rl (the configured algorithm) and sft+rl with trl RLOO, on the same base and seed; each keeps "
         "its best val z. Scores each on DOMAIN's test split with a paired bootstrap CI of the gain over the base "
-        "and writes reports/experts/comparison/DOMAIN.{json,md}. Needs `dvc repro decompose` first.",
+        "and writes reports/objective_study/DOMAIN.{json,md}. Needs `dvc repro decompose` first.",
     )
     compare.add_argument("domain", help="a domain with an `experts.<domain>` entry in params.yaml")
     compare.add_argument("--rl-steps", type=int, default=60, help="RL steps of the RL-only variants (default 60)")

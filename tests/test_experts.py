@@ -145,16 +145,20 @@ def test_trl_rl_phase_trains_z_only_and_reports_each_step(project, tmp_path, mon
 
 def test_compare_objectives_reports_every_variant_against_the_base(workdir_project, capsys):
     assert main(["compare-objectives", "math", "--quiet", "--rl-steps", "2"]) == 0
-    report = json.loads(Path("reports/experts/comparison/math.json").read_text())
+    report = json.loads(Path("reports/objective_study/math.json").read_text())
     algorithms = [run["changes"].get("rl_algorithm") for run in report["runs"]]
     assert algorithms == [None, "reinforce", "grpo", "rloo", None, "rloo"]
     for run in report["runs"]:
         assert run["gain"]["ci_low"] <= run["gain"]["gain_points"] <= run["gain"]["ci_high"]
         assert run["gain"]["items"] == report["test_items"] == 12
     assert report["runs"][1]["steps"] == {"rl": 2} and report["runs"][4]["steps"] == {"sft": 2, "rl": 2}
-    table = Path("reports/experts/comparison/math.md").read_text()
+    table = Path("reports/objective_study/math.md").read_text()
     assert table.count("\n| ") == 7  # header + one row per variant
     assert not Path("models/experts").exists()  # a comparison writes no expert
+    assert main(["compare-objectives", "math", "--quiet", "--rl-steps", "0"]) == 1
+    assert main(["compare-objectives", "poetry", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "--rl-steps must be at least 1" in err and "no `experts.poetry` entry" in err
 
 
 def test_trl_algorithms_need_sampled_groups():

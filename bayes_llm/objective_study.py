@@ -1,9 +1,12 @@
 """Does RL beat next-token training here? The same domain's z trained with each objective and RL
 algorithm, from the same base and seed, scored on the domain's test split against the base.
 
-`bayes-llm compare-objectives DOMAIN` writes `reports/experts/comparison/DOMAIN.{json,md}`. Each
+`bayes-llm compare-objectives DOMAIN` writes `reports/objective_study/DOMAIN.{json,md}`. Each
 variant starts from `experts.DOMAIN` in params.yaml and changes only what names it; nothing here is
 chosen on the test split (each run keeps its best z on val, as the stage does).
+
+A study, not a stage: it lives outside `bayes_llm/experts` and `reports/experts` (inputs of the
+`train_expert` and `evaluate` stages) so that running or editing it never makes them stale.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from bayes_llm.stats import paired_bootstrap
 from bayes_llm.svf.decompose import SVD_DIR, check_base, load_factors
 from bayes_llm.svf.scaling import SVF, Composer
 
-REPORT_DIR = Path("reports/experts/comparison")
+REPORT_DIR = Path("reports/objective_study")
 # Sampled-group settings for trl's algorithms (greedy rollouts give a group no variance to learn from).
 SAMPLED = {"num_generations": 4, "temperature": 0.7, "rl_batch_size": 8, "rl_learning_rate": 3e-3}
 
@@ -43,6 +46,8 @@ def variants(cfg: ExpertParams, rl_steps: int) -> dict[str, dict]:
 def compare_objectives(params: Params, domain: str, rl_steps: int = 60, progress: bool = True) -> dict:
     if domain not in params.experts:
         raise UserError(f"no `experts.{domain}` entry in params.yaml (experts: {', '.join(params.experts) or 'none'})")
+    if rl_steps < 1:
+        raise UserError(f"--rl-steps must be at least 1 (got {rl_steps})")
     base_cfg = params.experts[domain]
     kind = {d["name"]: d["answer_kind"] for d in prepared.domains()}[domain]
     tokens = params.base_eval.max_new_tokens[kind]
