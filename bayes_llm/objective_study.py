@@ -18,6 +18,7 @@ from bayes_llm.config import ExpertParams, Params
 from bayes_llm.data import prepared
 from bayes_llm.errors import UserError
 from bayes_llm.eval.greedy import greedy_scores
+from bayes_llm.experts.stage import expert_domains
 from bayes_llm.experts.train import train_expert
 from bayes_llm.io import atomic_path, write_json
 from bayes_llm.model.base import load_base
@@ -44,12 +45,10 @@ def variants(cfg: ExpertParams, rl_steps: int) -> dict[str, dict]:
 
 
 def compare_objectives(params: Params, domain: str, rl_steps: int = 60, progress: bool = True) -> dict:
-    if domain not in params.experts:
-        raise UserError(f"no `experts.{domain}` entry in params.yaml (experts: {', '.join(params.experts) or 'none'})")
+    kind = expert_domains(params, domain)[domain]["answer_kind"]
     if rl_steps < 1:
         raise UserError(f"--rl-steps must be at least 1 (got {rl_steps})")
     base_cfg = params.experts[domain]
-    kind = {d["name"]: d["answer_kind"] for d in prepared.domains()}[domain]
     tokens = params.base_eval.max_new_tokens[kind]
     train_rows, val_rows, test_rows = (
         prepared.read_split(prepared.PREPARED_DIR, domain, split) for split in ("train", "val", "test")

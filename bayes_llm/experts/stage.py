@@ -29,14 +29,20 @@ CHECKPOINT_DIR = Path("models/checkpoints")
 REPORT_DIR = Path("reports/experts")
 
 
-def build_expert(params: Params, domain: str, progress: bool = True) -> dict:
+def expert_domains(params: Params, domain: str) -> dict[str, dict]:
+    """The prepared domains by name, once `domain` has an `experts` entry and a train split; else a clear error."""
     if domain not in params.experts:
         raise UserError(f"no `experts.{domain}` entry in params.yaml (experts: {', '.join(params.experts) or 'none'})")
-    cfg = params.experts[domain]
     infos = {d["name"]: d for d in prepared.domains()}
     if domain not in infos or infos[domain]["test_only"]:
         trainable = [n for n, d in infos.items() if not d["test_only"]]
         raise UserError(f"experts.{domain}: not a prepared domain with a train split (have: {', '.join(trainable)})")
+    return infos
+
+
+def build_expert(params: Params, domain: str, progress: bool = True) -> dict:
+    infos = expert_domains(params, domain)
+    cfg = params.experts[domain]
     started = time.perf_counter()
     model, tokenizer = load_base()
     factors, manifest = load_factors(SVD_DIR)
