@@ -120,10 +120,30 @@ def test_answers_are_read_after_the_final_marker():
     assert exact_match("number", "3 + 4 = 7.\n#### 7", "7") and not exact_match("number", "7 + 1 = 8.\n#### 8", "7")
 
 
-def test_reasoning_solutions_name_the_right_choice_then_its_letter():
+def test_reasoning_solutions_scan_the_choices_forward_and_end_with_the_letter():
     params = smoke_params(domains={"reasoning": {"sizes": {"train": 200, "val": 10, "test": 10}}})
     reasoning = next(d for d in resolve(params.data) if d.name == "reasoning")
+    seen = set()
     for row in build(reasoning, params.data, 0)["train"]:
         working, letter = row["solution"].split("\n#### ")
+        choices, subtask = row["choices"], row["subtask"]
+        seen.add(subtask)
         assert letter == row["answer"]
-        assert row["choices"][ord(letter) - ord("A")] in working
+        assert choices[ord(letter) - ord("A")] in working
+        if subtask in ("largest", "smallest"):
+            # One step per choice after the first, each keeping the running best: `B 7 max A 8: A 8.`
+            steps = working.rstrip(".").split(". ")
+            assert steps[0] == f"A {choices[0]}" and len(steps) == len(choices)
+            pick = max if subtask == "largest" else min
+            for i, step in enumerate(steps[1:], start=1):
+                best = pick(range(i + 1), key=lambda j: int(choices[j]))
+                word = "max" if subtask == "largest" else "min"
+                assert step.startswith(f"{LETTERS[i]} {choices[i]} {word} "), step
+                assert step.endswith(f": {LETTERS[best]} {choices[best]}"), step
+            assert steps[-1].endswith(f": {letter} {choices[ord(letter) - ord('A')]}")
+        elif subtask == "syllogism":
+            # The verdict, then the choices read forward up to the one that says it.
+            answer = ord(letter) - ord("A")
+            reads = [f"{LETTERS[i]}: {c}" for i, c in enumerate(choices[: answer + 1])]
+            assert working == " ".join([f"The answer is: {choices[answer]}.", *(r + "." for r in reads)])
+    assert seen == {"largest", "smallest", "sorted", "syllogism"}

@@ -1,7 +1,14 @@
 """Reasoning: multiple choice over comparisons, ordering and simple syllogisms; the answer is a letter.
 
-Every row also carries a worked `solution` that names the right choice before its letter
-(`12 is the largest.\n#### B`), in the same GSM8K shape as math.
+Every row also carries a worked `solution` in the same GSM8K shape as math, then `#### <letter>`.
+Where it can, the solution scans the choices in letter order, so each step reads a choice forward
+(letter → its text): a 3M-param base learns that lookup, but not the reverse one (write the right
+value, then find its letter), which it answered with `12 is the largest.` to every list:
+
+- largest / smallest: the running best, `A 8. B 7 max A 8: A 8. C 10 max A 8: C 10.`;
+- syllogism: the verdict, then the choices up to the one that says it, `The answer is: no. A: yes. B: no.`;
+- sorted: the sorted list (`Sorted: 1, 2, 9.`). Copying each choice up to its first out-of-order
+  number was worse (the base could not copy a list whose numbers recur in every choice).
 """
 
 from __future__ import annotations
@@ -64,12 +71,28 @@ def _syllogism(rng: random.Random) -> tuple[str, list[str], int]:
     return question, choices, choices.index(verdict)
 
 
-_WORKING = {
-    "largest": "{choice} is the largest.",
-    "smallest": "{choice} is the smallest.",
-    "sorted": "Sorted: {choice}.",
-    "syllogism": "The answer is: {choice}.",
-}
+def _running_best(choices: list[str], largest: bool) -> str:
+    values, word = [int(choice) for choice in choices], "max" if largest else "min"
+    best, steps = 0, [f"{LETTERS[0]} {values[0]}."]
+    for i, value in enumerate(values[1:], start=1):
+        before = f"{LETTERS[best]} {values[best]}"
+        if (value > values[best]) if largest else (value < values[best]):
+            best = i
+        steps.append(f"{LETTERS[i]} {value} {word} {before}: {LETTERS[best]} {values[best]}.")
+    return " ".join(steps)
+
+
+def _verdict_lookup(choices: list[str], answer: int) -> str:
+    reads = [f"{LETTERS[i]}: {choice}." for i, choice in enumerate(choices[: answer + 1])]
+    return " ".join([f"The answer is: {choices[answer]}.", *reads])
+
+
+def _working(subtask: str, choices: list[str], answer: int) -> str:
+    if subtask in ("largest", "smallest"):
+        return _running_best(choices, largest=subtask == "largest")
+    if subtask == "sorted":
+        return f"Sorted: {choices[answer]}."
+    return _verdict_lookup(choices, answer)
 
 
 def generate(cfg: ReasoningDomain, rng: random.Random) -> Iterator[dict]:
@@ -81,7 +104,7 @@ def generate(cfg: ReasoningDomain, rng: random.Random) -> Iterator[dict]:
             question, choices, answer = _sorted(rng, cfg)
         else:
             question, choices, answer = _extreme(rng, cfg, largest=subtask == "largest")
-        working = _WORKING[subtask].format(choice=choices[answer])
+        working = _working(subtask, choices, answer)
         yield {
             "subtask": subtask,
             "prompt": format_choices(question, choices),
