@@ -5,10 +5,14 @@ Where it can, the solution scans the choices in letter order, so each step reads
 (letter → its text): a 3M-param base learns that lookup, but not the reverse one (write the right
 value, then find its letter), which it answered with `12 is the largest.` to every list:
 
-- largest / smallest: the running best, `A 8. B 7 max A 8: A 8. C 10 max A 8: C 10.`;
+- largest / smallest: the running best, `Scan: A 8. B 7 max A 8: A 8. C 10 max A 8: C 10.`;
 - syllogism: the verdict, then the choices up to the one that says it, `The answer is: no. A: yes. B: no.`;
 - sorted: the sorted list (`Sorted: 1, 2, 9.`). Copying each choice up to its first out-of-order
   number was worse (the base could not copy a list whose numbers recur in every choice).
+
+No solution starts with a letter: lm-eval scores multiple choice by the log-likelihood of each
+letter right after `Answer:`, and a scan opening with `A` taught the base to put `A` there whatever
+the question (every system then scored the same on the transfer task).
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ def _syllogism(rng: random.Random) -> tuple[str, list[str], int]:
 
 def _running_best(choices: list[str], largest: bool) -> str:
     values, word = [int(choice) for choice in choices], "max" if largest else "min"
-    best, steps = 0, [f"{LETTERS[0]} {values[0]}."]
+    best, steps = 0, [f"Scan: {LETTERS[0]} {values[0]}."]
     for i, value in enumerate(values[1:], start=1):
         before = f"{LETTERS[best]} {values[best]}"
         if (value > values[best]) if largest else (value < values[best]):
