@@ -17,11 +17,12 @@ from pathlib import Path
 from bayes_llm.config import ExpertParams, Params
 from bayes_llm.data import prepared
 from bayes_llm.errors import UserError
+from bayes_llm.eval.base_scores import base_test_scores
 from bayes_llm.eval.greedy import greedy_scores
 from bayes_llm.experts.stage import expert_domains
 from bayes_llm.experts.train import train_expert
 from bayes_llm.io import atomic_path, write_json
-from bayes_llm.model.base import load_base
+from bayes_llm.model.base import BASE_DIR, load_base
 from bayes_llm.stats import paired_bootstrap
 from bayes_llm.svf.decompose import SVD_DIR, check_base, load_factors
 from bayes_llm.svf.scaling import SVF, Composer
@@ -57,10 +58,7 @@ def compare_objectives(params: Params, domain: str, rl_steps: int = 60, progress
     factors, manifest = load_factors(SVD_DIR)
     check_base(model, manifest, SVD_DIR)
 
-    def test_scores() -> list[float]:
-        return greedy_scores(model, tokenizer, kind, test_rows, tokens, base_cfg.eval_batch_size)
-
-    base = test_scores()
+    base = base_test_scores(BASE_DIR, domain, test_rows, tokens)
     runs = []
     for name, changes in variants(base_cfg, rl_steps).items():
         cfg = ExpertParams.model_validate({**base_cfg.model_dump(), **changes})
@@ -73,7 +71,7 @@ def compare_objectives(params: Params, domain: str, rl_steps: int = 60, progress
         svf.detach()
         composer = Composer(model, factors)
         composer.merge(scales)
-        scores = test_scores()
+        scores = greedy_scores(model, tokenizer, kind, test_rows, tokens, base_cfg.eval_batch_size)
         composer.unmerge()
         runs.append({
             "variant": name,

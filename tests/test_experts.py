@@ -15,6 +15,9 @@ import yaml
 
 from bayes_llm.cli import main
 from bayes_llm.config import ExpertParams
+from bayes_llm.data import prepared
+from bayes_llm.eval.base_scores import FILE, BaseScoresError, base_test_scores
+from bayes_llm.eval.greedy import greedy_scores
 from bayes_llm.experts import train as train_module
 from bayes_llm.experts.objectives import reinforce_loss, rollouts, sft_batch
 from bayes_llm.experts.train import TrainingError, train_expert
@@ -58,6 +61,27 @@ def test_train_expert_writes_a_loadable_expert_and_an_honest_report(workdir_proj
     for name in ("math.png", "math_train.csv", "math_val.csv"):
         assert Path("reports/experts", name).stat().st_size > 0
     assert not Path("models/checkpoints/math").exists()  # cleared after success
+    saved = json.loads(Path("models/base", FILE).read_text())["domains"]
+    for domain, accuracy in report["interference"].items():  # the base side is the base stage's scores
+        assert accuracy["base"] == round(sum(saved[domain]["scores"]) / len(saved[domain]["scores"]), 4)
+
+
+def test_the_saved_base_scores_are_the_bases_own_and_checked_against_the_split(workdir_project, capsys):
+    saved = json.loads(Path("models/base", FILE).read_text())["domains"]
+    assert set(saved) == {"math", "code", "reasoning"}
+    model, tokenizer = load_checkpoint("models/base")
+    rows = prepared.read_split(prepared.PREPARED_DIR, "reasoning", "test")
+    tokens = saved["reasoning"]["max_new_tokens"]
+    assert saved["reasoning"]["scores"] == greedy_scores(model, tokenizer, "letter", rows, tokens, 5)
+    assert base_test_scores(Path("models/base"), "reasoning", rows, tokens) == saved["reasoning"]["scores"]
+    with pytest.raises(BaseScoresError, match="reasoning's test split changed since the base was scored"):
+        base_test_scores(Path("models/base"), "reasoning", [{**rows[0], "answer": "Z"}, *rows[1:]], tokens)
+    with pytest.raises(BaseScoresError, match=f"scored with max_new_tokens {tokens}, now {tokens + 1}"):
+        base_test_scores(Path("models/base"), "reasoning", rows, tokens + 1)
+    Path("models/base", FILE).unlink()  # a base from before the scores were saved
+    assert main(["train-expert", "math", "--quiet"]) == 1
+    assert f"models/base/{FILE} not found: re-run the base stage (`dvc repro base`)" in capsys.readouterr().err
+    assert not Path("models/experts").exists()
 
 
 def test_unknown_domain_or_missing_base_are_clear_errors(workdir_project, capsys):

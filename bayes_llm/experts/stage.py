@@ -1,9 +1,10 @@
 """The `train_expert@<domain>` stage: train z, evaluate it against the base, write the expert and reports.
 
 Reports (`reports/experts/<domain>.json`): base and expert accuracy on every domain's test split
-(greedy; code is pass@1 in the sandbox), the own-domain gain with a 95 % paired bootstrap CI, the
-gain on the other domains (interference), for `sft+rl` the RL phase's own gain over the SFT z, and
-the objective, steps and seconds. Curves go to CSVs for `dvc plots` and to a PNG.
+(greedy; code is pass@1 in the sandbox; the base's scores are those the base stage saved), the
+own-domain gain with a 95 % paired bootstrap CI, the gain on the other domains (interference), for
+`sft+rl` the RL phase's own gain over the SFT z, and the objective, steps and seconds. Curves go
+to CSVs for `dvc plots` and to a PNG.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from pathlib import Path
 from bayes_llm.config import Params
 from bayes_llm.data import prepared
 from bayes_llm.errors import UserError
+from bayes_llm.eval.base_scores import base_test_scores
 from bayes_llm.eval.greedy import greedy_scores
 from bayes_llm.experts.train import train_expert
 from bayes_llm.io import write_csv, write_json
-from bayes_llm.model.base import load_base
+from bayes_llm.model.base import BASE_DIR, load_base
 from bayes_llm.plots import line_plot
 from bayes_llm.stats import paired_bootstrap
 from bayes_llm.svf.decompose import SVD_DIR, check_base, load_factors
@@ -68,14 +70,11 @@ def build_expert(params: Params, domain: str, progress: bool = True) -> dict:
     for other in evaluated:
         other_kind = infos[other]["answer_kind"]
         rows = prepared.read_split(prepared.PREPARED_DIR, other, "test")
-        systems = ["base", "expert"] + (["sft"] if other == domain and cfg.objective == "sft+rl" else [])
-        for system in systems:
-            if system == "base":
-                composer.unmerge()
-            else:
-                composer.merge(scales[system])
-            hits.setdefault(other, {})[system] = greedy_scores(model, tokenizer, other_kind, rows,
-                                                               tokens[other_kind], cfg.eval_batch_size)  # fmt: skip
+        hits[other] = {"base": base_test_scores(BASE_DIR, other, rows, tokens[other_kind])}
+        for system in ["expert"] + (["sft"] if other == domain and cfg.objective == "sft+rl" else []):
+            composer.merge(scales[system])
+            hits[other][system] = greedy_scores(model, tokenizer, other_kind, rows, tokens[other_kind],
+                                                cfg.eval_batch_size)  # fmt: skip
     composer.unmerge()
 
     accuracy = {d: {s: round(sum(h) / len(h), 4) for s, h in systems.items()} for d, systems in hits.items()}

@@ -1,4 +1,8 @@
-"""The `base` stage: pretrain a MambaFormer from scratch (or load a checkpoint), measure it, save it."""
+"""The `base` stage: pretrain a MambaFormer from scratch (or load a checkpoint), measure it, save it.
+
+Beside the weights it saves the base's greedy scores on every test split (`test_scores.json`), which
+the experts pair with their own: scored once here, not once per expert.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from transformers import AutoModelForCausalLM, set_seed
 
 from bayes_llm.config import Params
 from bayes_llm.data import prepared
+from bayes_llm.eval import base_scores
 from bayes_llm.eval.greedy import domain_accuracy, greedy_completions
 from bayes_llm.io import staged_dir, write_json
 from bayes_llm.model.architecture import build_config
@@ -106,11 +111,15 @@ def build_base(
         "val_accuracy": {name: round(result["accuracy"], 4) for name, result in accuracy.items()},
         "val_chance": {name: result["chance"] for name, result in accuracy.items() if "chance" in result},
         "val_routing_accuracy": round(_routing_accuracy(model, tokenizer, params, evaluated), 4),
-        "stage_seconds": round(time.monotonic() - started, 1),
     }
+    tests = {name: (kind, prepared.read_split(data_dir, name, "test")) for name, kind in kinds.items()}
+    scores = base_scores.score_test_splits(model, tokenizer, tests, params.base_eval.max_new_tokens,
+                                           params.base_eval.batch_size)  # fmt: skip
+    metrics["stage_seconds"] = round(time.monotonic() - started, 1)
     with staged_dir(out_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        write_json(staging / base_scores.FILE, scores)
     write_json(report_dir / "metrics.json", metrics)
     write_json(report_dir / "val_examples.json", {name: r["examples"] for name, r in accuracy.items()})
     if curve is not None:
