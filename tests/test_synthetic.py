@@ -133,7 +133,7 @@ def test_reasoning_solutions_scan_the_choices_forward_and_end_with_the_letter():
         if subtask in ("largest", "smallest"):
             # One step per choice after the first, each keeping the running best: `B 7 max A 8: A 8.`
             steps = working.rstrip(".").split(". ")
-            assert steps[0] == f"Scan for the {subtask}: A {choices[0]}" and len(steps) == len(choices)
+            assert steps[0] == f"Scan: A {choices[0]}" and len(steps) == len(choices)
             pick = max if subtask == "largest" else min
             for i, step in enumerate(steps[1:], start=1):
                 best = pick(range(i + 1), key=lambda j: int(choices[j]))

@@ -5,10 +5,7 @@ Where it can, the solution scans the choices in letter order, so each step reads
 (letter → its text): a 3M-param base learns that lookup, but not the reverse one (write the right
 value, then find its letter), which it answered with `12 is the largest.` to every list:
 
-- largest / smallest: the goal, copied from the question, then the running best,
-  `Scan for the largest: A 8. B 7 max A 8: A 8. C 10 max A 8: C 10.`. Without the goal the base
-  could not find the direction 30 tokens back at the first `max`/`min`: its P(min) was 0.45 for
-  smallest and largest questions alike. `the smallest` is a plain copy of the question's words.
+- largest / smallest: the running best, `Scan: A 8. B 7 max A 8: A 8. C 10 max A 8: C 10.`;
 - syllogism: the verdict, then the choices up to the one that says it, `The answer is: no. A: yes. B: no.`;
 - sorted: the sorted list (`Sorted: 1, 2, 9.`). Copying each choice up to its first out-of-order
   number was worse (the base could not copy a list whose numbers recur in every choice).
@@ -80,8 +77,7 @@ def _syllogism(rng: random.Random) -> tuple[str, list[str], int]:
 
 def _running_best(choices: list[str], largest: bool) -> str:
     values, word = [int(choice) for choice in choices], "max" if largest else "min"
-    goal = "largest" if largest else "smallest"
-    best, steps = 0, [f"Scan for the {goal}: {LETTERS[0]} {values[0]}."]
+    best, steps = 0, [f"Scan: {LETTERS[0]} {values[0]}."]
     for i, value in enumerate(values[1:], start=1):
         before = f"{LETTERS[best]} {values[best]}"
         if (value > values[best]) if largest else (value < values[best]):
