@@ -78,6 +78,11 @@ def test_the_saved_base_scores_are_the_bases_own_and_checked_against_the_split(w
         base_test_scores(Path("models/base"), "reasoning", [{**rows[0], "answer": "Z"}, *rows[1:]], tokens)
     with pytest.raises(BaseScoresError, match=f"scored with max_new_tokens {tokens}, now {tokens + 1}"):
         base_test_scores(Path("models/base"), "reasoning", rows, tokens + 1)
+    Path("models/base", FILE).write_text(json.dumps({"domains": {"reasoning": {"scores": []}}}))
+    with pytest.raises(BaseScoresError, match="reasoning's entry is malformed"):
+        base_test_scores(Path("models/base"), "reasoning", rows, tokens)
+    with pytest.raises(BaseScoresError, match="has no scores for 'math'"):
+        base_test_scores(Path("models/base"), "math", rows, tokens)
     Path("models/base", FILE).unlink()  # a base from before the scores were saved
     assert main(["train-expert", "math", "--quiet"]) == 1
     assert f"models/base/{FILE} not found: re-run the base stage (`dvc repro base`)" in capsys.readouterr().err

@@ -53,10 +53,12 @@ def score_test_splits(
 
 def base_test_scores(base_dir: Path, domain: str, rows: Sequence[dict], max_new_tokens: int) -> list[float]:
     """The saved base scores of `domain`'s test split, checked against the rows and budget in use."""
-    saved = read_json(Path(base_dir) / FILE, BaseScoresError, HINT).get("domains", {})
-    entry = saved.get(domain)
-    if entry is None:
-        raise BaseScoresError(f"{base_dir}/{FILE} has no scores for {domain!r} (has: {', '.join(saved)}): {HINT}")
+    saved = read_json(Path(base_dir) / FILE, BaseScoresError, HINT).get("domains")
+    if not isinstance(saved, dict) or domain not in saved:
+        raise BaseScoresError(f"{base_dir}/{FILE} has no scores for {domain!r}: {HINT}")
+    entry = saved[domain]
+    if not isinstance(entry, dict) or not {"digest", "scores", "max_new_tokens"} <= set(entry):
+        raise BaseScoresError(f"{base_dir}/{FILE}: {domain}'s entry is malformed: {HINT}")
     if entry["digest"] != split_digest(rows) or len(entry["scores"]) != len(rows):
         raise BaseScoresError(f"{base_dir}/{FILE}: {domain}'s test split changed since the base was scored: {HINT}")
     if entry["max_new_tokens"] != max_new_tokens:
