@@ -66,7 +66,7 @@ def test_train_expert_writes_a_loadable_expert_and_an_honest_report(workdir_proj
         assert accuracy["base"] == round(sum(saved[domain]["scores"]) / len(saved[domain]["scores"]), 4)
 
 
-def test_the_saved_base_scores_are_the_bases_own_and_checked_against_the_split(workdir_project, capsys):
+def test_the_saved_base_scores_are_the_bases_own_and_checked_against_the_split(workdir_project, capsys, monkeypatch):
     saved = json.loads(Path("models/base", FILE).read_text())["domains"]
     assert set(saved) == {"math", "code", "reasoning"}
     model, tokenizer = load_checkpoint("models/base")
@@ -84,6 +84,11 @@ def test_the_saved_base_scores_are_the_bases_own_and_checked_against_the_split(w
     with pytest.raises(BaseScoresError, match="has no scores for 'math'"):
         base_test_scores(Path("models/base"), "math", rows, tokens)
     Path("models/base", FILE).unlink()  # a base from before the scores were saved
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking the base scores")
+
+    monkeypatch.setattr("bayes_llm.experts.stage.train_expert", no_training)
     assert main(["train-expert", "math", "--quiet"]) == 1
     assert f"models/base/{FILE} not found: re-run the base stage (`dvc repro base`)" in capsys.readouterr().err
     assert not Path("models/experts").exists()

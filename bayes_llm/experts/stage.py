@@ -53,6 +53,11 @@ def build_expert(params: Params, domain: str, progress: bool = True) -> dict:
     tokens = params.base_eval.max_new_tokens
     train_rows = prepared.read_split(prepared.PREPARED_DIR, domain, "train")
     val_rows = prepared.read_split(prepared.PREPARED_DIR, domain, "val")
+    evaluated = [n for n, d in infos.items() if not d["test_only"]]
+    tests = {other: prepared.read_split(prepared.PREPARED_DIR, other, "test") for other in evaluated}
+    # Read before training, so a stale or missing score file fails at once, not after minutes of training.
+    base_hits = {other: base_test_scores(BASE_DIR, other, rows, tokens[infos[other]["answer_kind"]])
+                 for other, rows in tests.items()}  # fmt: skip
 
     svf = SVF(model, factors, mode=params.svf.mode, max_mult=params.svf.max_mult)
     result = train_expert(svf, tokenizer, kind, train_rows, val_rows, cfg, params.seed, CHECKPOINT_DIR / domain,
@@ -65,12 +70,10 @@ def build_expert(params: Params, domain: str, progress: bool = True) -> dict:
     svf.detach()
 
     composer = Composer(model, factors)
-    evaluated = [n for n, d in infos.items() if not d["test_only"]]
     hits: dict[str, dict[str, list[float]]] = {}
-    for other in evaluated:
+    for other, rows in tests.items():
         other_kind = infos[other]["answer_kind"]
-        rows = prepared.read_split(prepared.PREPARED_DIR, other, "test")
-        hits[other] = {"base": base_test_scores(BASE_DIR, other, rows, tokens[other_kind])}
+        hits[other] = {"base": base_hits[other]}
         for system in ["expert"] + (["sft"] if other == domain and cfg.objective == "sft+rl" else []):
             composer.merge(scales[system])
             hits[other][system] = greedy_scores(model, tokenizer, other_kind, rows, tokens[other_kind],
