@@ -19,7 +19,7 @@ from bayes_llm.data import prepared
 from bayes_llm.eval.base_scores import FILE, BaseScoresError, base_test_scores
 from bayes_llm.eval.greedy import greedy_scores
 from bayes_llm.experts import train as train_module
-from bayes_llm.experts.objectives import reinforce_loss, rollouts, sft_batch
+from bayes_llm.experts.objectives import reinforce_loss, rollouts, sft_batch, sft_loss
 from bayes_llm.experts.train import TrainingError, train_expert
 from bayes_llm.model.load import load_checkpoint
 from bayes_llm.rewards.correctness import code_of, correctness
@@ -109,7 +109,16 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_identical(project, tm
     for name in ("straight", "killed"):
         root = tmp_path / name
         shutil.copytree(project, root)
-        _set_expert(root, "reasoning", objective="sft", sft_steps=40, checkpoint_every=2, eval_every=20)
+        _set_expert(
+            root,
+            "reasoning",
+            objective="sft",
+            sft_steps=40,
+            checkpoint_every=2,
+            eval_every=20,
+            train_precision="bf16",
+            sft_drop_hardest=0.25,
+        )
         runs[name] = root
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "bayes_llm.cli", "train-expert", "reasoning", "--quiet"]
@@ -144,9 +153,9 @@ def test_a_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(pro
     real = train_module.sft_loss
     calls = []
 
-    def poisoned(model, batch):
+    def poisoned(model, batch, *args):
         calls.append(1)
-        loss = real(model, batch)
+        loss = real(model, batch, *args)
         return loss * float("nan") if len(calls) == 5 else loss
 
     monkeypatch.setattr(train_module, "sft_loss", poisoned)
@@ -209,6 +218,18 @@ def test_sft_batch_trains_on_answer_tokens_only(project):
     kept = [tokenizer.decode(row[row != -100]) for row in labels]
     assert kept == [" 2<eos>", " 7<eos>"]
     assert bool((batch["attention_mask"][0, : (batch["attention_mask"][0] == 0).sum()] == 0).all())  # left padding
+
+
+def test_loss_truncation_leaves_out_the_hardest_sequences(project):
+    model, tokenizer = load_checkpoint(str(project / "models/base"))
+    rows = [{"prompt": "What is 1 + 1?", "answer": "2"}, {"prompt": "What is 1 + 1?", "answer": "zq xv #### qz vx"}]
+    batch = sft_batch(tokenizer, rows)
+    with torch.no_grad():
+        full = float(sft_loss(model, batch))
+        alone = [float(sft_loss(model, sft_batch(tokenizer, [row]))) for row in rows]
+        assert float(sft_loss(model, batch, drop_hardest=1e-6)) == pytest.approx(full, rel=1e-5)
+        assert float(sft_loss(model, batch, drop_hardest=0.5)) == pytest.approx(min(alone), rel=1e-3)
+    assert max(alone) - min(alone) > 20 * 1e-3 * min(alone)  # the rows differ well beyond the tolerance
 
 
 def test_rollouts_mask_everything_after_eos(project):

@@ -45,8 +45,22 @@ def sft_batch(
     }
 
 
-def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(**batch).loss
+def sft_loss(model, batch: dict[str, torch.Tensor], drop_hardest: float = 0.0) -> torch.Tensor:
+    """Mean next-token loss over the target tokens.
+
+    drop_hardest > 0 is loss truncation (Kang & Hashimoto, 2020): that share of the batch's sequences,
+    those with the highest mean token loss, is left out of the update, so targets z cannot reach
+    (a skill the base lacks) do not drown out the ones it can.
+    """
+    if drop_hardest == 0:
+        return model(**batch).loss
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    mask = (targets != -100).float()
+    nll = F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none") * mask
+    per_sequence = nll.detach().sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+    keep = per_sequence.argsort()[: max(1, round(len(per_sequence) * (1 - drop_hardest)))]
+    return nll[keep].sum() / mask[keep].sum().clamp_min(1.0)
 
 
 @dataclass

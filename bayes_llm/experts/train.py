@@ -148,6 +148,10 @@ def train_expert(
         scores = greedy_scores(model, tokenizer, kind, val_rows, eval_tokens, cfg.eval_batch_size)
         return sum(scores) / max(len(scores), 1)
 
+    def autocast() -> torch.autocast:
+        device = next(model.parameters()).device.type
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.train_precision == "bf16")
+
     def make_optimizer(phase: str) -> torch.optim.Optimizer:
         lr = cfg.sft_learning_rate if phase == "sft" else cfg.rl_learning_rate
         return torch.optim.AdamW(svf.parameters(), lr=lr, weight_decay=0.0)
@@ -218,7 +222,8 @@ def train_expert(
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
         if phase == "sft":
             picks = torch.randint(len(train_rows), (cfg.sft_batch_size,), generator=generator).tolist()
-            loss = sft_loss(model, sft_batch(tokenizer, [train_rows[i] for i in picks]))
+            with autocast():
+                loss = sft_loss(model, sft_batch(tokenizer, [train_rows[i] for i in picks]), cfg.sft_drop_hardest)
             record = {"loss": float(loss.detach())}
         else:
             picks = torch.randint(len(train_rows), (cfg.rl_batch_size,), generator=generator).tolist()
@@ -237,11 +242,12 @@ def train_expert(
             if cfg.beta > 0:
                 current = svf.z()
                 svf.load_z({n: identity_z(z.numel(), svf.mode, svf.max_mult) for n, z in current.items()})
-                with torch.no_grad():
+                with torch.no_grad(), autocast():
                     ref = completion_logprobs(model, batch)
                 svf.load_z(current)
             model.train()
-            logprobs = completion_logprobs(model, batch)
+            with autocast():
+                logprobs = completion_logprobs(model, batch)
             loss, kl = reinforce_loss(logprobs, batch.completion_mask, advantages, ref, cfg.beta)
             record = {"loss": float(loss.detach()), "reward": float(reward.mean()), "kl": kl}
         if math.isfinite(record["loss"]):  # a non-finite loss must not reach z: finish() stops the run
