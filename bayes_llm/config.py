@@ -14,9 +14,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bayes_llm import paths
 from bayes_llm.errors import UserError
 
-PARAMS_FILE = Path("params.yaml")
+PARAMS_FILE = paths.PARAMS
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]

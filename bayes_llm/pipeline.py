@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from bayes_llm import paths
 from bayes_llm.config import load_params, parse_params
 from bayes_llm.errors import UserError
 
@@ -105,7 +106,7 @@ class Workspace:
 
     def expert_gain(self, domain: str) -> dict:
         """The expert's own-domain gain over the base (points, 95 % CI) from its report."""
-        return json.loads((self.root / f"reports/experts/{domain}.json").read_text())["gain"]
+        return json.loads((self.root / paths.expert_report(domain)).read_text())["gain"]
 
     def repro(self, stages: list[str], force: bool = False) -> str:
         """Exactly these stages (their upstream was run before); cached runs are restored, not rerun."""

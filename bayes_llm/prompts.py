@@ -3,6 +3,9 @@ the base learns exactly the format it is later asked in."""
 
 from __future__ import annotations
 
+# A worked solution (GSM8K's shape) ends '#### <answer>': data, pretraining and rewards all read it there.
+FINAL_MARK = "####"
+
 
 def answer_prompt(prompt: str) -> str:
     return f"Question: {prompt}\nAnswer:"

@@ -1,1 +1,1 @@
-"""Prefect flows of the bayes-llm pipeline (the logic lives in `bayes_llm.pipeline` / `bayes_llm.publish`)."""
+"""Prefect flows of the bayes-llm pipeline (the logic lives in `bayes_llm.pipeline` / `bayes_llm.bundle.publish`)."""

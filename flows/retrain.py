@@ -19,8 +19,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 
+from bayes_llm.bundle.publish import metrics_table, publish, summary_markdown
 from bayes_llm.pipeline import Snapshot, StageFailed, TransientFailure, Workspace, train_expert_isolated
-from bayes_llm.publish import metrics_table, publish, summary_markdown
 
 UPSTREAM = ["prepare", "base", "decompose"]
 DOWNSTREAM = ["train_lora", "calibrate", "evaluate"]

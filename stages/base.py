@@ -1,6 +1,7 @@
-"""DVC stage `base`: data/prepared + params model/tokenizer/pretrain → models/base/, reports/base/.
-Logic: bayes_llm.model.base."""
+"""DVC stage `base` (dvc.yaml). Its inputs, outputs and logic: bayes_llm/stages/base.py."""
+
+import sys
 
 from bayes_llm.cli import main
 
-raise SystemExit(main(["base"]))
+raise SystemExit(main(["base", *sys.argv[1:]]))

@@ -1,4 +1,4 @@
-"""DVC stage `bundle`: experts + dispatcher + reports → bundles/<name>/. Logic: bayes_llm.bundle."""
+"""DVC stage `bundle` (dvc.yaml). Its inputs, outputs and logic: bayes_llm/stages/bundle.py."""
 
 import sys
 

@@ -1,5 +1,4 @@
-"""DVC stage `calibrate`: base + svd + experts + data/prepared → models/dispatcher/, reports/dispatch/.
-Logic: bayes_llm.dispatch."""
+"""DVC stage `calibrate` (dvc.yaml). Its inputs, outputs and logic: bayes_llm/stages/calibrate.py."""
 
 import sys
 

@@ -1,6 +1,7 @@
-"""DVC stage `decompose`: models/base + params svf.targets → models/svd/, reports/svf/decompose.json.
-Logic: bayes_llm.svf.decompose."""
+"""DVC stage `decompose` (dvc.yaml). Its inputs, outputs and logic: bayes_llm/stages/decompose.py."""
+
+import sys
 
 from bayes_llm.cli import main
 
-raise SystemExit(main(["decompose"]))
+raise SystemExit(main(["decompose", *sys.argv[1:]]))

@@ -1,4 +1,4 @@
-"""DVC stage `evaluate`: models + data/prepared → reports/eval/, reports/README.md. Logic: bayes_llm.evaluate."""
+"""DVC stage `evaluate` (dvc.yaml). Its inputs, outputs and logic: bayes_llm/stages/evaluate.py."""
 
 import sys
 

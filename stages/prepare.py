@@ -1,5 +1,7 @@
-"""DVC stage `prepare`: params `data` → data/prepared/, reports/data/. Logic: bayes_llm.data.prepare."""
+"""DVC stage `prepare` (dvc.yaml). Its inputs, outputs and logic: bayes_llm/stages/prepare.py."""
+
+import sys
 
 from bayes_llm.cli import main
 
-raise SystemExit(main(["prepare"]))
+raise SystemExit(main(["prepare", *sys.argv[1:]]))

@@ -1,5 +1,4 @@
-"""DVC stage `train_expert@<domain>`: base + svd + data/prepared/<domain> + params experts.<domain>
-→ models/experts/<domain>.safetensors, reports/experts/<domain>*. Logic: bayes_llm.experts."""
+"""DVC stage `train_expert` (dvc.yaml). Its inputs, outputs and logic: bayes_llm/stages/train_expert.py."""
 
 import sys
 

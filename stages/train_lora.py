@@ -1,4 +1,4 @@
-"""DVC stage `train_lora`: base + train splits → models/lora/, reports/lora/. Logic: bayes_llm.baselines.lora."""
+"""DVC stage `train_lora` (dvc.yaml). Its inputs, outputs and logic: bayes_llm/stages/train_lora.py."""
 
 import sys
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bayes_llm.data.prepare import prepare
 from bayes_llm.data.prepared import PreparedDataError
-from bayes_llm.model.base import build_base
+from bayes_llm.stages.base import build_base
+from bayes_llm.stages.prepare import prepare
 from tests.conftest import smoke_params
 from tests.tiny_models import save_tiny_checkpoint
 

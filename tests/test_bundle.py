@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bayes_llm.bundle import BundleError, verify
+from bayes_llm.bundle.manifest import BundleError, verify
 from bayes_llm.cli import main
-from bayes_llm.model.base import load_base
+from bayes_llm.model.load import load_base
 from tests.conftest import enter_copy
 
 BUNDLE = Path("bundles/bayes-llm-experts")

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from bayes_llm.adapt.engine import Engine
 from bayes_llm.cli import main
 from bayes_llm.dispatch.calibration import confusion, fit_temperature, fit_threshold, nll, reliability
 from bayes_llm.dispatch.controller import OTHER, Controller
 from bayes_llm.dispatch.fewshot import cem_search, layer_of, mixed_scales, read_examples
 from bayes_llm.dispatch.likelihood import label_logprobs
 from bayes_llm.errors import UserError
-from bayes_llm.eval.greedy import greedy_completions
+from bayes_llm.inference.engine import Engine
+from bayes_llm.model.greedy import greedy_completions
 from bayes_llm.prompts import answer_prompt, classify_prompt
 from tests.conftest import build_smoke_project, enter_copy
 

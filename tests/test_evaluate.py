@@ -9,14 +9,14 @@ import yaml
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
-from bayes_llm.adapt.engine import Engine, blend_key
 from bayes_llm.baselines.lora import LoraAdapters, LoraError
 from bayes_llm.cli import main
 from bayes_llm.config import ParamsError, parse_params
 from bayes_llm.errors import UserError
-from bayes_llm.evaluate import scoring
+from bayes_llm.evaluate import TASKS_DIR, scoring
 from bayes_llm.evaluate.lm import BayesLLM
-from bayes_llm.evaluate.stage import TASKS_DIR, expand_systems, per_item
+from bayes_llm.inference.engine import Engine, blend_key
+from bayes_llm.stages.evaluate import expand_systems, per_item
 from tests.conftest import enter_copy, raw_params
 
 

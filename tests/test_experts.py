@@ -13,20 +13,22 @@ import pytest
 import torch
 import yaml
 
+from bayes_llm import paths
 from bayes_llm.cli import main
 from bayes_llm.config import ExpertParams
 from bayes_llm.data import prepared
-from bayes_llm.eval.base_scores import FILE, BaseScoresError, base_test_scores
-from bayes_llm.eval.greedy import greedy_scores
-from bayes_llm.experts import train as train_module
+from bayes_llm.evaluate.base_scores import FILE, BaseScoresError, base_test_scores
+from bayes_llm.experts import trainer as train_module
 from bayes_llm.experts.objectives import reinforce_loss, rollouts, sft_batch, sft_loss
-from bayes_llm.experts.train import TrainingError, train_expert
+from bayes_llm.experts.trainer import Trainer, TrainingError
+from bayes_llm.model.greedy import greedy_scores
 from bayes_llm.model.load import load_checkpoint
 from bayes_llm.rewards.correctness import code_of, correctness
 from bayes_llm.stats import paired_bootstrap
 from bayes_llm.svf.decompose import load_factors, read_manifest
 from bayes_llm.svf.expert import load_expert, read_expert
 from bayes_llm.svf.scaling import SVF
+from benchmarks.objective_study import main as objective_study
 from tests.conftest import ROOT, build_smoke_project, enter_copy
 
 
@@ -70,7 +72,7 @@ def test_the_saved_base_scores_are_the_bases_own_and_checked_against_the_split(w
     saved = json.loads(Path("models/base", FILE).read_text())["domains"]
     assert set(saved) == {"math", "code", "reasoning"}
     model, tokenizer = load_checkpoint("models/base")
-    rows = prepared.read_split(prepared.PREPARED_DIR, "reasoning", "test")
+    rows = prepared.read_split(paths.DATA, "reasoning", "test")
     tokens = saved["reasoning"]["max_new_tokens"]
     assert saved["reasoning"]["scores"] == greedy_scores(model, tokenizer, "letter", rows, tokens, 5)
     assert base_test_scores(Path("models/base"), "reasoning", rows, tokens) == saved["reasoning"]["scores"]
@@ -88,7 +90,7 @@ def test_the_saved_base_scores_are_the_bases_own_and_checked_against_the_split(w
     def no_training(*args, **kwargs):
         raise AssertionError("trained before checking the base scores")
 
-    monkeypatch.setattr("bayes_llm.experts.stage.train_expert", no_training)
+    monkeypatch.setattr(Trainer, "run", no_training)
     assert main(["train-expert", "math", "--quiet"]) == 1
     assert f"models/base/{FILE} not found: re-run the base stage (`dvc repro base`)" in capsys.readouterr().err
     assert not Path("models/experts").exists()
@@ -161,7 +163,7 @@ def test_a_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(pro
     monkeypatch.setattr(train_module, "sft_loss", poisoned)
     cfg = ExpertParams(objective="sft", sft_steps=10, sft_batch_size=2, checkpoint_every=2, eval_every=5, val_items=2)
     with pytest.raises(TrainingError, match="non-finite loss at step 5"):
-        train_expert(svf, tokenizer, "number", rows, rows, cfg, 0, tmp_path / "ckpt", "fp", 4, progress=False)
+        Trainer(svf, tokenizer, "number", rows, rows, cfg, 0, tmp_path / "ckpt", "fp", 4, progress=False).run()
     assert json.loads((tmp_path / "ckpt/state.json").read_text())["step"] == 4
 
 
@@ -176,7 +178,7 @@ def test_trl_rl_phase_trains_z_only_and_reports_each_step(project, tmp_path, mon
     cfg = ExpertParams(objective="rl", rl_algorithm=algorithm, rl_steps=3, rl_batch_size=2, num_generations=2,
                        temperature=1.0, rl_learning_rate=0.05, beta=0.04, max_new_tokens=4, eval_every=2,
                        val_items=4, checkpoint_every=2)  # fmt: skip
-    result = train_expert(svf, tokenizer, "number", rows, rows, cfg, 0, tmp_path / "ckpt", "fp", 4, progress=False)
+    result = Trainer(svf, tokenizer, "number", rows, rows, cfg, 0, tmp_path / "ckpt", "fp", 4, progress=False).run()
     assert [r["step"] for r in result.curve] == [0, 1, 2, 3] and {r["phase"] for r in result.curve} == {"rl"}
     assert all({"loss", "reward", "kl"} <= set(r) for r in result.curve[1:])
     assert "val_accuracy" in result.curve[2] and "val_accuracy" in result.curve[3]
@@ -187,7 +189,7 @@ def test_trl_rl_phase_trains_z_only_and_reports_each_step(project, tmp_path, mon
 
 
 def test_compare_objectives_reports_every_variant_against_the_base(workdir_project, capsys):
-    assert main(["compare-objectives", "math", "--quiet", "--rl-steps", "2"]) == 0
+    assert objective_study(["math", "--quiet", "--rl-steps", "2"]) == 0
     report = json.loads(Path("reports/objective_study/math.json").read_text())
     algorithms = [run["changes"].get("rl_algorithm") for run in report["runs"]]
     assert algorithms == [None, "reinforce", "grpo", "rloo", None, "rloo"]
@@ -198,8 +200,8 @@ def test_compare_objectives_reports_every_variant_against_the_base(workdir_proje
     table = Path("reports/objective_study/math.md").read_text()
     assert table.count("\n| ") == 7  # header + one row per variant
     assert not Path("models/experts").exists()  # a comparison writes no expert
-    assert main(["compare-objectives", "math", "--quiet", "--rl-steps", "0"]) == 1
-    assert main(["compare-objectives", "poetry", "--quiet"]) == 1
+    assert objective_study(["math", "--quiet", "--rl-steps", "0"]) == 1
+    assert objective_study(["poetry", "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "--rl-steps must be at least 1" in err and "no `experts.poetry` entry" in err
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from bayes_llm.bundle.publish import PublishError, next_version, set_bundle_version
 from bayes_llm.config import load_params
 from bayes_llm.pipeline import Snapshot, StageFailed, TransientFailure, Workspace
-from bayes_llm.publish import PublishError, next_version, set_bundle_version
 from tests.conftest import BIN, ROOT, copy_project
 
 # -- fast -------------------------------------------------------------------------------------

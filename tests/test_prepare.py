@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from bayes_llm.cli import main
-from bayes_llm.data.prepare import DataValidationError, prepare
 from bayes_llm.data.sources import SourceError
+from bayes_llm.stages.prepare import DataValidationError, prepare
 from tests.conftest import smoke_params, write_jsonl
 
 PREPARED = Path("data/prepared")

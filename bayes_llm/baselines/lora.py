@@ -21,16 +21,13 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from bayes_llm.config import Params
-from bayes_llm.data import prepared
+from bayes_llm import paths
 from bayes_llm.errors import UserError
 from bayes_llm.experts.objectives import sft_batch, sft_loss
 from bayes_llm.io import read_json, staged_dir, write_json
-from bayes_llm.model.base import load_base
+from bayes_llm.model.load import load_base
 from bayes_llm.svf.decompose import base_fingerprint
 
-LORA_DIR = Path("models/lora")
-REPORT = Path("reports/lora/metrics.json")
 META = "lora.json"
 
 
@@ -63,7 +60,7 @@ def train_adapters(
     learning_rate: float,
     batch_size: int,
     seed: int,
-    out_dir: Path = LORA_DIR,
+    out_dir: Path = paths.LORA,
     progress: bool = True,
 ) -> dict:
     """Train one adapter per domain of `train` and save them all; returns per-domain loss figures."""
@@ -121,24 +118,10 @@ def _sort_target_modules(directory: Path) -> None:
             write_json(config_path, config)
 
 
-def build_lora(params: Params, progress: bool = True) -> dict:
-    """The `train_lora` stage: an adapter for every prepared domain with a train split."""
-    started = time.perf_counter()
-    cfg = params.evaluate.lora
-    domains = [d["name"] for d in prepared.domains() if not d["test_only"]]
-    train = {domain: prepared.read_split(prepared.PREPARED_DIR, domain, "train") for domain in domains}
-    report = train_adapters(Path("models/base"), train, rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets,
-                            steps=cfg.steps, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
-                            seed=params.seed, progress=progress)  # fmt: skip
-    report["stage_seconds"] = round(time.perf_counter() - started, 1)
-    write_json(REPORT, report)
-    return report
-
-
 class LoraAdapters:
     """A second copy of the base with every domain's adapter; `weights(domain)` for BayesLLM's `lora` mode."""
 
-    def __init__(self, base_dir: Path, lora_dir: Path = LORA_DIR) -> None:
+    def __init__(self, base_dir: Path, lora_dir: Path = paths.LORA) -> None:
         meta = read_json(Path(lora_dir) / META, LoraError, "no LoRA adapters: run `dvc repro train_lora`")
         model, _ = load_base(base_dir)
         if meta["base_fingerprint"] != _fingerprint(model, meta["targets"]):

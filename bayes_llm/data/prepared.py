@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from bayes_llm import paths
 from bayes_llm.errors import UserError
 from bayes_llm.io import read_json
 
-PREPARED_DIR = Path("data/prepared")
-MANIFEST = "domains.json"
+MANIFEST = paths.DATA_MANIFEST.name
 
 
 class PreparedDataError(UserError):
@@ -21,7 +21,7 @@ def split_path(root: Path, domain: str, split: str) -> Path:
     return Path(root) / domain / f"{split}.parquet"
 
 
-def domains(root: Path = PREPARED_DIR) -> list[dict]:
+def domains(root: Path = paths.DATA) -> list[dict]:
     """[{name, answer_kind, source, test_only, expected_rows}, ...] in the prepared order."""
     manifest = read_json(Path(root) / MANIFEST, PreparedDataError, "run `dvc repro prepare`")
     if not isinstance(manifest.get("domains"), list):

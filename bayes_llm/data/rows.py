@@ -8,6 +8,8 @@ import random
 import string
 from collections.abc import Sequence
 
+from bayes_llm.prompts import FINAL_MARK
+
 LETTERS = string.ascii_uppercase
 SPLITS = ("train", "val", "test")
 
@@ -18,7 +20,6 @@ BASE_COLUMNS = ("id", "domain", "subtask", "prompt", "answer")
 # Optional on any row: a worked solution in GSM8K's shape, ending '#### <answer>'. Pretraining shows
 # it for a share of rows and SFT trains on it, so the base knows both answer formats.
 SOLUTION_COLUMN = "solution"
-FINAL_MARK = "####"
 
 
 def columns_for(answer_kind: str) -> tuple[str, ...]:

@@ -16,7 +16,6 @@ from bayes_llm.errors import UserError
 from bayes_llm.io import read_json, staged_dir, write_json
 from bayes_llm.svf.expert import Expert, load_expert, save_expert
 
-DISPATCHER_DIR = Path("models/dispatcher")
 FORMAT = "bayes-llm/dispatcher"
 FORMAT_VERSION = 1
 CLS_FILE = "cls.safetensors"

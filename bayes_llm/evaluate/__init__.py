@@ -1,0 +1,6 @@
+"""Evaluation: greedy scoring (the stages' quick checks), lm-eval tasks and the `bayes-llm` lm-eval model,
+scoring and the reports."""
+
+from pathlib import Path
+
+TASKS_DIR = Path(__file__).parent / "tasks"  # the shipped lm-eval tasks (`--include_path`)

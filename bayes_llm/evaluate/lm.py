@@ -29,9 +29,10 @@ import numpy as np
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from bayes_llm.adapt.engine import Engine, blend_key
+from bayes_llm import paths
 from bayes_llm.data import prepared
 from bayes_llm.errors import UserError
+from bayes_llm.inference.engine import Engine, blend_key
 
 TASK_PREFIX = "bayes_llm_"
 Weights = tuple[tuple, Callable[[], None]]  # (key, load the weights)
@@ -174,7 +175,7 @@ class FewShotSearch:
             if domain not in infos:
                 raise UserError(f"{task_name}: few-shot search needs a prepared domain named {domain!r}")
             split = "test" if infos[domain]["test_only"] else "val"
-            rows = prepared.read_split(prepared.PREPARED_DIR, domain, split)[: self.shots]
+            rows = prepared.read_split(paths.DATA, domain, split)[: self.shots]
             kind = infos[domain]["answer_kind"]
             # A seed per task: the same seed everywhere would draw the same candidate mixtures for
             # every task, so tasks with flat rewards would all return the same α.

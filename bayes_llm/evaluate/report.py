@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bayes_llm import paths
 from bayes_llm.config import Params
 from bayes_llm.io import atomic_path, write_json
 from bayes_llm.plots import grouped_bars
 
-REPORTS = Path("reports")
-EVAL_DIR = REPORTS / "eval"
+EVAL_DIR = paths.EVAL_REPORTS
 
 
 def _read(path: Path) -> dict:
@@ -65,22 +65,22 @@ def target_check(report: dict) -> list[str]:
 
 def stage_times(report: dict) -> list[tuple[str, float | None]]:
     rows: list[tuple[str, float | None]] = [
-        ("prepare", _read(REPORTS / "data" / "timing.json").get("prepare_seconds")),
-        ("base", _read(REPORTS / "base" / "metrics.json").get("stage_seconds")),
-        ("decompose", _read(REPORTS / "svf" / "decompose.json").get("seconds")),
+        ("prepare", _read(paths.DATA_REPORTS / "timing.json").get("prepare_seconds")),
+        ("base", _read(paths.BASE_REPORTS / "metrics.json").get("stage_seconds")),
+        ("decompose", _read(paths.SVF_REPORTS / "decompose.json").get("seconds")),
     ]
     for domain in report["expert_domains"]:
-        rows.append((f"train_expert@{domain}", _read(REPORTS / "experts" / f"{domain}.json").get("stage_seconds")))
-    rows.append(("train_lora", _read(REPORTS / "lora" / "metrics.json").get("stage_seconds")))
-    rows.append(("calibrate", _read(REPORTS / "dispatch" / "metrics.json").get("stage_seconds")))
+        rows.append((f"train_expert@{domain}", _read(paths.expert_report(domain)).get("stage_seconds")))
+    rows.append(("train_lora", _read(paths.LORA_REPORTS / "metrics.json").get("stage_seconds")))
+    rows.append(("calibrate", _read(paths.DISPATCH_REPORTS / "metrics.json").get("stage_seconds")))
     rows.append(("evaluate", report["timing"]["stage_seconds"]))
     return rows
 
 
 def readme(report: dict, params: Params) -> str:
-    base = _read(REPORTS / "base" / "metrics.json")
-    dispatch = _read(REPORTS / "dispatch" / "metrics.json")
-    data = _read(REPORTS / "data" / "summary.json").get("domains", {})
+    base = _read(paths.BASE_REPORTS / "metrics.json")
+    dispatch = _read(paths.DISPATCH_REPORTS / "metrics.json")
+    data = _read(paths.DATA_REPORTS / "summary.json").get("domains", {})
     times = stage_times(report)
     total = sum(t for _, t in times if t is not None)
     lines = [
@@ -160,5 +160,5 @@ def write_reports(report: dict, summary: dict[str, float], params: Params) -> No
         gains = {s: {d: g["gain_points"] for d, g in row.items()} for s, row in report["gains"].items()}
         spans = {s: {d: (g["ci_low"], g["ci_high"]) for d, g in row.items()} for s, row in report["gains"].items()}
         grouped_bars(gains, EVAL_DIR / "gains.png", "gain over the base (points, 95 % CI)", "points", spans)
-    with atomic_path(REPORTS / "README.md") as tmp:
+    with atomic_path(paths.REPORTS_README) as tmp:
         tmp.write_text(readme(report, params))

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from bayes_llm import paths
 from bayes_llm.errors import UserError
 
 # Hybrid Mamba/attention families, plus plain transformers as a baseline.
@@ -50,3 +51,10 @@ def load_checkpoint(source: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_base(base_dir: Path = paths.BASE) -> tuple:
+    """The pipeline's base (model, tokenizer); a clear error, not a hub lookup, when it is missing."""
+    if not (Path(base_dir) / "config.json").is_file():
+        raise CheckpointError(f"{base_dir}: no base model there: run `dvc repro base` first")
+    return load_checkpoint(str(base_dir))

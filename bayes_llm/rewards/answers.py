@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import re
 
-from bayes_llm.data.rows import FINAL_MARK
+from bayes_llm.prompts import FINAL_MARK
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _LETTER = re.compile(r"\b([A-Z])\b")

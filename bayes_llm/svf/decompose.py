@@ -1,4 +1,4 @@
-"""The `decompose` stage: thin fp32 SVD of every target matrix, saved as safetensors with fingerprints.
+"""Thin fp32 SVD of every target matrix, saved as safetensors with fingerprints.
 
 Layout of `models/svd/`: one `layer_NNN.safetensors` per decoder layer (plus `other.safetensors` for
 targets outside `layers.N`), holding `<module>.U`, `.S`, `.Vh`, and `svd.json` (targets, ranks, files
@@ -24,14 +24,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from bayes_llm import paths
 from bayes_llm.errors import UserError
 from bayes_llm.io import read_json, sha256, staged_dir, write_json
-from bayes_llm.model.base import load_base
 from bayes_llm.svf.scaling import Factors
 from bayes_llm.svf.targets import patterns_of, select_targets
 
-SVD_DIR = Path("models/svd")
-REPORT = Path("reports/svf/decompose.json")
 MANIFEST = "svd.json"
 FORMAT_VERSION = 1
 # Config keys that say how a checkpoint was saved or loaded, not what the model is.
@@ -68,7 +66,9 @@ def _layer_file(name: str) -> str:
     return f"layer_{int(match.group(1)):03d}.safetensors" if match else "other.safetensors"
 
 
-def decompose(model: torch.nn.Module, targets: str | list[str], out_dir: Path = SVD_DIR, progress: bool = True) -> dict:
+def decompose(
+    model: torch.nn.Module, targets: str | list[str], out_dir: Path = paths.SVD, progress: bool = True
+) -> dict:
     """SVD of each target of `model` into `out_dir` (replaced atomically); returns the report."""
     names = select_targets(model, targets)
     groups: dict[str, list[str]] = {}
@@ -120,7 +120,7 @@ def decompose(model: torch.nn.Module, targets: str | list[str], out_dir: Path = 
     return report
 
 
-def read_manifest(svd_dir: Path = SVD_DIR) -> dict:
+def read_manifest(svd_dir: Path = paths.SVD) -> dict:
     path = Path(svd_dir) / MANIFEST
     manifest = read_json(path, SVDError, "run `dvc repro decompose` (or `bayes-llm decompose`)")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -128,7 +128,7 @@ def read_manifest(svd_dir: Path = SVD_DIR) -> dict:
     return manifest
 
 
-def load_factors(svd_dir: Path = SVD_DIR) -> tuple[dict[str, Factors], dict]:
+def load_factors(svd_dir: Path = paths.SVD) -> tuple[dict[str, Factors], dict]:
     """All factors (checked against the manifest's sha256) and the manifest."""
     svd_dir = Path(svd_dir)
     manifest = read_manifest(svd_dir)
@@ -151,7 +151,7 @@ def load_factors(svd_dir: Path = SVD_DIR) -> tuple[dict[str, Factors], dict]:
     return factors, manifest
 
 
-def check_base(model: torch.nn.Module, manifest: dict, svd_dir: Path = SVD_DIR) -> None:
+def check_base(model: torch.nn.Module, manifest: dict, svd_dir: Path = paths.SVD) -> None:
     """Refuse factors that were decomposed from another base."""
     missing = [name for name in manifest["matrices"] if not _has_linear(model, name)]
     if missing:
@@ -170,10 +170,3 @@ def _has_linear(model: torch.nn.Module, name: str) -> bool:
     except AttributeError:
         return False
 
-
-def decompose_base(targets: str | list[str], base_dir: Path, progress: bool = True) -> dict:
-    """The stage: SVD of the base's targets → models/svd/, reports/svf/decompose.json."""
-    model, _ = load_base(base_dir)
-    report = decompose(model, targets, SVD_DIR, progress=progress)
-    write_json(REPORT, report)
-    return report

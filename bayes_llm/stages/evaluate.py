@@ -1,4 +1,4 @@
-"""The `evaluate` stage: every system on every prepared domain's test split (and the transfer task)
+"""DVC stage `evaluate`: every system on every prepared domain's test split (and the transfer task)
 through lm-eval, side by side.
 
 Writes reports/eval/: lm_eval/<system>.json (lm-eval's results and task configs), summary.json (flat
@@ -9,20 +9,23 @@ an expert), gains.json (each system's gain over the base with paired bootstrap C
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
-from bayes_llm.config import Params
+from bayes_llm import paths
+from bayes_llm.command import Stage
+from bayes_llm.config import Params, load_params
 from bayes_llm.data import prepared
 from bayes_llm.errors import UserError
+from bayes_llm.evaluate import TASKS_DIR
 from bayes_llm.io import staged_dir, write_json
 from bayes_llm.stats import paired_bootstrap
 
-REPORT_DIR = Path("reports/eval")
-TASKS_DIR = Path(__file__).parent / "tasks"
+REPORT_DIR = paths.EVAL_REPORTS
 SHIPPED_KINDS = {"number": "_number", "letter": "_letter", "code": "_code"}
 
 
@@ -51,10 +54,10 @@ def _task_files(infos: list[dict], custom: dict[str, str], directory: Path) -> d
             tasks[name] = custom[name]
             continue
         tasks[name] = f"bayes_llm_{name}"
-        prepared.read_split(prepared.PREPARED_DIR, name, "test")  # a clear error now, not a traceback in lm-eval
+        prepared.read_split(paths.DATA, name, "test")  # a clear error now, not a traceback in lm-eval
         if not (TASKS_DIR / f"{name}.yaml").is_file():
             template = (TASKS_DIR / SHIPPED_KINDS[info["answer_kind"]]).resolve()
-            data = prepared.split_path(prepared.PREPARED_DIR, name, "test")
+            data = prepared.split_path(paths.DATA, name, "test")
             (directory / f"{name}.yaml").write_text(
                 f"include: {template}\ntask: bayes_llm_{name}\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
             )
@@ -105,14 +108,14 @@ def _evaluate(params: Params, scratch: Path, progress: bool) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from bayes_llm.adapt.engine import Engine
     from bayes_llm.baselines.lora import LoraAdapters
     from bayes_llm.evaluate.lm import BayesLLM, FewShotSearch
     from bayes_llm.evaluate.report import write_reports
+    from bayes_llm.inference.engine import Engine
 
     started = time.perf_counter()
     cfg = params.evaluate
-    engine = Engine(Path("models"))
+    engine = Engine(paths.MODELS)
     systems = expand_systems(cfg.systems, engine.domains)
     infos = prepared.domains()
     tasks = _task_files(infos, cfg.tasks, scratch)
@@ -122,7 +125,7 @@ def _evaluate(params: Params, scratch: Path, progress: bool) -> dict:
     fewshot = FewShotSearch(engine, search.shots, {"population": search.population, "elites": search.elites,
                                                    "iterations": search.iterations, "per_layer": search.per_layer},
                             params.seed, params.base_eval.max_new_tokens)  # fmt: skip
-    lora = LoraAdapters(Path("models/base")) if "lora" in systems else None
+    lora = LoraAdapters(paths.BASE) if "lora" in systems else None
     memo: dict = {}  # (weights, request) → result, shared by all systems
     scores: dict[str, dict[str, float]] = {}
     items: dict[str, dict[str, list[float]]] = {}
@@ -183,3 +186,29 @@ def _evaluate(params: Params, scratch: Path, progress: bool) -> dict:
     }
     write_reports(report, summary, params)
     return report
+
+
+def _command(args: argparse.Namespace) -> int:
+    from bayes_llm.evaluate.report import results_table
+
+    print(results_table(evaluate(load_params(args.params), progress=not args.quiet)))
+    return 0
+
+
+STAGE = Stage(
+    name="evaluate",
+    dvc_name="evaluate",
+    help="every system on every test split through lm-eval (DVC stage `evaluate`)",
+    description="Runs lm-eval's tasks (bayes_llm/evaluate/tasks, or params evaluate.tasks) with the registered "
+    "model `bayes-llm` once per system in params evaluate.systems: base, each expert, oracle routing, "
+    "adaptive:prompt|cls|fewshot and the LoRA baseline. Writes reports/eval/ (lm-eval results, summary.json for "
+    "`dvc exp show`, gains with paired bootstrap CIs, results.md, scores.png, gains.png) and reports/README.md.",
+    run=_command,
+    deps=(paths.BASE, paths.SVD, paths.EXPERTS, paths.DISPATCHER, paths.LORA, paths.DATA,
+          # reports/README.md quotes these (and the stage times in them)
+          paths.DATA_REPORTS / "summary.json", paths.DATA_REPORTS / "timing.json", paths.BASE_REPORTS / "metrics.json",
+          paths.SVF_REPORTS / "decompose.json", paths.EXPERT_REPORTS, paths.LORA_REPORTS / "metrics.json",
+          paths.DISPATCH_REPORTS / "metrics.json"),
+    outs=(*(REPORT_DIR / f for f in ("lm_eval", "gains.json", "fewshot.json", "timing.json", "results.md",
+                                     "scores.png", "gains.png", "summary.json")), paths.REPORTS_README),
+)

@@ -1,34 +1,26 @@
-"""The `train_expert@<domain>` stage: train z, evaluate it against the base, write the expert and reports.
+"""DVC stage `train_expert@<domain>`: base + svd + data/prepared + params experts.<domain>
+→ models/experts/<domain>.safetensors, reports/experts/<domain>.{json,png} and curve CSVs.
 
-Reports (`reports/experts/<domain>.json`): base and expert accuracy on every domain's test split
-(greedy; code is pass@1 in the sandbox; the base's scores are those the base stage saved), the
-own-domain gain with a 95 % paired bootstrap CI, the gain on the other domains (interference), for
-`sft+rl` the RL phase's own gain over the SFT z, and the objective, steps and seconds. Curves go
-to CSVs for `dvc plots` and to a PNG.
+Trains z (`bayes_llm.experts.trainer`) and evaluates it against the base. The report holds base and
+expert accuracy on every domain's test split (greedy; code is pass@1 in the sandbox; the base's
+scores are those the base stage saved), the own-domain gain with a 95 % paired bootstrap CI, the gain
+on the other domains (interference), for `sft+rl` the RL phase's own gain over the SFT z, and the
+objective, steps and seconds.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
-from pathlib import Path
 
-from bayes_llm.config import Params
+from bayes_llm import paths
+from bayes_llm.command import Stage
+from bayes_llm.config import Params, load_params
 from bayes_llm.data import prepared
 from bayes_llm.errors import UserError
-from bayes_llm.eval.base_scores import base_test_scores
-from bayes_llm.eval.greedy import greedy_scores
-from bayes_llm.experts.train import train_expert
 from bayes_llm.io import write_csv, write_json
-from bayes_llm.model.base import BASE_DIR, load_base
-from bayes_llm.plots import line_plot
 from bayes_llm.stats import paired_bootstrap
-from bayes_llm.svf.decompose import SVD_DIR, check_base, load_factors
-from bayes_llm.svf.expert import Expert, save_expert
-from bayes_llm.svf.scaling import SVF, Composer
-
-EXPERT_DIR = Path("models/experts")
-CHECKPOINT_DIR = Path("models/checkpoints")
-REPORT_DIR = Path("reports/experts")
 
 
 def expert_domains(params: Params, domain: str) -> dict[str, dict]:
@@ -42,26 +34,36 @@ def expert_domains(params: Params, domain: str) -> dict[str, dict]:
     return infos
 
 
-def build_expert(params: Params, domain: str, progress: bool = True) -> dict:
+def train_expert(params: Params, domain: str, progress: bool = True) -> dict:
+    from bayes_llm.evaluate.base_scores import base_test_scores
+    from bayes_llm.experts.trainer import Trainer
+    from bayes_llm.model.greedy import greedy_scores
+    from bayes_llm.model.load import load_base
+    from bayes_llm.plots import line_plot
+    from bayes_llm.svf.decompose import check_base, load_factors
+    from bayes_llm.svf.expert import Expert, save_expert
+    from bayes_llm.svf.scaling import SVF, Composer
+
     infos = expert_domains(params, domain)
     cfg = params.experts[domain]
     started = time.perf_counter()
     model, tokenizer = load_base()
-    factors, manifest = load_factors(SVD_DIR)
-    check_base(model, manifest, SVD_DIR)
+    factors, manifest = load_factors(paths.SVD)
+    check_base(model, manifest, paths.SVD)
     kind = infos[domain]["answer_kind"]
     tokens = params.base_eval.max_new_tokens
-    train_rows = prepared.read_split(prepared.PREPARED_DIR, domain, "train")
-    val_rows = prepared.read_split(prepared.PREPARED_DIR, domain, "val")
+    train_rows = prepared.read_split(paths.DATA, domain, "train")
+    val_rows = prepared.read_split(paths.DATA, domain, "val")
     evaluated = [n for n, d in infos.items() if not d["test_only"]]
-    tests = {other: prepared.read_split(prepared.PREPARED_DIR, other, "test") for other in evaluated}
+    tests = {other: prepared.read_split(paths.DATA, other, "test") for other in evaluated}
     # Read before training, so a stale or missing score file fails at once, not after minutes of training.
-    base_hits = {other: base_test_scores(BASE_DIR, other, rows, tokens[infos[other]["answer_kind"]])
+    base_hits = {other: base_test_scores(paths.BASE, other, rows, tokens[infos[other]["answer_kind"]])
                  for other, rows in tests.items()}  # fmt: skip
 
     svf = SVF(model, factors, mode=params.svf.mode, max_mult=params.svf.max_mult)
-    result = train_expert(svf, tokenizer, kind, train_rows, val_rows, cfg, params.seed, CHECKPOINT_DIR / domain,
-                          manifest["svd_fingerprint"], tokens[kind], progress)  # fmt: skip
+    trainer = Trainer(svf, tokenizer, kind, train_rows, val_rows, cfg, params.seed, paths.expert_checkpoint(domain),
+                      manifest["svd_fingerprint"], tokens[kind], progress)  # fmt: skip
+    result = trainer.run()
     scales = {}
     for name, z in (("expert", result.best_z), ("sft", result.sft_z)):
         if z is not None:
@@ -115,15 +117,41 @@ def build_expert(params: Params, domain: str, progress: bool = True) -> dict:
         training={"seed": params.seed, **cfg.model_dump()},
         metrics={"test_accuracy": accuracy[domain], "gain": report["gain"]},
     )
-    save_expert(expert, EXPERT_DIR / f"{domain}.safetensors")
+    save_expert(expert, paths.expert_file(domain))
     curve = result.curve
-    write_csv(REPORT_DIR / f"{domain}_train.csv", ["step", "phase", "loss", "reward", "kl"],
+    write_csv(paths.expert_report(domain, "_train.csv"), ["step", "phase", "loss", "reward", "kl"],
                [[r["step"], r["phase"], round(r["loss"], 6), r.get("reward", ""), r.get("kl", "")]
                 for r in curve if "loss" in r])  # fmt: skip
     val_points = [(r["step"], r["val_accuracy"]) for r in curve if "val_accuracy" in r]
-    write_csv(REPORT_DIR / f"{domain}_val.csv", ["step", "val_accuracy"], [list(p) for p in val_points])
+    write_csv(paths.expert_report(domain, "_val.csv"), ["step", "val_accuracy"], [list(p) for p in val_points])
     rewards = [(r["step"], r["reward"]) for r in curve if "reward" in r]
-    line_plot({"val accuracy (greedy)": val_points, "RL batch reward": rewards}, REPORT_DIR / f"{domain}.png",
+    line_plot({"val accuracy (greedy)": val_points, "RL batch reward": rewards}, paths.expert_report(domain, ".png"),
               f"{domain} expert ({cfg.objective})", "step", "accuracy / reward")  # fmt: skip
-    write_json(REPORT_DIR / f"{domain}.json", report)
+    write_json(paths.expert_report(domain), report)
     return report
+
+
+def _command(args: argparse.Namespace) -> int:
+    report = train_expert(load_params(args.params), args.domain, progress=not args.quiet)
+    print(json.dumps({k: report[k] for k in ("domain", "objective", "test_accuracy", "gain", "train_seconds")}))
+    return 0
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("domain", help="a domain with an `experts.<domain>` entry in params.yaml")
+
+
+STAGE = Stage(
+    name="train-expert",
+    dvc_name="train_expert",
+    help="train one domain's SVF expert (DVC stage `train_expert@<domain>`)",
+    description="Trains z for DOMAIN with params experts.DOMAIN (objective sft | rl | sft+rl), keeping the z with "
+    "the best greedy val accuracy and checkpointing every experts.DOMAIN.checkpoint_every steps to "
+    "models/checkpoints/DOMAIN (a killed run resumes there). Then evaluates base and expert on every domain's test "
+    "split and writes models/experts/DOMAIN.safetensors and reports/experts/DOMAIN.{json,png} plus curve CSVs.",
+    run=_command,
+    arguments=_arguments,
+    deps=(paths.BASE, paths.SVD, paths.DATA),
+    outs=(paths.expert_file("${key}"),
+          *(paths.expert_report("${key}", suffix) for suffix in (".png", "_train.csv", "_val.csv", ".json"))),
+)

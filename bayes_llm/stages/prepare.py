@@ -1,25 +1,27 @@
-"""The `prepare` stage: build every domain's splits, write parquet, gate it with Great Expectations.
+"""DVC stage `prepare`: params `data` → data/prepared/, reports/data/.
 
-Writes go to a staging directory that replaces `data/prepared/` only when validation passes; the
-validation report is written either way, so a failure can be read, and nothing half-made stays.
+Builds every domain's splits, writes parquet and gates it with Great Expectations. Writes go to a
+staging directory that replaces `data/prepared/` only when validation passes; the validation report
+is written either way, so a failure can be read, and nothing half-made stays.
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 
-from bayes_llm.config import Params
+from bayes_llm import paths
+from bayes_llm.command import Stage
+from bayes_llm.config import Params, load_params
 from bayes_llm.data.domains import Domain, build, resolve
-from bayes_llm.data.prepared import MANIFEST, PREPARED_DIR, split_path
+from bayes_llm.data.prepared import split_path
 from bayes_llm.data.validate import ValidationReport, validate
 from bayes_llm.errors import UserError
 from bayes_llm.io import staged_dir, write_json
-
-REPORT_DIR = Path("reports/data")
 
 
 class DataValidationError(UserError):
@@ -56,7 +58,9 @@ def _summary(domains: list[Domain], frames: dict, report: ValidationReport) -> d
     }
 
 
-def prepare(params: Params, out_dir: Path = PREPARED_DIR, report_dir: Path = REPORT_DIR, progress: bool = True) -> dict:
+def prepare(
+    params: Params, out_dir: Path = paths.DATA, report_dir: Path = paths.DATA_REPORTS, progress: bool = True
+) -> dict:
     """Build, write, validate; returns the summary. Raises DataValidationError on a failed gate."""
     started = time.monotonic()
     domains = resolve(params.data)
@@ -76,7 +80,7 @@ def prepare(params: Params, out_dir: Path = PREPARED_DIR, report_dir: Path = REP
         if not report.success:
             raise DataValidationError(f"{report.text()}\nfull report: {report_dir / 'validation.json'}")
         manifest = {"seed": params.data.seed, "domains": [asdict(d) for d in domains]}
-        write_json(staging / MANIFEST, manifest)
+        write_json(staging / paths.DATA_MANIFEST.name, manifest)
     return summary
 
 
@@ -91,3 +95,20 @@ def format_summary(summary: dict) -> str:
         f"{summary['rows_total']} rows, validation {summary['validation']} ({summary['expectations']} expectations)"
     )
     return "\n".join(lines)
+
+
+def _command(args: argparse.Namespace) -> int:
+    print(format_summary(prepare(load_params(args.params), progress=not args.quiet)))
+    return 0
+
+
+STAGE = Stage(
+    name="prepare",
+    dvc_name="prepare",
+    help="build, validate and write the data (DVC stage `prepare`)",
+    description="Generate or load every domain's train/val/test splits, write them to data/prepared/ as parquet, "
+    "and gate them with Great Expectations. On failure nothing is left in data/prepared/; the report is in "
+    "reports/data/validation.json.",
+    run=_command,
+    outs=(paths.DATA, *(paths.DATA_REPORTS / f for f in ("validation.json", "timing.json", "summary.json"))),
+)

@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from bayes_llm.errors import UserError
-from bayes_llm.eval.greedy import greedy_scores
 from bayes_llm.io import read_json
+from bayes_llm.model.greedy import greedy_scores
 
 FILE = "test_scores.json"
 HINT = "re-run the base stage (`dvc repro base`)"

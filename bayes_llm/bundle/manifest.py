@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from bayes_llm import paths
 from bayes_llm.config import Params
 from bayes_llm.errors import UserError
 from bayes_llm.io import read_json, sha256, staged_dir, write_json
@@ -21,7 +22,6 @@ from bayes_llm.svf.decompose import MANIFEST as SVD_MANIFEST
 from bayes_llm.svf.decompose import base_fingerprint, read_manifest
 from bayes_llm.svf.expert import read_expert
 
-BUNDLES_DIR = Path("bundles")
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -86,7 +86,7 @@ def model_card(manifest: dict, reports: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_bundle(params: Params, models: Path = Path("models"), reports: Path = Path("reports")) -> Path:
+def build_bundle(params: Params, models: Path = paths.MODELS, reports: Path = paths.REPORTS) -> Path:
     """Copy experts + dispatcher + SVD manifest into bundles/<name>/ with manifest and model card."""
     cfg = params.bundle
     svd = read_manifest(models / "svd")
@@ -97,7 +97,7 @@ def build_bundle(params: Params, models: Path = Path("models"), reports: Path = 
         raise BundleError(f"{models / 'dispatcher'}: no dispatcher to bundle: run `dvc repro calibrate` first")
     summary_path = reports / "eval" / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    final = BUNDLES_DIR / cfg.name
+    final = paths.bundle_dir(cfg.name)
     with staged_dir(final) as staging:
         (staging / "experts").mkdir()
         for path in experts:
@@ -149,7 +149,7 @@ def verify(bundle: Path, base_dir: Path | None = None) -> dict:
         if read_expert(bundle / file).base_fingerprint != manifest["base_fingerprint"]:
             raise BundleError(f"{bundle / file}: expert {domain} was trained on another base than the manifest says")
     if base_dir is not None:
-        from bayes_llm.model.base import load_base
+        from bayes_llm.model.load import load_base
 
         model, _ = load_base(Path(base_dir))
         svd = read_manifest(bundle)

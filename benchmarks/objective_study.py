@@ -11,23 +11,27 @@ A study, not a stage: it lives outside `bayes_llm/experts` and `reports/experts`
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import tempfile
 from pathlib import Path
 
-from bayes_llm.config import ExpertParams, Params
+from bayes_llm import paths
+from bayes_llm.config import ExpertParams, Params, load_params
 from bayes_llm.data import prepared
 from bayes_llm.errors import UserError
-from bayes_llm.eval.base_scores import base_test_scores
-from bayes_llm.eval.greedy import greedy_scores
-from bayes_llm.experts.stage import expert_domains
-from bayes_llm.experts.train import train_expert
+from bayes_llm.evaluate.base_scores import base_test_scores
+from bayes_llm.experts.trainer import Trainer
 from bayes_llm.io import atomic_path, write_json
-from bayes_llm.model.base import BASE_DIR, load_base
+from bayes_llm.model.greedy import greedy_scores
+from bayes_llm.model.load import load_base
+from bayes_llm.stages.train_expert import expert_domains
 from bayes_llm.stats import paired_bootstrap
-from bayes_llm.svf.decompose import SVD_DIR, check_base, load_factors
+from bayes_llm.svf.decompose import check_base, load_factors
 from bayes_llm.svf.scaling import SVF, Composer
 
-REPORT_DIR = Path("reports/objective_study")
+REPORT_DIR = paths.REPORTS / "objective_study"
 # Sampled-group settings for trl's algorithms (greedy rollouts give a group no variance to learn from).
 SAMPLED = {"num_generations": 4, "temperature": 0.7, "rl_batch_size": 8, "rl_learning_rate": 3e-3}
 
@@ -52,20 +56,21 @@ def compare_objectives(params: Params, domain: str, rl_steps: int = 60, progress
     base_cfg = params.experts[domain]
     tokens = params.base_eval.max_new_tokens[kind]
     train_rows, val_rows, test_rows = (
-        prepared.read_split(prepared.PREPARED_DIR, domain, split) for split in ("train", "val", "test")
+        prepared.read_split(paths.DATA, domain, split) for split in ("train", "val", "test")
     )
     model, tokenizer = load_base()
-    factors, manifest = load_factors(SVD_DIR)
-    check_base(model, manifest, SVD_DIR)
+    factors, manifest = load_factors(paths.SVD)
+    check_base(model, manifest, paths.SVD)
 
-    base = base_test_scores(BASE_DIR, domain, test_rows, tokens)
+    base = base_test_scores(paths.BASE, domain, test_rows, tokens)
     runs = []
     for name, changes in variants(base_cfg, rl_steps).items():
         cfg = ExpertParams.model_validate({**base_cfg.model_dump(), **changes})
         svf = SVF(model, factors, mode=params.svf.mode, max_mult=params.svf.max_mult)
         with tempfile.TemporaryDirectory() as checkpoints:  # every variant trains from the start
-            result = train_expert(svf, tokenizer, kind, train_rows, val_rows, cfg, params.seed, Path(checkpoints),
-                                  manifest["svd_fingerprint"], tokens, progress, log=lambda _: None)  # fmt: skip
+            trainer = Trainer(svf, tokenizer, kind, train_rows, val_rows, cfg, params.seed, Path(checkpoints),
+                              manifest["svd_fingerprint"], tokens, progress, log=lambda _: None)  # fmt: skip
+            result = trainer.run()
         svf.load_z(result.best_z)
         scales = svf.scales()
         svf.detach()
@@ -110,3 +115,29 @@ def markdown(report: dict) -> str:
             f"{100 * run['test_accuracy']:.1f} | {ci} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.objective_study",
+        description="From experts.DOMAIN in params.yaml, trains z with sft, rl (greedy REINFORCE, trl GRPO, trl RLOO), "
+        "sft+rl (the configured algorithm) and sft+rl with trl RLOO, on the same base and seed; each keeps its best "
+        "val z. Scores each on DOMAIN's test split with a paired bootstrap CI of the gain over the base and writes "
+        "reports/objective_study/DOMAIN.{json,md}. Needs `dvc repro decompose` first.",
+    )
+    parser.add_argument("domain", help="a domain with an `experts.<domain>` entry in params.yaml")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--rl-steps", type=int, default=60, help="RL steps of the RL-only variants (default 60)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        report = compare_objectives(load_params(args.params), args.domain, args.rl_steps, progress=not args.quiet)
+    except UserError as error:
+        print(f"objective_study: {error}", file=sys.stderr)
+        return error.exit_code
+    print(json.dumps({run["variant"]: run["gain"]["gain_points"] for run in report["runs"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -8,6 +8,8 @@ in the second view, attention's own T² term aside.
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, set_seed
 from transformers.models.jamba import modeling_jamba
 
-from bayes_llm.config import ModelParams
+from bayes_llm.config import ModelParams, load_params
 from bayes_llm.io import write_json
 from bayes_llm.model import jamba_scan
 from bayes_llm.model.architecture import build_config
@@ -96,3 +98,30 @@ def benchmark(
 
 def _device_name(device: str) -> str:
     return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.training_speed",
+        description="Training tokens/s of both families at several lengths → reports/base/benchmark.json. Times "
+        "forward+backward+AdamW steps of the params' model shape for each family and sequence length, once at a fixed "
+        "batch size and once at a fixed number of tokens per step, plus one step of transformers' reference Jamba "
+        "scan for comparison. A measurement, not a test: run it on an otherwise idle machine.",
+    )
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024])
+    parser.add_argument("--batch-size", type=int, default=16, help="batch of the fixed-batch sweep")
+    parser.add_argument("--tokens-per-step", type=int, default=2048, help="tokens per step of the fixed-tokens sweep")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per run (after one warm-up step)")
+    parser.add_argument("--families", nargs="+", default=["bamba", "jamba"], choices=["bamba", "jamba"])
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    results = benchmark(params.model, lengths=tuple(args.lengths), batch_size=args.batch_size,
+                        tokens_per_step=args.tokens_per_step, steps=args.steps, vocab=params.tokenizer.vocab_size,
+                        families=tuple(args.families))  # fmt: skip
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,48 +1,49 @@
-"""The `calibrate` stage: train the classification expert, calibrate one controller per first-pass
-strategy on the val splits, measure routing on the test splits and time the two passes.
+"""DVC stage `calibrate`: base + svd + experts + data/prepared → models/dispatcher/, reports/dispatch/.
 
-Writes `models/dispatcher/` and `reports/dispatch/`: metrics.json (routing accuracy, confusion
-matrix, ECE before/after on val and test, temperature, threshold, timings), a reliability diagram
-and a confusion-matrix PNG for the default strategy.
+Trains the classification expert, calibrates one controller per first-pass strategy on the val
+splits, measures routing on the test splits and times the two passes. reports/dispatch/ holds
+metrics.json (routing accuracy, confusion matrix, ECE before/after on val and test, temperature,
+threshold, timings), a reliability diagram and a confusion-matrix PNG for the default strategy.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from bayes_llm.adapt.engine import Engine
-from bayes_llm.config import Params
+from bayes_llm import paths
+from bayes_llm.command import Stage
+from bayes_llm.config import Params, load_params
 from bayes_llm.data import prepared
-from bayes_llm.dispatch.calibration import confusion, fit_temperature, fit_threshold, nll, reliability
-from bayes_llm.dispatch.classifier import train_classifier
-from bayes_llm.dispatch.controller import Controller
-from bayes_llm.dispatch.likelihood import label_logprobs
-from bayes_llm.dispatch.store import DISPATCHER_DIR, save_dispatcher
 from bayes_llm.errors import UserError
 from bayes_llm.io import write_json
-from bayes_llm.plots import confusion_plot, reliability_plot
-from bayes_llm.svf.expert import Expert
-from bayes_llm.svf.scaling import SVF
 
-REPORT_DIR = Path("reports/dispatch")
+if TYPE_CHECKING:
+    from bayes_llm.inference.engine import Engine
+    from bayes_llm.svf.expert import Expert
+
+REPORT_DIR = paths.DISPATCH_REPORTS
 
 
 def _prompts(domains: list[str], split: str) -> tuple[list[str], list[int]]:
     prompts, targets = [], []
     for index, domain in enumerate(domains):
-        rows = prepared.read_split(prepared.PREPARED_DIR, domain, split)
+        rows = prepared.read_split(paths.DATA, domain, split)
         prompts += [row["prompt"] for row in rows]
         targets += [index] * len(rows)
     return prompts, targets
 
 
 def _train_classifier(engine: Engine, params: Params, domains: list[str], progress: bool) -> Expert:
+    from bayes_llm.dispatch.classifier import train_classifier
+    from bayes_llm.svf.expert import Expert
+    from bayes_llm.svf.scaling import SVF
+
     cfg = params.dispatch.classifier
-    train = {d: [r["prompt"] for r in prepared.read_split(prepared.PREPARED_DIR, d, "train")] for d in domains}
+    train = {d: [r["prompt"] for r in prepared.read_split(paths.DATA, d, "train")] for d in domains}
     engine.use_blend({})
     svf = SVF(engine.model, engine.factors, mode=params.svf.mode, max_mult=params.svf.max_mult)
     try:
@@ -66,6 +67,8 @@ def _train_classifier(engine: Engine, params: Params, domains: list[str], progre
 
 def _timings(engine: Engine, params: Params, prompts: list[str]) -> dict:
     """Medians per prompt (batch 1): pass 1 (default strategy), composing one blend, pass 2 at N tokens."""
+    import torch
+
     cfg = params.dispatch
     pass1, compose, pass2 = [], [], []
     blend = dict.fromkeys(engine.domains, 1.0 / len(engine.domains))
@@ -97,8 +100,15 @@ def _timings(engine: Engine, params: Params, prompts: list[str]) -> dict:
 
 
 def calibrate(params: Params, progress: bool = True) -> dict:
+    from bayes_llm.dispatch.calibration import confusion, fit_temperature, fit_threshold, nll, reliability
+    from bayes_llm.dispatch.controller import Controller
+    from bayes_llm.dispatch.likelihood import label_logprobs
+    from bayes_llm.dispatch.store import save_dispatcher
+    from bayes_llm.inference.engine import Engine
+    from bayes_llm.plots import confusion_plot, reliability_plot
+
     started = time.perf_counter()
-    engine = Engine(Path("models"))
+    engine = Engine(paths.MODELS)
     infos = {d["name"]: d for d in prepared.domains()}
     domains = [d for d in engine.domains if d in infos and not infos[d]["test_only"]]
     if domains != engine.domains:
@@ -106,7 +116,7 @@ def calibrate(params: Params, progress: bool = True) -> dict:
     cfg = params.dispatch
     prior = None
     if cfg.prior == "data":
-        prior = {d: len(prepared.read_split(prepared.PREPARED_DIR, d, "train")) for d in domains}
+        prior = {d: len(prepared.read_split(paths.DATA, d, "train")) for d in domains}
 
     classifier = _train_classifier(engine, params, domains, progress)
     val_prompts, val_targets = _prompts(domains, "val")
@@ -143,7 +153,7 @@ def calibrate(params: Params, progress: bool = True) -> dict:
     report["ece_after"] = chosen["ece"]["test"]["after"]["ece"]
     report["stage_seconds"] = round(time.perf_counter() - started, 1)
 
-    save_dispatcher(DISPATCHER_DIR, controllers, classifier, {"domains": domains, "strategy": cfg.strategy})
+    save_dispatcher(paths.DISPATCHER, controllers, classifier, {"domains": domains, "strategy": cfg.strategy})
     write_json(REPORT_DIR / "metrics.json", report)
     ece = chosen["ece"]["test"]
     reliability_plot({f"before (T=1), ECE {ece['before']['ece']:.3f}": ece["before"]["table"],
@@ -152,3 +162,25 @@ def calibrate(params: Params, progress: bool = True) -> dict:
     title = f"routing on the test splits ({cfg.strategy}), accuracy {chosen['test']['routing_accuracy']:.3f}"
     confusion_plot(chosen["test"]["matrix"], domains, chosen["test"]["labels"], REPORT_DIR / "confusion.png", title)
     return report
+
+
+def _command(args: argparse.Namespace) -> int:
+    report = calibrate(load_params(args.params), progress=not args.quiet)
+    keys = ("strategy", "routing_accuracy", "ece_after")
+    print(json.dumps({**{k: report[k] for k in keys}, "overhead": report["timing"]["overhead_share_of_pass2"]}))
+    return 0
+
+
+STAGE = Stage(
+    name="calibrate",
+    dvc_name="calibrate",
+    help="classification expert + dispatcher calibration (DVC stage `calibrate`)",
+    description="Trains the classification expert on the train splits, scores every val and test prompt with both "
+    "first-pass strategies (prompt: the base; cls: the classification expert), fits the controller's temperature "
+    "(NLL) and `other` threshold (params dispatch.max_fallback) on val, and times pass 1, composition and pass 2. "
+    "Writes models/dispatcher/ and reports/dispatch/ (metrics.json with routing accuracy, confusion matrix and ECE "
+    "before/after; reliability.png; confusion.png).",
+    run=_command,
+    deps=(paths.BASE, paths.SVD, paths.EXPERTS, paths.DATA),
+    outs=(paths.DISPATCHER, *(REPORT_DIR / f for f in ("reliability.png", "confusion.png", "metrics.json"))),
+)

@@ -1,40 +1,34 @@
-"""The `base` stage: pretrain a MambaFormer from scratch (or load a checkpoint), measure it, save it.
+"""DVC stage `base`: data/prepared + params model/tokenizer/pretrain → models/base/, reports/base/.
 
-Beside the weights it saves the base's greedy scores on every test split (`test_scores.json`), which
-the experts pair with their own: scored once here, not once per expert.
+Pretrains a MambaFormer from scratch (or loads a checkpoint), measures it and saves it. Beside the
+weights it saves the base's greedy scores on every test split (`test_scores.json`), which the experts
+pair with their own: scored once here, not once per expert.
+
+Components are imported inside the functions here and in the other torch stages, so that
+`bayes-llm --help` and a mistyped argument answer at once instead of after seconds of imports.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, set_seed
-
-from bayes_llm.config import Params
+from bayes_llm import paths
+from bayes_llm.command import Stage
+from bayes_llm.config import Params, load_params
 from bayes_llm.data import prepared
-from bayes_llm.eval import base_scores
-from bayes_llm.eval.greedy import domain_accuracy, greedy_completions
 from bayes_llm.io import staged_dir, write_json
-from bayes_llm.model.architecture import build_config
-from bayes_llm.model.load import CheckpointError, load_checkpoint
-from bayes_llm.model.pretrain import documents, pack, pretrain, write_curve
-from bayes_llm.model.tokenizer import train_tokenizer
-from bayes_llm.plots import line_plot
-from bayes_llm.prompts import classify_prompt
-
-BASE_DIR = Path("models/base")
-REPORT_DIR = Path("reports/base")
-
-
-def load_base(base_dir: Path = BASE_DIR) -> tuple:
-    """The pipeline's base (model, tokenizer); a clear error, not a hub lookup, when it is missing."""
-    if not (Path(base_dir) / "config.json").is_file():
-        raise CheckpointError(f"{base_dir}: no base model there: run `dvc repro base` first")
-    return load_checkpoint(str(base_dir))
 
 
 def _scratch(params: Params, data_dir: Path, names: list[str], val: dict[str, list[dict]], progress: bool) -> tuple:
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from bayes_llm.model.architecture import build_config
+    from bayes_llm.model.pretrain import documents, pack, pretrain
+    from bayes_llm.model.tokenizer import train_tokenizer
+
     train = {name: prepared.read_split(data_dir, name, "train") for name in names}
     share = params.pretrain.solution_share
     train_docs = documents(train, params.pretrain.classify_share, params.seed, params.pretrain.domain_weights, share)
@@ -56,6 +50,8 @@ def _scratch(params: Params, data_dir: Path, names: list[str], val: dict[str, li
 def _val_accuracy(
     model, tokenizer, params: Params, kinds: dict[str, str], val: dict[str, list[dict]], progress: bool
 ) -> dict:
+    from bayes_llm.model.greedy import domain_accuracy
+
     out = {}
     for name, rows in val.items():
         kind = kinds[name]
@@ -69,6 +65,9 @@ def _val_accuracy(
 
 def _routing_accuracy(model, tokenizer, params: Params, val: dict[str, list[dict]]) -> float:
     """Greedy `Task: <prompt> / Domain:` → the true label, over every domain's val rows."""
+    from bayes_llm.model.greedy import greedy_completions
+    from bayes_llm.prompts import classify_prompt
+
     rows = [(name, row) for name, domain_rows in val.items() for row in domain_rows]
     completions = greedy_completions(
         model, tokenizer, [classify_prompt(r["prompt"]) for _, r in rows], 4, params.base_eval.batch_size
@@ -79,12 +78,17 @@ def _routing_accuracy(model, tokenizer, params: Params, val: dict[str, list[dict
 
 def build_base(
     params: Params,
-    data_dir: Path = prepared.PREPARED_DIR,
-    out_dir: Path = BASE_DIR,
-    report_dir: Path = REPORT_DIR,
+    data_dir: Path = paths.DATA,
+    out_dir: Path = paths.BASE,
+    report_dir: Path = paths.BASE_REPORTS,
     progress: bool = True,
 ) -> dict:
     """Writes the model + tokenizer to `out_dir` (atomically) and the reports; returns the metrics."""
+    from bayes_llm.evaluate import base_scores
+    from bayes_llm.model.load import load_checkpoint
+    from bayes_llm.model.pretrain import write_curve
+    from bayes_llm.plots import line_plot
+
     started = time.monotonic()
     kinds = {d["name"]: d["answer_kind"] for d in prepared.domains(data_dir) if not d["test_only"]}
     val = {name: prepared.read_split(data_dir, name, "val") for name in kinds}
@@ -133,3 +137,24 @@ def build_base(
             "cross-entropy loss",
         )
     return metrics
+
+
+def _command(args: argparse.Namespace) -> int:
+    metrics = build_base(load_params(args.params), progress=not args.quiet)
+    print(json.dumps({k: metrics[k] for k in ("parameters", "train_seconds", "final_val_loss", "val_accuracy")}))
+    return 0
+
+
+STAGE = Stage(
+    name="base",
+    dvc_name="base",
+    help="pretrain or load the base model (DVC stage `base`)",
+    description="model.source: scratch trains a byte-level BPE tokenizer and pretrains a MambaFormer (params "
+    "model.*, pretrain.*) on every domain's train split; any other source loads that checkpoint (local dir or hub "
+    "id). Either way the model goes to models/base/ and greedy val accuracy per domain to "
+    "reports/base/metrics.json.",
+    run=_command,
+    deps=(paths.DATA,),
+    outs=(paths.BASE, *(paths.BASE_REPORTS / f for f in ("val_examples.json", "loss.png", "train_loss.csv",
+                                                         "val_loss.csv", "metrics.json"))),
+)

@@ -24,9 +24,9 @@ from bayes_llm.dispatch.fewshot import SearchResult, cem_search, layer_of, mixed
 from bayes_llm.dispatch.likelihood import label_logprobs
 from bayes_llm.dispatch.store import DispatcherError, load_dispatcher
 from bayes_llm.errors import UserError
-from bayes_llm.eval.greedy import greedy_completions
 from bayes_llm.experts.objectives import sft_batch
-from bayes_llm.model.base import load_base
+from bayes_llm.model.greedy import greedy_completions
+from bayes_llm.model.load import load_base
 from bayes_llm.prompts import answer_prompt
 from bayes_llm.rewards.correctness import correctness
 from bayes_llm.svf.blend import BlendMode, blend_scales

@@ -11,7 +11,9 @@ Runs on a randomly initialised model of the params' shape (timings do not depend
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -21,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, set_seed
 
-from bayes_llm.config import Params
+from bayes_llm.config import Params, load_params
 from bayes_llm.io import write_json
 from bayes_llm.model.architecture import build_config
 from bayes_llm.svf.decompose import svd_factors
@@ -133,3 +135,27 @@ def benchmark(
     }
     write_json(out, results)
     return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.svf_cost",
+        description="Cost of SVF → reports/svf/benchmark.json. On a randomly initialised model of the params' shape "
+        "and svf.targets/svf.mode: median time of a training step of the frozen base (backward to the inputs), of SVF "
+        "(only z trains) and of a full fine-tune; greedy generation of the base, a merged expert and the unmerged "
+        "parametrized model; z parameters vs base parameters. A measurement, not a test.",
+    )
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--batch-size", type=int, default=16, help="training batch")
+    parser.add_argument("--seq-len", type=int, default=128, help="training sequence length")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt (8 prompts)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed rounds (median of each measurement)")
+    args = parser.parse_args(argv)
+    results = benchmark(load_params(args.params), batch_size=args.batch_size, seq_len=args.seq_len,
+                        new_tokens=args.new_tokens, repeats=args.repeats)  # fmt: skip
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

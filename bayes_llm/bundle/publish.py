@@ -13,6 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bayes_llm import paths
 from bayes_llm.config import load_params
 from bayes_llm.errors import UserError
 from bayes_llm.io import read_json
@@ -134,7 +135,7 @@ def publish(workspace: Workspace, version: str | None = None, push_git: bool = F
 
 def summary_markdown(published: Published, workspace: Workspace) -> str:
     """The Prefect artifact: which version, where, how to fetch it, and its evaluation table."""
-    from bayes_llm.bundle import results_section  # imports torch: not at the flow's start-up
+    from bayes_llm.bundle.manifest import results_section  # imports torch: not at the flow's start-up
 
     state = "published" if published.new else "unchanged: the latest version is still"
     lines = [
@@ -159,7 +160,7 @@ def summary_markdown(published: Published, workspace: Workspace) -> str:
 
 def metrics_table(workspace: Workspace) -> list[dict]:
     """summary.json as rows (one per system) for a Prefect table artifact."""
-    path = workspace.root / "reports/eval/summary.json"
+    path = workspace.root / paths.EVAL_REPORTS / "summary.json"
     if not path.is_file():
         return []
     rows: dict[str, dict] = {}

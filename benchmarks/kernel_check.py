@@ -16,6 +16,7 @@ several SSD chunks.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -23,12 +24,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, set_seed
 
-from bayes_llm.config import ModelParams
+from bayes_llm.config import ModelParams, load_params
 from bayes_llm.errors import UserError
 from bayes_llm.io import atomic_path, write_json
 from bayes_llm.model import jamba_scan
 from bayes_llm.model.architecture import build_config
-from bayes_llm.model.benchmark import benchmark
+from benchmarks.training_speed import benchmark
 
 REPORT = Path("reports/base/kernel_check.json")
 # fp32 everywhere. The kernels reorder sums (chunked scans, fused conv) and Triton's dots may use
@@ -180,3 +181,33 @@ def compare(checkpoint: Path, work: Path, params: ModelParams, vocab: int, steps
     report["training_tokens_per_second"] = speed
     write_json(out, report)
     return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.kernel_check",
+        description="GPU: do the mamba-ssm kernels match the PyTorch path? → reports/base/kernel_check.json. Two runs "
+        "over the same weights and inputs, since transformers binds the kernels at import. `reference`, where "
+        "mamba-ssm is NOT importable: PyTorch-path logits, loss and gradients (CPU, and GPU if any) of the checkpoint "
+        "and of a tiny Jamba, plus GPU training tokens/s. `compare`, with `pip install '.[gpu]'` on a CUDA machine: "
+        "the same with the kernels, differences against the stated tolerance, and kernel tokens/s. Exits 1 when "
+        "outside the tolerance.",
+    )
+    parser.add_argument("step", choices=["reference", "compare"])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--checkpoint", type=Path, default=Path("models/base"), help="default: %(default)s")
+    parser.add_argument("--work", type=Path, default=Path("kernel-check"),
+                        help="reference files (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps per benchmark run")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    if args.step == "reference":
+        print(reference(args.checkpoint, args.work, params.model, params.tokenizer.vocab_size, args.steps))
+        return 0
+    report = compare(args.checkpoint, args.work, params.model, params.tokenizer.vocab_size, args.steps)
+    print(json.dumps(report, indent=2))
+    return 0 if report["within_tolerance"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

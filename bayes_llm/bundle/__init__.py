@@ -1,0 +1,1 @@
+"""Expert bundles: the manifest and its check (`manifest`), publishing a version (`publish`)."""

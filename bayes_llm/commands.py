@@ -1,0 +1,172 @@
+"""The `bayes-llm` commands that are not DVC stages: params, lm-eval, generate, chat."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from bayes_llm.command import Command
+from bayes_llm.config import load_params
+from bayes_llm.errors import UserError
+
+
+def _params_command(args: argparse.Namespace) -> int:
+    params = load_params(args.params)
+    print(yaml.safe_dump(params.model_dump(mode="json", exclude={"smoke"}), sort_keys=False), end="")
+    return 0
+
+
+def _lm_eval_command(args: argparse.Namespace) -> int:
+    import lm_eval.__main__
+
+    import bayes_llm.evaluate.lm  # noqa: F401  registers the model `bayes-llm`
+
+    sys.argv = ["lm-eval", *args.lm_eval_args]
+    lm_eval.__main__.cli_evaluate()
+    return 0
+
+
+def _show_answer(answer, show_experts: bool) -> None:
+    print(answer.text.strip())
+    if show_experts:
+        posterior = ", ".join(f"{k} {v:.3f}" for k, v in answer.posterior.items()) or "-"
+        blend = ", ".join(f"{k} {v:.3f}" for k, v in answer.blend.items()) or "base weights"
+        print(f"  [posterior: {posterior}]\n  [blend: {blend}]")
+
+
+def _engine_and_options(args: argparse.Namespace):
+    from bayes_llm.inference.engine import Engine
+
+    params = load_params(args.params)
+    cfg = params.dispatch
+    options = {
+        "strategy": args.strategy or cfg.strategy,
+        "mode": args.blending_mode or cfg.blending_mode,
+        "top_k": args.top_k or cfg.top_k,
+        "max_new_tokens": args.max_new_tokens,
+    }
+    if args.bundle is None:
+        return Engine(args.models), options, params
+    return Engine(_bundle_models(args.bundle, args.models)), options, params
+
+
+def _bundle_models(bundle: Path, models: Path) -> Path:
+    """A models layout from the base and SVD of `models` and the experts and dispatcher of a bundle whose
+    files match its manifest. The base is not fingerprinted here: the Engine refuses experts trained on
+    another base than `models/svd`, and factors decomposed from another base than `models/base`."""
+    import tempfile
+
+    from bayes_llm.bundle.manifest import verify
+
+    verify(bundle)
+    layout = Path(tempfile.mkdtemp(prefix="bayes-llm-bundle-"))
+    for name, source in (("base", models), ("svd", models), ("experts", bundle), ("dispatcher", bundle)):
+        (layout / name).symlink_to((source / name).resolve(), target_is_directory=True)
+    return layout
+
+
+def _generate_command(args: argparse.Namespace) -> int:
+    engine, options, params = _engine_and_options(args)
+    if options["strategy"] == "fewshot":
+        return _fewshot(engine, options, params, args)
+    for answer in engine.generate(args.prompt, **options):
+        _show_answer(answer, args.show_experts)
+    return 0
+
+
+def _fewshot(engine, options: dict, params, args: argparse.Namespace) -> int:
+    from bayes_llm.dispatch.fewshot import read_examples
+
+    if not args.examples:
+        raise UserError("--strategy fewshot needs --examples FILE.jsonl (rows with prompt and answer)")
+    cfg = params.dispatch.fewshot
+    shots = read_examples(args.examples)[: cfg.shots]
+    result, _ = engine.fewshot(shots, args.answer_kind, cfg.population, cfg.elites, cfg.iterations, params.seed,
+                               cfg.per_layer, cfg.max_new_tokens)  # fmt: skip
+    alpha = dict(zip(engine.domains, result.alpha.reshape(len(engine.domains), -1).mean(axis=1).round(3).tolist(),
+                     strict=True))  # fmt: skip
+    for text, prompt in zip(engine.complete(args.prompt, options["max_new_tokens"]), args.prompt, strict=True):
+        print(text.strip())
+        if args.show_experts:
+            print(f"  [few-shot reward {result.reward:.3f} on {len(shots)} examples; alpha: {alpha}]  ({prompt[:40]})")
+    return 0
+
+
+def _chat_command(args: argparse.Namespace) -> int:
+    engine, options, _ = _engine_and_options(args)
+    print(f"bayes-llm chat: strategy {options['strategy']}, blending {options['mode']}; an empty line or Ctrl-D quits")
+    while True:
+        try:
+            prompt = input("> ").strip()
+        except EOFError:
+            break
+        if not prompt:
+            break
+        _show_answer(engine.generate([prompt], **options)[0], args.show_experts)
+    return 0
+
+
+def _add_adapt_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", type=Path, default=Path("models"),
+                        help="directory with base/ svd/ experts/ dispatcher/ (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--bundle", type=Path, help="take the experts and the dispatcher from this bundle "
+                        "(verified against --models' base first) instead of --models")  # fmt: skip
+    parser.add_argument("--strategy", help="first pass: prompt | cls | fewshot | base | expert:<domain> "
+                        "(default: params dispatch.strategy)")  # fmt: skip
+    parser.add_argument("--blending-mode", choices=["weighted_average", "top_k", "max"],
+                        help="how the posterior mixes experts (default: params dispatch.blending_mode)")  # fmt: skip
+    parser.add_argument("--top-k", type=int, help="experts kept by top_k blending (default: params dispatch.top_k)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--show-experts", action="store_true", help="print the posterior and the blend")
+
+
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    parser.add_argument("--examples", type=Path, help="fewshot: JSONL rows (prompt, answer, and choices/tests) of the "
+                        "new task")  # fmt: skip
+    parser.add_argument("--answer-kind", choices=["number", "letter", "code"], default="number",
+                        help="fewshot: how the examples are scored")  # fmt: skip
+    _add_adapt_options(parser)
+
+
+COMMANDS = (
+    Command(
+        name="params",
+        help="validate params.yaml and print the resolved values",
+        description="Validate the params file against the typed schema and print the resolved values (smoke overlay "
+        "applied, defaults filled in). Exits 2 with the key path of every invalid value.",
+        run=_params_command,
+    ),
+    Command(
+        name="lm-eval",
+        help="lm-eval's own CLI with the model `bayes-llm` registered (arguments pass through)",
+        description="Runs lm-eval's command line after registering the model `bayes-llm` (modes: base, "
+        "expert:<domain>, oracle, adaptive:prompt|cls). In the project root, for example:\n  bayes-llm lm-eval "
+        "run --model bayes-llm --model_args mode=adaptive:prompt --tasks bayes_llm --include_path "
+        "bayes_llm/evaluate/tasks --limit 20",
+        run=_lm_eval_command,
+        arguments=lambda parser: parser.add_argument("lm_eval_args", nargs=argparse.REMAINDER,
+                                                     help="arguments for lm-eval"),
+        raw_description=True,
+    ),
+    Command(
+        name="generate",
+        help="answer prompts with self-adapted weights (two passes)",
+        description="Pass 1 identifies each prompt's task (strategy), the calibrated Bayesian controller turns that "
+        "into a posterior over experts and a blend of their singular-value scales (below the `other` threshold: the "
+        "base weights), pass 2 answers greedily with the composed weights. fewshot: a CEM search over expert mixing "
+        "weights on --examples first.",
+        run=_generate_command,
+        arguments=_generate_arguments,
+    ),
+    Command(
+        name="chat",
+        help="interactive two-pass session",
+        description="Reads prompts from stdin and answers each with two-pass adaptation (see `generate`).",
+        run=_chat_command,
+        arguments=_add_adapt_options,
+    ),
+)

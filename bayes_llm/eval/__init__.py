@@ -1,1 +1,0 @@
-"""Evaluation: greedy exact match per domain (here), the lm-eval model and reports (later)."""

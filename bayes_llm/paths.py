@@ -1,0 +1,52 @@
+"""One map of the pipeline's artifact paths, relative to the project root (where stages run).
+
+Components take these as defaults and stages declare their inputs and outputs from them;
+`tests/test_layout.py` checks that `dvc.yaml`'s deps and outs say the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+
+DATA = Path("data/prepared")
+DATA_MANIFEST = DATA / "domains.json"
+
+MODELS = Path("models")
+BASE = MODELS / "base"
+BASE_TEST_SCORES = BASE / "test_scores.json"
+SVD = MODELS / "svd"
+EXPERTS = MODELS / "experts"
+CHECKPOINTS = MODELS / "checkpoints"  # a killed expert run resumes here; not a DVC output
+DISPATCHER = MODELS / "dispatcher"
+LORA = MODELS / "lora"
+
+BUNDLES = Path("bundles")
+
+REPORTS = Path("reports")
+REPORTS_README = REPORTS / "README.md"
+DATA_REPORTS = REPORTS / "data"
+BASE_REPORTS = REPORTS / "base"
+SVF_REPORTS = REPORTS / "svf"
+EXPERT_REPORTS = REPORTS / "experts"
+DISPATCH_REPORTS = REPORTS / "dispatch"
+LORA_REPORTS = REPORTS / "lora"
+EVAL_REPORTS = REPORTS / "eval"
+
+
+def expert_file(domain: str) -> Path:
+    return EXPERTS / f"{domain}.safetensors"
+
+
+def expert_checkpoint(domain: str) -> Path:
+    return CHECKPOINTS / domain
+
+
+def expert_report(domain: str, suffix: str = ".json") -> Path:
+    """reports/experts/<domain><suffix>: `.json`, `.png`, `_train.csv`, `_val.csv`."""
+    return EXPERT_REPORTS / f"{domain}{suffix}"
+
+
+def bundle_dir(name: str) -> Path:
+    return BUNDLES / name

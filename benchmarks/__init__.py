@@ -1,0 +1,1 @@
+"""Speed and quality studies, the kernel check: outside the DAG's deps. Run `python -m benchmarks.<name> --help`."""
