@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bayes_llm.commands import COMMANDS
-from bayes_llm.config import PARAMS_FILE
+from bayes_llm.config import PARAMS_FILE, load_params
 from bayes_llm.errors import UserError
 from bayes_llm.stages import all_stages
 
@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.sandboxed:
+            from bayes_llm.rewards.sandbox import configure
+
+            configure(load_params(args.params).sandbox.allow_weak_isolation)
         return args.run(args)
     except UserError as error:
         print(f"bayes-llm {args.command}: {error}", file=sys.stderr)

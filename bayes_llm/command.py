@@ -27,12 +27,14 @@ class Command:
     arguments: Callable[[argparse.ArgumentParser], None] = no_arguments
     # Keep the description's line breaks (for examples) instead of refilling it.
     raw_description: bool = False
+    # It may run model-written code: the sandbox is configured from params first (see cli.main).
+    sandboxed: bool = False
 
     def add_to(self, commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
         kind = argparse.RawDescriptionHelpFormatter if self.raw_description else argparse.HelpFormatter
         parser = commands.add_parser(self.name, help=self.help, description=self.description, formatter_class=kind)
         self.arguments(parser)
-        parser.set_defaults(run=self.run)
+        parser.set_defaults(run=self.run, sandboxed=self.sandboxed)
         return parser
 
 
@@ -41,6 +43,7 @@ class Stage(Command):
     """A DVC stage's command: `stages/<dvc_name>.py` calls it (with the foreach key, if any)."""
 
     dvc_name: str = ""
+    sandboxed: bool = True
     deps: tuple[Path | str, ...] = ()
     outs: tuple[Path | str, ...] = ()
 

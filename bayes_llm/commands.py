@@ -161,6 +161,7 @@ COMMANDS = (
         "weights on --examples first.",
         run=_generate_command,
         arguments=_generate_arguments,
+        sandboxed=True,
     ),
     Command(
         name="chat",
@@ -168,5 +169,6 @@ COMMANDS = (
         description="Reads prompts from stdin and answers each with two-pass adaptation (see `generate`).",
         run=_chat_command,
         arguments=_add_adapt_options,
+        sandboxed=True,
     ),
 )

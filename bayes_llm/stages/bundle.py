@@ -53,6 +53,7 @@ STAGE = Stage(
     "manifest.json (version, base and SVD fingerprints, every file's sha256, params, metrics, git revision) and a "
     "model card (README.md).",
     run=_command,
+    sandboxed=False,  # runs no model-written code
     arguments=_arguments,
     deps=(paths.SVD, paths.EXPERTS, paths.DISPATCHER, paths.EVAL_REPORTS / "summary.json",
           paths.EVAL_REPORTS / "results.md", *PICTURES),

@@ -181,6 +181,7 @@ STAGE = Stage(
     "Writes models/dispatcher/ and reports/dispatch/ (metrics.json with routing accuracy, confusion matrix and ECE "
     "before/after; reliability.png; confusion.png).",
     run=_command,
+    sandboxed=False,  # runs no model-written code
     deps=(paths.BASE, paths.SVD, paths.EXPERTS, paths.DATA),
     outs=(paths.DISPATCHER, *(REPORT_DIR / f for f in ("reliability.png", "confusion.png", "metrics.json"))),
 )

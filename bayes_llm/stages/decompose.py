@@ -39,6 +39,7 @@ STAGE = Stage(
     "attn | mamba | all, or module-name regexes). Writes models/svd/ (safetensors U, S, Vh + svd.json with the base "
     "and SVD fingerprints) and reports/svf/decompose.json (matrices, seconds, max relative reconstruction error).",
     run=_command,
+    sandboxed=False,  # runs no model-written code
     deps=(paths.BASE,),
     outs=(paths.SVD, REPORT),
 )

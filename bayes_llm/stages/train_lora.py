@@ -45,6 +45,7 @@ STAGE = Stage(
     "has an expert, with the experts' SFT objective on its train split, and saves models/lora/<domain>/ (PEFT "
     "safetensors) plus reports/lora/metrics.json.",
     run=_command,
+    sandboxed=False,  # runs no model-written code
     deps=(paths.BASE, paths.DATA),
     outs=(paths.LORA, REPORT),
 )
