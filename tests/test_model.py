@@ -165,7 +165,7 @@ def test_answer_extraction():
 def test_kernel_check_reference_on_cpu_and_its_verdict(tmp_path):
     from safetensors.torch import load_file
 
-    from bayes_llm.model import kernel_check
+    from benchmarks import kernel_check
 
     params = ModelParams(hidden_size=32, layers=2, attention_heads=2, kv_heads=2, intermediate_size=64)
     checkpoint = save_tiny_checkpoint("bamba", tmp_path / "ckpt")

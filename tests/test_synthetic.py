@@ -53,7 +53,7 @@ def test_test_split_is_stable_when_train_grows():
 
 
 def test_every_reference_solution_passes_its_own_tests():
-    params = smoke_params(domains={"code": {"sizes": {"train": 300, "val": 50, "test": 50}}})
+    params = smoke_params(domains={"code": {"sizes": {"train": 120, "val": 20, "test": 20}}})
     code = next(d for d in resolve(params.data) if d.name == "code")
     rows = [row for rows in build(code, params.data, 11).values() for row in rows]
     subtasks = {row["subtask"] for row in rows}

@@ -1,1 +1,1 @@
-"""Data: the domain registry, synthetic generators, external sources, and the validated `prepare`."""
+"""Data: the domain registry, synthetic generators, external sources, validation, reading prepared splits."""

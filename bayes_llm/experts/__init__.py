@@ -1,1 +1,2 @@
-"""Training SVF experts: objectives (SFT, REINFORCE), the training loop with checkpoints, the stage."""
+"""Training SVF experts: the Trainer (validate, sft step, rl step, checkpoint, resume), objectives (SFT,
+REINFORCE), trl's GRPO/RLOO on z."""

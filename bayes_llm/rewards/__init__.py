@@ -1,1 +1,2 @@
-"""Correctness rewards per domain, and the sandbox that runs generated or dataset code."""
+"""Correctness rewards per domain; model-written code runs in the sandbox and is judged by replaying its
+tests outside it."""

@@ -12,7 +12,7 @@ yes, can at most give wrong answers. A failure of the sandbox (a crash, a timeou
 non-plain answer) is a `SandboxFailure`, a BaseException: test code cannot catch it and go on.
 
 stdin: {"items": [[solution, tests, seconds], ...], "isolation": {...}, "limits": {...}};
-stdout: one JSON list, per item None (every test passed) or a short reason.
+stdout: {"verdicts": per item None (every test passed) or a short reason, "seconds": per item}.
 """
 
 from __future__ import annotations
@@ -203,8 +203,12 @@ def main() -> int:
     isolation = Isolation(**{k: v for k, v in request["isolation"].items() if k != "notes"})
     limits = Limits(**request["limits"])
     signal.signal(signal.SIGALRM, _on_alarm)
-    verdicts = [judge(solution, tests, seconds, isolation, limits) for solution, tests, seconds in request["items"]]
-    sys.stdout.write(json.dumps(verdicts) + "\n")
+    verdicts, times = [], []
+    for solution, tests, seconds in request["items"]:
+        started_at = time.perf_counter()
+        verdicts.append(judge(solution, tests, seconds, isolation, limits))
+        times.append(round(time.perf_counter() - started_at, 4))
+    sys.stdout.write(json.dumps({"verdicts": verdicts, "seconds": times}) + "\n")
     return 0
 
 
