@@ -37,10 +37,24 @@ def _show_answer(answer, show_experts: bool) -> None:
         print(f"  [posterior: {posterior}]\n  [blend: {blend}]")
 
 
+def _quiet_libraries() -> None:
+    """No load bars or kernel-fallback notices between the answers (a CPU has no mamba-ssm: that is expected)."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def _engine_and_options(args: argparse.Namespace):
+    params = load_params(args.params)
+    if getattr(args, "examples", None) and not args.examples.is_file():
+        raise UserError(f"--examples {args.examples}: no such file")
+    if args.strategy == "fewshot" and not getattr(args, "examples", None):
+        raise UserError("--strategy fewshot needs --examples FILE.jsonl (rows with prompt and answer)")
+    if not args.verbose:
+        _quiet_libraries()
     from bayes_llm.inference.engine import Engine
 
-    params = load_params(args.params)
     cfg = params.dispatch
     options = {
         "strategy": args.strategy or cfg.strategy,
@@ -72,7 +86,9 @@ def _generate_command(args: argparse.Namespace) -> int:
     engine, options, params = _engine_and_options(args)
     if options["strategy"] == "fewshot":
         return _fewshot(engine, options, params, args)
-    for answer in engine.generate(args.prompt, **options):
+    for prompt, answer in zip(args.prompt, engine.generate(args.prompt, **options), strict=True):
+        if len(args.prompt) > 1:  # which answer is which
+            print(f"> {prompt}")
         _show_answer(answer, args.show_experts)
     return 0
 
@@ -80,8 +96,6 @@ def _generate_command(args: argparse.Namespace) -> int:
 def _fewshot(engine, options: dict, params, args: argparse.Namespace) -> int:
     from bayes_llm.dispatch.fewshot import read_examples
 
-    if not args.examples:
-        raise UserError("--strategy fewshot needs --examples FILE.jsonl (rows with prompt and answer)")
     cfg = params.dispatch.fewshot
     shots = read_examples(args.examples)[: cfg.shots]
     result, _ = engine.fewshot(shots, args.answer_kind, cfg.population, cfg.elites, cfg.iterations, params.seed,
@@ -89,24 +103,51 @@ def _fewshot(engine, options: dict, params, args: argparse.Namespace) -> int:
     alpha = dict(zip(engine.domains, result.alpha.reshape(len(engine.domains), -1).mean(axis=1).round(3).tolist(),
                      strict=True))  # fmt: skip
     for text, prompt in zip(engine.complete(args.prompt, options["max_new_tokens"]), args.prompt, strict=True):
+        if len(args.prompt) > 1:
+            print(f"> {prompt}")
         print(text.strip())
         if args.show_experts:
             print(f"  [few-shot reward {result.reward:.3f} on {len(shots)} examples; alpha: {alpha}]  ({prompt[:40]})")
     return 0
 
 
-def _chat_command(args: argparse.Namespace) -> int:
-    engine, options, _ = _engine_and_options(args)
-    print(f"bayes-llm chat: strategy {options['strategy']}, blending {options['mode']}; an empty line or Ctrl-D quits")
+CHAT_HELP = "end a line with \\ to go on to the next (e.g. a question, then its choices); an empty line or Ctrl-D quits"
+
+
+def _read_prompt() -> str:
+    """One prompt from stdin: lines ending with a backslash continue it. Empty at an empty line or EOF."""
+    lines: list[str] = []
     while True:
         try:
-            prompt = input("> ").strip()
+            line = input("> " if not lines else ". ")
         except EOFError:
-            break
-        if not prompt:
-            break
+            return "\n".join(lines).strip()
+        if line.endswith("\\"):
+            lines.append(line[:-1])
+            continue
+        return "\n".join([*lines, line]).strip()
+
+
+def _chat_command(args: argparse.Namespace) -> int:
+    engine, options, _ = _engine_and_options(args)
+    print(f"bayes-llm chat: strategy {options['strategy']}, blending {options['mode']}; {CHAT_HELP}")
+    while prompt := _read_prompt():
         _show_answer(engine.generate([prompt], **options)[0], args.show_experts)
     return 0
+
+
+def _strategy(text: str) -> str:
+    """A first-pass strategy, checked before anything loads (the expert's name is checked once it has)."""
+    if text in ("prompt", "cls", "fewshot", "base") or (text.startswith("expert:") and len(text) > len("expert:")):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: use prompt | cls | fewshot | base | expert:<domain>")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
 
 
 def _add_adapt_options(parser: argparse.ArgumentParser) -> None:
@@ -114,13 +155,15 @@ def _add_adapt_options(parser: argparse.ArgumentParser) -> None:
                         help="directory with base/ svd/ experts/ dispatcher/ (default: %(default)s)")  # fmt: skip
     parser.add_argument("--bundle", type=Path, help="take the experts and the dispatcher from this bundle "
                         "(verified against --models' base first) instead of --models")  # fmt: skip
-    parser.add_argument("--strategy", help="first pass: prompt | cls | fewshot | base | expert:<domain> "
-                        "(default: params dispatch.strategy)")  # fmt: skip
+    parser.add_argument("--strategy", type=_strategy, help="first pass: prompt | cls | fewshot | base | "
+                        "expert:<domain> (default: params dispatch.strategy)")  # fmt: skip
     parser.add_argument("--blending-mode", choices=["weighted_average", "top_k", "max"],
                         help="how the posterior mixes experts (default: params dispatch.blending_mode)")  # fmt: skip
-    parser.add_argument("--top-k", type=int, help="experts kept by top_k blending (default: params dispatch.top_k)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--top-k", type=_positive, help="experts kept by top_k blending (default: params "
+                        "dispatch.top_k)")  # fmt: skip
+    parser.add_argument("--max-new-tokens", type=_positive, default=64)
     parser.add_argument("--show-experts", action="store_true", help="print the posterior and the blend")
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' own notices and load bars")
 
 
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,7 +209,9 @@ COMMANDS = (
     Command(
         name="chat",
         help="interactive two-pass session",
-        description="Reads prompts from stdin and answers each with two-pass adaptation (see `generate`).",
+        description="Reads prompts from stdin and answers each with two-pass adaptation (see `generate`): "
+        + CHAT_HELP
+        + ".",
         run=_chat_command,
         arguments=_add_adapt_options,
         sandboxed=True,
