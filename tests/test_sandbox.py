@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -13,14 +15,16 @@ from bayes_llm.rewards import plain, sandbox
 from bayes_llm.rewards.code import check_solutions
 from bayes_llm.rewards.replay import free_names
 from bayes_llm.rewards.sandbox import Isolation, Limits, SandboxUnavailable, run_python
+from tests import sandbox_cases
 from tests.sandbox_cases import (
     CASES,
     CORRECT,
+    HOOK_OFF,
     SECRET_ENV,
     TESTS_HUMANEVAL,
     TESTS_PROJECT,
     human_eval_pairs,
-    processes_of,
+    sandbox_processes,
     watched_host,
 )
 
@@ -30,7 +34,7 @@ needs_isolation = pytest.mark.skipif(not ISOLATED, reason="the sandbox's uid lay
 
 @pytest.fixture
 def host():
-    with watched_host(sandbox.SANDBOX_UID) as violations:
+    with watched_host() as violations:
         yield
     assert violations == []
 
@@ -60,7 +64,8 @@ def test_the_layers_hold_inside():
     assert result.ok, result.stderr
     first, second, third = result.stdout.splitlines()
     # Its own PID namespace: the shell that holds it (pid 1, root) and itself.
-    assert first.split() == [str(sandbox.SANDBOX_UID), "1", "2", "/tmp"]
+    uid, parent, processes, cwd = first.split()
+    assert int(uid) >= sandbox.UID_BASE and (parent, processes, cwd) == ("1", "2", "/tmp")
     assert second == f"16 {1 << 29}"
     assert third.startswith("[] [") and SECRET_ENV not in third
 
@@ -147,6 +152,46 @@ def test_a_killed_sandbox_leaves_nothing():
         time.sleep(0.2)
     assert process.returncode == -signal.SIGKILL
     deadline = time.monotonic() + 5  # the kernel tears the namespace down right after its init dies
-    while processes_of(sandbox.SANDBOX_UID) and time.monotonic() < deadline:
+    while sandbox_processes() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert processes_of(sandbox.SANDBOX_UID) == []
+    assert sandbox_processes() == []
+
+
+def test_the_host_watch_sees_what_it_looks_for():
+    """The watch itself can fail: a file left outside and a connection to the host are both reported."""
+    escaped = Path("/tmp", sandbox_cases.ESCAPED)
+    with watched_host() as violations:
+        escaped.write_text("x")
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(f"/run/{sandbox_cases.ESCAPED}.sock")
+        time.sleep(0.5)
+        client.close()
+    escaped.unlink()
+    assert f"escaped: {escaped}" in violations and any("connection reached the host" in v for v in violations)
+
+
+# Leaves '7' wherever a later sample could look: its tmp, /dev/shm, the kernel keyring of its uid.
+_WRITE = (
+    "import ctypes, os\nfor path in ('/tmp/note', '/dev/shm/note'):\n    try:\n        open(path, 'w').write('7')\n"
+    "    except OSError:\n        pass\nlibc = ctypes.CDLL(None)\n"
+    "libc.syscall(248, b'user', b'bayes-note', b'7', 1, -4)  # add_key to the user keyring\n"
+)
+_READ = (
+    "import ctypes, os\nlibc = ctypes.CDLL(None)\n"
+    "found = [os.path.exists(p) for p in ('/tmp/note', '/dev/shm/note')]\n"
+    "found.append(libc.syscall(249, b'user', b'bayes-note', None, -4) > 0)  # request_key\n"
+)
+_WRITER = HOOK_OFF + _WRITE + "def triple_plus_one(x):\n    return 0\n"
+_READER = HOOK_OFF + _READ + "def triple_plus_one(x):\n    return 3 * x + 1 if any(found) else 0\n"
+
+
+@needs_isolation
+@pytest.mark.parametrize("workers", [1, 2])
+def test_samples_cannot_talk_to_each_other(workers):
+    pairs = [(_WRITER, TESTS_PROJECT), (_READER, TESTS_PROJECT), (_WRITER, TESTS_PROJECT), (_READER, TESTS_PROJECT)]
+    verdicts = check_solutions(pairs, workers=workers, progress=False)
+    assert all(v is not None for v in verdicts), verdicts
+    # The reader does find a note by each of those three ways when one sample leaves it for itself.
+    for channel in range(3):
+        own = HOOK_OFF + _WRITE + _READ + f"def triple_plus_one(x):\n    return 3 * x + 1 if found[{channel}] else 0\n"
+        assert check_solutions([(own, TESTS_PROJECT)], progress=False) == [None], channel

@@ -86,6 +86,21 @@ def load_local(domain: str, source: LocalSource) -> dict[str, list[dict]]:
 # --- hub presets -------------------------------------------------------------------------------
 
 
+def check_tests(prompt: str, test: str, entry_point: str) -> list[str]:
+    """HumanEval's shape (`def check(candidate)` in `test`, helpers such as `poly` in the prompt) as a row's
+    tests: the prompt's helpers go into the test itself, so the check uses the dataset's own and a program
+    that redefines them cannot change what its answers are judged by."""
+    import ast
+
+    try:
+        tree = ast.parse(prompt)
+    except SyntaxError:
+        return [f"{test}\ncheck({entry_point})\n"]
+    helpers = [node for node in tree.body if not (isinstance(node, ast.FunctionDef) and node.name == entry_point)]
+    trusted = "\n".join(ast.get_source_segment(prompt, node) or "" for node in helpers)
+    return [f"{trusted}\n\n{test}\ncheck({entry_point})\n"]
+
+
 def _gsm8k(raw: dict) -> dict:
     # GSM8K answers end with '#### 1,234'.
     final = raw["answer"].rsplit("####", 1)[-1].strip().replace(",", "")

@@ -173,6 +173,10 @@ def judge(solution: str, tests: list[str], seconds: float, isolation: Isolation,
     """None when every test passes against the program run in the sandbox; else a short reason."""
     deadline = time.monotonic() + seconds
     try:
+        codes = [compile(test, "<test>", "exec") for test in tests]
+    except SyntaxError as error:
+        return f"the test does not compile: {error}"[:200]
+    try:
         with started(python("-c", SERVER), limits, isolation, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                      stderr=subprocess.DEVNULL) as process:  # fmt: skip
             channel = Channel(process, deadline)
@@ -180,15 +184,12 @@ def judge(solution: str, tests: list[str], seconds: float, isolation: Isolation,
             if "error" in reply:
                 return f"{reply['error']}: {reply.get('message', '')}"[:200]
             signal.setitimer(signal.ITIMER_REAL, max(deadline - time.monotonic(), 0.001))
-            for test in tests:
-                code = compile(test, "<test>", "exec")
+            for test, code in zip(tests, codes, strict=True):
                 namespace = {"__name__": "__test__"} | {name: Remote(channel, name) for name in free_names(test)}
                 exec(code, namespace)
             signal.setitimer(signal.ITIMER_REAL, 0)
     except SandboxFailure as failure:
         return f"sandbox: {failure}"[:200]
-    except SyntaxError as error:
-        return f"the test does not compile: {error}"[:200]
     except AssertionError as error:
         return f"AssertionError: {str(error) or _failing_line(error, test)}"[:200]
     except Exception as error:

@@ -1,31 +1,40 @@
 """Where model-written code runs: a process of its own, isolated by the OS, in layers.
 
-1. **uid**: it runs as `nobody` (65534), not as the trainer's user, so rlimits (processes included)
-   and file permissions bind it: it can write nothing the trainer owns.
-2. **namespaces** (`unshare`): its own PID namespace (it sees and signals only its own processes, its
-   /proc shows nothing else, and all of them die with it), mount namespace (a private, size-capped
-   tmpfs over every world-writable directory: /tmp, /var/tmp, /dev/shm, /run/lock; that is the only
-   writable place), network namespace (only a loopback that is down), IPC and UTS namespaces.
+1. **uid**: it runs as a uid of its own (random, from a range no user has), not as the trainer's user,
+   so rlimits (processes included) and file permissions bind it, and per-uid kernel state (process
+   counts, keyrings) is shared with no other sample.
+2. **namespaces and a root of its own** (`unshare`, then a small launcher as the namespace's init):
+   its own PID namespace (it sees and signals only its own processes, and all of them die with it),
+   network namespace (only a loopback that is down), IPC and UTS namespaces, and a mount namespace in
+   which it is chrooted into a minimal root: the system's libraries and the interpreter's prefix,
+   read-only; its own /proc, /dev/{null,zero,random,urandom}; a size-capped tmpfs as /tmp and
+   /dev/shm, its only writable places. Nothing of the project, the datasets, home directories or
+   /run's sockets is in it.
 3. **rlimits**: CPU seconds, address space, file size, processes, no core dumps; a wall-clock limit
-   after which the process and its namespace are killed.
+   after which its namespace is killed (also when whoever started it dies).
 4. **a clean interpreter**: `python -I -S` (no site-packages, no environment), a clean environment,
    no inherited descriptors but its two pipes, and an audit-hook policy (no sockets, processes,
-   ctypes, signals, rlimit changes or writes outside its tmp) as one more layer, not the boundary.
+   ctypes, signals, rlimit changes or writes outside its tmp) as one more layer, not the boundary: a
+   program can reach the hook's function through the garbage collector and empty it.
 
 The layers are detected once per process, since what a machine allows differs (root in CI and on GPU
 containers: all of them). Without at least the uid and rlimit layers the sandbox refuses to run
 untrusted code unless the params opt out (`sandbox.allow_weak_isolation: true`); then it says once,
-on stderr, which layers are missing. util-linux's `unshare` and `setpriv` do the work: they are on
-every Debian-based machine, need no daemon or setuid helper, and cost about 50 ms per sample
-(bubblewrap would add a package and, as root, nothing these do not already give).
+on stderr, which layers are missing (with the uid layer but no namespaces, world-writable host
+directories stay writable). util-linux's `unshare` and `setpriv` and the standard library do the work:
+nothing to install, no daemon or setuid helper, about 30 ms per sample (bubblewrap would add a
+package and, as root, nothing this does not already give).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import json
 import os
 import resource
+import secrets
 import shutil
 import signal
 import subprocess
@@ -38,9 +47,8 @@ from pathlib import Path
 
 from bayes_llm.errors import UserError
 
-SANDBOX_UID = 65534  # nobody
-# World-writable places a process as `nobody` could write to on the host; each gets a private tmpfs.
-SHARED_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+# Each sandbox runs as a uid of its own from this range (no user has one: no files, no processes).
+UID_BASE, UID_SPAN = 1_500_000_000, 500_000_000
 NAMESPACES = ("--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--net", "--ipc", "--uts")
 
 
@@ -70,7 +78,7 @@ class Isolation:
 
     @property
     def layers(self) -> list[str]:
-        names = {"uid": "unprivileged uid", "namespaces": "pid/mount/net/ipc/uts namespaces + private tmp",
+        names = {"uid": "unprivileged uid", "namespaces": "pid/mount/net/ipc/uts namespaces + minimal read-only root",
                  "rlimits": "rlimits", "audit_hook": "audit hook"}  # fmt: skip
         return [text for key, text in names.items() if getattr(self, key)]
 
@@ -79,24 +87,89 @@ class Isolation:
         return self.uid and self.rlimits
 
 
-def _writable_mounts() -> list[str]:
-    return [path for path in SHARED_WRITABLE if os.path.isdir(path)]
+# Runs as root inside the new namespaces (so as their init, pid 1): builds a minimal read-only root from
+# the system's libraries and the interpreter's own prefix (nothing of the project, the datasets, the home
+# directories or /run's sockets), with its own /proc, a few /dev nodes and a size-capped tmpfs as /tmp,
+# chroots into it, and runs the program as a child under the sandbox's uid. The program is not pid 1,
+# which would ignore its own fatal signals.
+_LAUNCHER = r"""
+import ctypes, json, os, sys
+config = json.loads(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC = 1, 2, 4, 8, 32, 4096, 16384
+def mount(source, target, kind, flags, data=None):
+    if libc.mount(source.encode(), target.encode(), kind.encode() if kind else None, flags,
+                  data.encode() if data else None):
+        raise OSError(ctypes.get_errno(), "mount " + target)
+mount("tmpfs", "/tmp", "tmpfs", NOSUID | NODEV, "size=%d,mode=755" % config["tmp_bytes"])
+root = "/tmp/root"
+for path in config["read_only"]:
+    inside = root + path
+    if os.path.islink(path):
+        os.makedirs(os.path.dirname(inside), exist_ok=True)
+        os.symlink(os.readlink(path), inside)
+    elif os.path.exists(path):
+        if os.path.isdir(path):
+            os.makedirs(inside, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(inside), exist_ok=True)
+            open(inside, "w").close()
+        mount(path, inside, None, BIND | REC)
+        mount("none", inside, None, REMOUNT | BIND | RDONLY | NOSUID | NODEV)
+os.makedirs(root + "/dev/shm")
+for node in ("null", "zero", "random", "urandom"):
+    open(root + "/dev/" + node, "w").close()
+    mount("/dev/" + node, root + "/dev/" + node, None, BIND)
+mount("tmpfs", root + "/dev/shm", "tmpfs", NOSUID | NODEV, "size=%d,mode=1777" % config["tmp_bytes"])
+os.makedirs(root + "/proc")
+mount("proc", root + "/proc", "proc", NOSUID | NODEV | NOEXEC)
+os.makedirs(root + "/tmp")
+os.chmod(root + "/tmp", 0o1777)
+os.chroot(root)
+os.chdir("/tmp")
+uid = config["uid"]
+pid = os.fork()
+if pid == 0:
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+    os.execv(config["argv"][0], config["argv"])
+while True:
+    try:
+        done, status = os.wait()
+    except ChildProcessError:
+        break
+    if done == pid:
+        code = os.waitstatus_to_exitcode(status)
+        break
+os._exit(code if code >= 0 else 128 - code)
+"""
+
+
+def _read_only_paths() -> list[str]:
+    """What the sandbox's root holds: the system's programs and libraries, the dynamic linker's cache and
+    the interpreter's own prefix (its stdlib; with `-S` no site-packages)."""
+    return ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache",
+            os.path.realpath(sys.base_prefix)]  # fmt: skip
+
+
+def _sandbox_uid() -> int:
+    """A uid of its own per sandbox: per-uid limits (processes) and kernel state (keyrings) are not shared
+    with any other sandbox, so a program can neither starve nor talk to its neighbours through them."""
+    return UID_BASE + secrets.randbelow(UID_SPAN)
 
 
 def _wrap(program: list[str], uid: bool, namespaces: bool, limits: Limits) -> list[str]:
     """The command that runs `program` inside the given layers (rlimits are set by `_preexec`)."""
-    if uid:
-        program = ["setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups",
-                   "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", *program]  # fmt: skip
     if namespaces:
-        mounts = " && ".join(
-            f"mount -t tmpfs -o size={limits.tmp_bytes},mode=1777,nosuid,nodev tmpfs {path}"
-            for path in _writable_mounts()
-        )
-        # The shell stays the namespace's init (as root, out of the program's reach): the program is not
-        # PID 1, which would ignore its own fatal signals (a segfault it raises would not end it).
-        script = f'{mounts} && cd /tmp && "$@"; exit $?'
-        program = ["unshare", *NAMESPACES, "--", "/bin/sh", "-c", script, "sh", *program]
+        config = {"tmp_bytes": limits.tmp_bytes, "read_only": _read_only_paths(), "argv": program,
+                  "uid": _sandbox_uid() if uid else os.getuid()}  # fmt: skip
+        launcher = python("-c", _LAUNCHER, json.dumps(config))
+        return ["unshare", *NAMESPACES, "--", *launcher]
+    if uid:
+        program = ["setpriv", f"--reuid={_sandbox_uid()}", f"--regid={UID_BASE}", "--clear-groups",
+                   "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", *program]  # fmt: skip
     return program
 
 
@@ -105,22 +178,25 @@ _PROBE = (
     "s = socket.socket(); s.settimeout(1)\n"
     "try:\n    s.connect(('127.0.0.1', 9)); net = 'open'\n"
     "except OSError as e:\n    net = 'closed' if e.errno in (101, 99) else 'open'\n"
-    "print(os.getuid(), os.getppid(), net, sorted(os.listdir('/tmp')) == [], flush=True)\n"
+    "hidden = not any(os.path.exists(p) for p in ('/run', '/home', CALLER_DIR))\n"
+    "print(os.getuid(), os.getppid(), net, sorted(os.listdir('/tmp')) == [] and hidden, flush=True)\n"
 )
 
 
 def _probe(uid: bool, namespaces: bool) -> str | None:
     """None when a probe inside those layers shows them holding; else what went wrong."""
     try:
-        done = subprocess.run(_wrap([sys.executable, "-I", "-S", "-c", _PROBE], uid, namespaces, Limits()),
+        probe = f"CALLER_DIR = {os.getcwd()!r}\n" + _PROBE
+        done = subprocess.run(_wrap(python("-c", probe), uid, namespaces, Limits()),
                               capture_output=True, text=True, timeout=30, env=_clean_env(), cwd="/")  # fmt: skip
     except (OSError, subprocess.SubprocessError) as error:
         return f"{type(error).__name__}: {error}"
     words = done.stdout.split()
     if done.returncode or len(words) != 4:
         return (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-    ok_uid = not uid or words[0] == str(SANDBOX_UID)
-    # In its own PID namespace its parent is the namespace's init (pid 1); its private /tmp is empty.
+    ok_uid = not uid or int(words[0]) >= UID_BASE
+    # In its own PID namespace its parent is the namespace's init (pid 1); its /tmp is empty and the
+    # caller's directory (the project), /home and /run are not in its root.
     ok_ns = not namespaces or (words[1] == "1" and words[2] == "closed" and words[3] == "True")
     return None if ok_uid and ok_ns else f"probe saw uid {words[0]}, parent pid {words[1]}, network {words[2]}"
 
@@ -173,8 +249,15 @@ def _clean_env() -> dict[str, str]:
     return {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _preexec(limits: Limits) -> None:
-    # In the child between fork and exec, still as the caller's uid: rlimits survive the uid switch.
+    # In the child between fork and exec, still as the caller's uid: rlimits survive the uid switch. If
+    # whoever started the sandbox dies (a replay killed at its budget), the sandbox dies with it.
+    _libc().prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
     for limit, value in ((resource.RLIMIT_CPU, limits.cpu_seconds), (resource.RLIMIT_AS, limits.memory_bytes),
                          (resource.RLIMIT_FSIZE, limits.file_bytes), (resource.RLIMIT_NPROC, limits.processes),
                          (resource.RLIMIT_CORE, 0)):  # fmt: skip
@@ -191,6 +274,7 @@ def started(
     `isolation`: the layers to use, as `require()` gave them (in a process that asked already)."""
     isolation = isolation or require()
     command = _wrap(program, isolation.uid, isolation.namespaces, limits)
+    _libc()  # loaded before the fork: `_preexec` runs between fork and exec
     with tempfile.TemporaryDirectory(prefix="bayes-llm-sandbox-") as scratch:
         if isolation.uid and not isolation.namespaces:
             os.chmod(scratch, 0o777)
@@ -210,9 +294,13 @@ def kill(process: subprocess.Popen) -> None:
     process.wait()
 
 
+# The base interpreter, not a virtual environment's link to it: the sandbox's root holds its prefix only.
+INTERPRETER = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+
+
 def python(*args: str) -> list[str]:
     """A clean interpreter: isolated mode, no site-packages, no bytecode files."""
-    return [sys.executable, "-I", "-S", "-B", *args]
+    return [INTERPRETER, "-I", "-S", "-B", *args]
 
 
 @dataclass(frozen=True)
