@@ -226,6 +226,31 @@ CASES: dict[str, tuple[str, str]] = {
         "    return 0\n",
         "hack",
     ),
+    "nested sets slow to rebuild": (
+        "import sys, json\nmain = sys.modules['__main__']\n"
+        "def triple_plus_one(x):\n"
+        "    inner = lambda i: {'t': 'frozenset', 'v': [k * (2**61 - 1) + i for k in range(215)]}\n"
+        "    reply = json.dumps({'value': {'t': 'frozenset', 'v': [inner(i) for i in range(215)]}}) + '\\n'\n"
+        "    data = reply.encode()\n    while data:\n        data = data[main._os.write(main._wfd, data):]\n"
+        "    return 0\n",
+        "hack",
+    ),
+    "a StopIteration to end the test's loop": ("def triple_plus_one(x):\n    raise StopIteration\n", "hack"),
+    "memory off the address space (memfd)": (
+        _attempt("import os\nfds = []\nfor _ in range(20000):\n    fd = os.memfd_create('m')\n"
+                 "    os.write(fd, b'x' * (1 << 20))\n    fds.append(fd)"),
+        "escape",
+    ),
+    "kernel keys that outlive it": (
+        HOOK_OFF + _attempt("import ctypes\nlibc = ctypes.CDLL(None)\nfor i in range(200):\n"
+                            "    libc.syscall(248, b'user', b'k%d' % i, b'x' * 1000, 1000, -4)"),
+        "escape",
+    ),
+    "vsock to the VM host": (
+        _attempt("import socket\nfor cid in (1, 2, 3):\n    s = socket.socket(40, socket.SOCK_STREAM)\n"
+                 "    s.settimeout(0.2)\n    s.connect((cid, 22))\n    s.sendall(b'escaped')"),
+        "escape",
+    ),
     "a unix socket on the host": (
         _attempt(
             "import socket, os\nfor folder in ('/run', '/var/run', '/tmp', '/run/lock'):\n"

@@ -110,6 +110,7 @@ def test_every_test_shape_is_judged_outside():
         ("def f(x):\n    return [x]\n", ["assert f(1) == (1,)"], "AssertionError: assert f(1) == (1,)"),
         ("def f(x):\n    return 1\n", ["assert g(1) == 1"], "NameError: name 'g' is not defined"),
         ("def f(x):\n    return 1\n", ["assert f(lambda: 0) == 1"], "sandbox: the test passes a function"),
+        ("def f(x):\n    raise StopIteration\n", ["assert all(map(lambda x: f(x) == 3, [1, 2]))"], "RuntimeError"),
     ]  # fmt: skip
     verdicts = check_solutions([(solution, tests) for solution, tests, _ in checks], progress=False)
     for (_, tests, want), got in zip(checks, verdicts, strict=True):
@@ -191,7 +192,8 @@ def test_samples_cannot_talk_to_each_other(workers):
     pairs = [(_WRITER, TESTS_PROJECT), (_READER, TESTS_PROJECT), (_WRITER, TESTS_PROJECT), (_READER, TESTS_PROJECT)]
     verdicts = check_solutions(pairs, workers=workers, progress=False)
     assert all(v is not None for v in verdicts), verdicts
-    # The reader does find a note by each of those three ways when one sample leaves it for itself.
-    for channel in range(3):
+    # The reader does find a note a sample leaves for itself in its tmp and /dev/shm; kernel keys it
+    # cannot make at all (seccomp), though the audit hook is off.
+    for channel, found in ((0, True), (1, True), (2, False)):
         own = HOOK_OFF + _WRITE + _READ + f"def triple_plus_one(x):\n    return 3 * x + 1 if found[{channel}] else 0\n"
-        assert check_solutions([(own, TESTS_PROJECT)], progress=False) == [None], channel
+        assert (check_solutions([(own, TESTS_PROJECT)], progress=False) == [None]) is found, channel

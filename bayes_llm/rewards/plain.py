@@ -11,8 +11,9 @@ This file must stay standard-library only: the sandboxed server runs its source 
 import json
 
 MAX_DEPTH = 50
-# Members of one set or dict rebuilt on the trusted side: keys crafted to share one hash make building
-# a set quadratic in C, where no alarm can stop it (41,500 such ints took 9 s); 2,000 take milliseconds.
+# Set members and dict keys rebuilt on the trusted side, per value: keys crafted to share one hash make
+# building a set quadratic in C, where no alarm can stop it (41,500 such ints took 9 s; nested frozensets
+# of 215 x 215 took 10 s); 2,000 flat ones take milliseconds.
 MAX_HASHED = 2000
 
 
@@ -41,35 +42,50 @@ def encode(value, depth=0):
     raise NotPlainData(f"a {kind.__name__} is not plain data")
 
 
-def decode(data, depth=0):
+def decode(data, depth=0, budget=None):
+    """The value `data` encodes. Set members and dict keys must be scalars or flat tuples of scalars, at
+    most MAX_HASHED of them (tuple items counted) in one value: hashing is where crafted data is slow."""
+    budget = [MAX_HASHED] if budget is None else budget
     if depth > MAX_DEPTH:
         raise NotPlainData("nested too deep")
     kind = type(data)
     if data is None or kind in (bool, int, str, float):
         return data
     if kind is list:
-        return [decode(item, depth + 1) for item in data]
+        return [decode(item, depth + 1, budget) for item in data]
     if kind is not dict or set(data) != {"t", "v"}:
         raise NotPlainData(f"not a plain-data encoding: {str(data)[:60]}")
     tag, items = data["t"], data["v"]
     if tag == "float" and items in ("nan", "inf", "-inf"):
         return float(items)
     if tag == "bytes" and type(items) is str:
-        return bytes.fromhex(items)
+        try:
+            return bytes.fromhex(items)
+        except ValueError:
+            raise NotPlainData("malformed bytes") from None
     if type(items) is not list:
         raise NotPlainData(f"malformed {tag!r}")
     if tag == "tuple":
-        return tuple(decode(item, depth + 1) for item in items)
-    if tag in ("set", "frozenset", "dict") and len(items) > MAX_HASHED:
-        raise NotPlainData(f"a {tag} of {len(items)} members (at most {MAX_HASHED})")
+        return tuple(decode(item, depth + 1, budget) for item in items)
     if tag in ("set", "frozenset"):
-        members = [decode(item, depth + 1) for item in items]
+        members = [_hashable(item, depth + 1, budget) for item in items]
         return set(members) if tag == "set" else frozenset(members)
     if tag == "dict":
         if not all(type(pair) is list and len(pair) == 2 for pair in items):
             raise NotPlainData("malformed dict")
-        return {decode(k, depth + 1): decode(v, depth + 1) for k, v in items}
+        return {_hashable(k, depth + 1, budget): decode(v, depth + 1, budget) for k, v in items}
     raise NotPlainData(f"unknown tag {tag!r}")
+
+
+def _hashable(data, depth, budget):
+    value = decode(data, depth, budget)
+    flat = type(value) is not tuple or all(type(item) in (type(None), bool, int, float, str, bytes) for item in value)
+    if type(value) in (list, set, frozenset, dict) or not flat:
+        raise NotPlainData("a set member or dict key that is not a scalar or a flat tuple")
+    budget[0] -= 1 + (len(value) if type(value) is tuple else 0)
+    if budget[0] < 0:
+        raise NotPlainData(f"more than {MAX_HASHED} set members or dict keys")
+    return value
 
 
 def dumps(message):

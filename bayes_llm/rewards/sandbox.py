@@ -10,7 +10,9 @@
    read-only; its own /proc, /dev/{null,zero,random,urandom}; a size-capped tmpfs as /tmp and
    /dev/shm, its only writable places. Nothing of the project, the datasets, home directories or
    /run's sockets is in it.
-3. **rlimits**: CPU seconds, address space, file size, processes, no core dumps; a wall-clock limit
+3. **seccomp and rlimits**: a BPF filter denies what no program needs and kernels expose to mischief
+   (kernel keys, memfd, io_uring, namespaces, mount, ptrace, bpf, perf, sockets but unix/IP); rlimits
+   on CPU seconds, address space, file size, open files, processes, no core dumps; a wall-clock limit
    after which its namespace is killed (also when whoever started it dies).
 4. **a clean interpreter**: `python -I -S` (no site-packages, no environment), a clean environment,
    no inherited descriptors but its two pipes, and an audit-hook policy (no sockets, processes,
@@ -63,6 +65,9 @@ class Limits:
     memory_bytes: int = 1 << 30
     file_bytes: int = 1 << 20
     processes: int = 32  # per uid: binds only when the sandbox has a uid of its own
+    # Descriptors: each memfd or file may hold `file_bytes`, so this bounds what a program keeps off its
+    # address space.
+    open_files: int = 64
     tmp_bytes: int = 64 << 20
 
 
@@ -72,6 +77,7 @@ class Isolation:
 
     uid: bool = False
     namespaces: bool = False
+    seccomp: bool = False
     rlimits: bool = True
     audit_hook: bool = True
     notes: tuple[str, ...] = field(default=())
@@ -79,7 +85,7 @@ class Isolation:
     @property
     def layers(self) -> list[str]:
         names = {"uid": "unprivileged uid", "namespaces": "pid/mount/net/ipc/uts namespaces + minimal read-only root",
-                 "rlimits": "rlimits", "audit_hook": "audit hook"}  # fmt: skip
+                 "seccomp": "seccomp filter", "rlimits": "rlimits", "audit_hook": "audit hook"}  # fmt: skip
         return [text for key, text in names.items() if getattr(self, key)]
 
     @property
@@ -127,6 +133,23 @@ os.makedirs(root + "/tmp")
 os.chmod(root + "/tmp", 0o1777)
 os.chroot(root)
 os.chdir("/tmp")
+def seccomp(arch, denied, socket_nr):
+    # A BPF filter: the denied system calls (kernel keys, memfd, io_uring, namespaces, mount, ptrace, bpf,
+    # perf) fail with ENOSYS, and so does any socket but AF_UNIX/INET/INET6 (no vsock to the VM host).
+    import struct
+    LD, JEQ, JGE, RET, ALLOW, DENY = 0x20, 0x15, 0x35, 0x06, 0x7FFF0000, 0x00050000 | 38
+    program = [(LD, 0, 0, 4), (JEQ, 1, 0, arch), (RET, 0, 0, DENY), (LD, 0, 0, 0), (JGE, 0, 1, 0x40000000),
+               (RET, 0, 0, DENY)]
+    for number in denied:
+        program += [(JEQ, 0, 1, number), (RET, 0, 0, DENY)]
+    program += [(JEQ, 1, 0, socket_nr), (RET, 0, 0, ALLOW), (LD, 0, 0, 16), (JEQ, 3, 0, 1), (JEQ, 2, 0, 2),
+                (JEQ, 1, 0, 10), (RET, 0, 0, DENY), (RET, 0, 0, ALLOW)]
+    filters = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in program))
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+    fprog = Program(len(program), ctypes.addressof(filters))
+    if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0):  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        raise OSError(ctypes.get_errno(), "seccomp")
 uid = config["uid"]
 pid = os.fork()
 if pid == 0:
@@ -134,6 +157,8 @@ if pid == 0:
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
     libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+    if config["seccomp"]:
+        seccomp(*config["seccomp"])
     os.execv(config["argv"][0], config["argv"])
 while True:
     try:
@@ -154,6 +179,13 @@ def _read_only_paths() -> list[str]:
             os.path.realpath(sys.base_prefix)]  # fmt: skip
 
 
+# Per architecture: the audit arch, the denied system calls, and `socket`'s number (filtered by family).
+_SECCOMP = {
+    "x86_64": (0xC000003E, [248, 249, 250, 319, 425, 426, 427, 272, 308, 165, 166, 101, 321, 298, 323], 41),
+    "aarch64": (0xC00000B7, [217, 218, 219, 279, 425, 426, 427, 97, 268, 40, 39, 117, 280, 241, 282], 198),
+}  # add_key request_key keyctl memfd_create io_uring_* unshare setns mount umount2 ptrace bpf perf userfaultfd
+
+
 def _sandbox_uid() -> int:
     """A uid of its own per sandbox: per-uid limits (processes) and kernel state (keyrings) are not shared
     with any other sandbox, so a program can neither starve nor talk to its neighbours through them."""
@@ -164,7 +196,8 @@ def _wrap(program: list[str], uid: bool, namespaces: bool, limits: Limits) -> li
     """The command that runs `program` inside the given layers (rlimits are set by `_preexec`)."""
     if namespaces:
         config = {"tmp_bytes": limits.tmp_bytes, "read_only": _read_only_paths(), "argv": program,
-                  "uid": _sandbox_uid() if uid else os.getuid()}  # fmt: skip
+                  "uid": _sandbox_uid() if uid else os.getuid(),
+                  "seccomp": _SECCOMP.get(os.uname().machine)}  # fmt: skip
         launcher = python("-c", _LAUNCHER, json.dumps(config))
         return ["unshare", *NAMESPACES, "--", *launcher]
     if uid:
@@ -179,7 +212,8 @@ _PROBE = (
     "try:\n    s.connect(('127.0.0.1', 9)); net = 'open'\n"
     "except OSError as e:\n    net = 'closed' if e.errno in (101, 99) else 'open'\n"
     "hidden = not any(os.path.exists(p) for p in ('/run', '/home', CALLER_DIR))\n"
-    "print(os.getuid(), os.getppid(), net, sorted(os.listdir('/tmp')) == [] and hidden, flush=True)\n"
+    "try:\n    os.memfd_create('probe'); filtered = False\nexcept OSError:\n    filtered = True\n"
+    "print(os.getuid(), os.getppid(), net, sorted(os.listdir('/tmp')) == [] and hidden, filtered, flush=True)\n"
 )
 
 
@@ -192,12 +226,13 @@ def _probe(uid: bool, namespaces: bool) -> str | None:
     except (OSError, subprocess.SubprocessError) as error:
         return f"{type(error).__name__}: {error}"
     words = done.stdout.split()
-    if done.returncode or len(words) != 4:
+    if done.returncode or len(words) != 5:
         return (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
     ok_uid = not uid or int(words[0]) >= UID_BASE
     # In its own PID namespace its parent is the namespace's init (pid 1); its /tmp is empty and the
     # caller's directory (the project), /home and /run are not in its root.
-    ok_ns = not namespaces or (words[1] == "1" and words[2] == "closed" and words[3] == "True")
+    ok_ns = not namespaces or (words[1] == "1" and words[2] == "closed" and words[3] == "True"
+                               and (words[4] == "True" or os.uname().machine not in _SECCOMP))  # fmt: skip
     return None if ok_uid and ok_ns else f"probe saw uid {words[0]}, parent pid {words[1]}, network {words[2]}"
 
 
@@ -217,7 +252,10 @@ def detect() -> Isolation:
     namespaces = tools and root and (error := _probe(uid, True)) is None
     if tools and root and not namespaces:
         notes.append(f"namespaces unavailable: {error}")
-    return Isolation(uid=uid, namespaces=namespaces, notes=tuple(notes))
+    seccomp = namespaces and os.uname().machine in _SECCOMP
+    if namespaces and not seccomp:
+        notes.append(f"no seccomp filter for {os.uname().machine}")
+    return Isolation(uid=uid, namespaces=namespaces, seccomp=seccomp, notes=tuple(notes))
 
 
 _settings = {"allow_weak_isolation": False}
@@ -260,7 +298,7 @@ def _preexec(limits: Limits) -> None:
     _libc().prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
     for limit, value in ((resource.RLIMIT_CPU, limits.cpu_seconds), (resource.RLIMIT_AS, limits.memory_bytes),
                          (resource.RLIMIT_FSIZE, limits.file_bytes), (resource.RLIMIT_NPROC, limits.processes),
-                         (resource.RLIMIT_CORE, 0)):  # fmt: skip
+                         (resource.RLIMIT_NOFILE, limits.open_files), (resource.RLIMIT_CORE, 0)):  # fmt: skip
         resource.setrlimit(limit, (value, value))
 
 
