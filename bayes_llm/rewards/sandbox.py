@@ -201,7 +201,8 @@ def _wrap(program: list[str], uid: bool, namespaces: bool, limits: Limits) -> li
         launcher = python("-c", _LAUNCHER, json.dumps(config))
         return ["unshare", *NAMESPACES, "--", *launcher]
     if uid:
-        program = ["setpriv", f"--reuid={_sandbox_uid()}", f"--regid={UID_BASE}", "--clear-groups",
+        sandbox_uid = _sandbox_uid()
+        program = ["setpriv", f"--reuid={sandbox_uid}", f"--regid={sandbox_uid}", "--clear-groups",
                    "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", *program]  # fmt: skip
     return program
 
@@ -313,10 +314,16 @@ def started(
     isolation = isolation or require()
     command = _wrap(program, isolation.uid, isolation.namespaces, limits)
     _libc()  # loaded before the fork: `_preexec` runs between fork and exec
-    with tempfile.TemporaryDirectory(prefix="bayes-llm-sandbox-") as scratch:
+    # A working directory on the host only without namespaces: with them it is the private /tmp, and a
+    # temporary directory per sample would be work for nothing.
+    if isolation.namespaces:
+        workdir = contextlib.nullcontext("/")
+    else:
+        workdir = tempfile.TemporaryDirectory(prefix="bayes-llm-sandbox-")
+    with workdir as cwd:
         if isolation.uid and not isolation.namespaces:
-            os.chmod(scratch, 0o777)
-        process = subprocess.Popen(command, env=_clean_env(), cwd="/" if isolation.namespaces else scratch,
+            os.chmod(cwd, 0o777)  # writable by the sandbox's uid: its only writable place
+        process = subprocess.Popen(command, env=_clean_env(), cwd=cwd,
                                    close_fds=True, start_new_session=True,
                                    preexec_fn=functools.partial(_preexec, limits), **popen)  # fmt: skip
         try:
