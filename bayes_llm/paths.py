@@ -33,6 +33,9 @@ EXPERT_REPORTS = REPORTS / "experts"
 DISPATCH_REPORTS = REPORTS / "dispatch"
 LORA_REPORTS = REPORTS / "lora"
 EVAL_REPORTS = REPORTS / "eval"
+# Seconds go to each stage's own timing file, never into a metrics file: `dvc exp show` and
+# `dvc metrics diff` then compare scores only, and two runs of the same params show no difference.
+TIMING = "timing.json"
 
 
 def expert_file(domain: str) -> Path:
@@ -44,7 +47,7 @@ def expert_checkpoint(domain: str) -> Path:
 
 
 def expert_report(domain: str, suffix: str = ".json") -> Path:
-    """reports/experts/<domain><suffix>: `.json`, `.png`, `_train.csv`, `_val.csv`."""
+    """reports/experts/<domain><suffix>: `.json`, `.png`, `_train.csv`, `_val.csv`, `_timing.json`."""
     return EXPERT_REPORTS / f"{domain}{suffix}"
 
 

@@ -92,3 +92,34 @@ def grouped_bars(
     axis.grid(alpha=0.3, axis="y")
     axis.legend(fontsize="small", ncol=2)
     _save(figure, path)
+
+
+def expert_curves(curves: dict[str, tuple[list[str], list[list]]], kept_step: int, kept_val: float, path: Path,
+                  title: str) -> None:  # fmt: skip
+    """An expert's training on three panels: the SFT loss, the RL batch reward (raw and trailing mean)
+    and greedy val accuracy with the kept z marked. `curves` is `train_expert.training_curves`."""
+    columns = {suffix: list(zip(*rows, strict=True)) if rows else [] for suffix, (_, rows) in curves.items()}
+    sft, rl, val = columns["_sft_loss.csv"], columns["_rl_reward.csv"], columns["_val.csv"]
+    figure, (loss_axis, reward_axis, val_axis) = plt.subplots(1, 3, figsize=(13.0, 3.8), dpi=110)
+    for axis, points, label in ((loss_axis, sft, "SFT (no SFT phase)"), (reward_axis, rl, "RL (no RL phase)")):
+        if not points:
+            axis.text(0.5, 0.5, label.split(" ", 1)[1], ha="center", va="center", transform=axis.transAxes)
+    if sft:
+        loss_axis.plot(sft[0], sft[1], color="tab:blue")
+    loss_axis.set(title="SFT: train loss of z", xlabel="step", ylabel="cross-entropy")
+    if rl:
+        reward_axis.plot(rl[0], rl[1], color="tab:orange", alpha=0.3, label="batch reward")
+        reward_axis.plot(rl[0], rl[2], color="tab:orange", label=curves["_rl_reward.csv"][0][2].replace("_", " "))
+        reward_axis.legend(fontsize="small")
+    reward_axis.set(title="RL: reward (share correct)", xlabel="step", ylabel="reward", ylim=(-0.02, 1.02))
+    if val:
+        val_axis.plot(val[0], val[1], marker="o", markersize=3, color="tab:green", label="greedy val accuracy")
+    val_axis.axhline(val[1][0] if val else 0, color="grey", linestyle="--", linewidth=0.8, label="base (step 0)")
+    val_axis.plot([kept_step], [kept_val], marker="*", markersize=14, color="tab:red", linestyle="none",
+                  label=f"kept z: step {kept_step}, {100 * kept_val:.1f} %")  # fmt: skip
+    val_axis.set(title="validation", xlabel="step", ylabel="accuracy", ylim=(-0.02, 1.02))
+    val_axis.legend(fontsize="small")
+    for axis in (loss_axis, reward_axis, val_axis):
+        axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    _save(figure, path)

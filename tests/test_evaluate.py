@@ -131,7 +131,8 @@ def test_evaluate_is_deterministic(evaluated, tmp_path, monkeypatch):
     assert main(["evaluate", "--quiet"]) == 0
     again = json.loads((project / "reports/eval/summary.json").read_text())
     systems = {key.split(".")[0] for key in again}
-    assert systems == {"base", "expert_math", "adaptive_prompt", "lora"} and len(again) == 4 * 5
+    # four systems and the chance row, each on 4 tasks and their mean
+    assert systems == {"base", "expert_math", "adaptive_prompt", "lora", "chance"} and len(again) == 5 * 5
     assert again == {key: value for key, value in first.items() if key.split(".")[0] in systems}
 
 

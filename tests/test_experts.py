@@ -61,8 +61,13 @@ def test_train_expert_writes_a_loadable_expert_and_an_honest_report(workdir_proj
     expert = load_expert("models/experts/math.safetensors", read_manifest("models/svd"))
     assert expert.domain == "math" and expert.training["objective"] == "sft+rl"
     assert expert.metrics["test_accuracy"] == report["test_accuracy"]
-    for name in ("math.png", "math_train.csv", "math_val.csv"):
+    for name in ("math.png", "math_sft_loss.csv", "math_rl_reward.csv", "math_val.csv"):
         assert Path("reports/experts", name).stat().st_size > 0
+    # scores only in the metrics file; seconds in their own file
+    assert not any("seconds" in key for key in report) and report["kept_step"] in (0, 2, 4)
+    assert set(json.loads(Path("reports/experts/math_timing.json").read_text())) == {"train_seconds", "stage_seconds"}
+    val = Path("reports/experts/math_val.csv").read_text().split()
+    assert val[0] == "step,val_accuracy" and [line.split(",")[0] for line in val[1:]] == ["0", "2", "4"]
     assert not Path("models/checkpoints/math").exists()  # cleared after success
     saved = json.loads(Path("models/base", FILE).read_text())["domains"]
     for domain, accuracy in report["interference"].items():  # the base side is the base stage's scores
@@ -273,3 +278,20 @@ def test_paired_bootstrap():
     assert better["gain_points"] == 30.0 and 0 < better["ci_low"] < 30 < better["ci_high"]
     with pytest.raises(ValueError):
         paired_bootstrap([1], [1, 0])
+
+
+def test_training_curves_split_the_phases_and_smooth_the_reward():
+    from bayes_llm.stages.train_expert import REWARD_WINDOW, kept_step, training_curves
+
+    curve = [{"step": 0, "phase": "sft", "val_accuracy": 0.5}, {"step": 1, "phase": "sft", "loss": 2.0},
+             {"step": 2, "phase": "sft", "loss": 1.5, "val_accuracy": 0.7}]
+    curve += [{"step": 2 + i, "phase": "rl", "loss": 0.1, "reward": float(i % 2), "kl": None} for i in range(1, 13)]
+    curve[-1]["val_accuracy"] = 0.7
+    curves = training_curves(curve)
+    assert curves["_sft_loss.csv"] == (["step", "loss"], [[1, 2.0], [2, 1.5]])
+    header, rl = curves["_rl_reward.csv"]
+    assert header == ["step", "reward", f"reward_mean{REWARD_WINDOW}", "kl"]
+    assert [r[0] for r in rl] == list(range(3, 15))
+    assert rl[1][2] == 0.5 and rl[-1][2] == 0.5 and rl[-1][3] == 0.0  # a trailing mean; no KL recorded → 0
+    assert curves["_val.csv"][1] == [[0, 0.5], [2, 0.7], [14, 0.7]]
+    assert kept_step(curve, 0.7) == 2  # a later tie does not replace the kept z

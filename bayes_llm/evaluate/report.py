@@ -22,8 +22,17 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
+# What each answer kind's score measures, as lm-eval's bundled tasks score it (bayes_llm/evaluate/tasks).
+MEASURES = {
+    "number": "greedy exact match of the number after `####`",
+    "code": "pass@1: the greedy program passes the item's tests in the sandbox",
+    "letter": "multiple choice by option log-likelihood (the letter right after `Answer:`)",
+}
+
+
 def results_table(report: dict) -> str:
-    """Rows: systems; columns: domains with an expert, their mean, then test-only tasks (e.g. transfer)."""
+    """Rows: systems, then the chance level; columns: domains with an expert, their mean, then test-only
+    tasks (e.g. transfer)."""
     experts = report["expert_domains"]
     others = [d for d in report["tasks"] if d not in experts]
     header = ["system", *experts, "mean", *others]
@@ -32,7 +41,23 @@ def results_table(report: dict) -> str:
         row, mean = report["scores"][system], report["means"][system]
         cells = [_pct(row[d]) for d in experts] + [f"**{_pct(mean)}**"] + [_pct(row[d]) for d in others]
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    chance = report.get("chance")
+    if chance:
+        mean = sum(chance[d] for d in experts) / max(len(experts), 1)
+        cells = [chance[d] for d in experts] + [mean] + [chance[d] for d in others]
+        lines.append("| *chance* | " + " | ".join(f"*{_pct(c)}*" for c in cells) + " |")
     return "\n".join(lines)
+
+
+def measures(report: dict) -> list[str]:
+    """One line per column: the lm-eval task and metric, and what it measures."""
+    lines = []
+    for domain, task in report["tasks"].items():
+        kind = report["answer_kinds"][domain]
+        what = MEASURES[kind] if task.startswith("bayes_llm_") else f"lm-eval's own task, {kind} answers"
+        lines.append(f"- **{domain}**: `{task}`, metric `{report['metrics'][domain]}` — {what}; "
+                     f"chance {_pct(report['chance'][domain])} %.")  # fmt: skip
+    return lines
 
 
 def gains_table(report: dict) -> str:
@@ -64,17 +89,17 @@ def target_check(report: dict) -> list[str]:
 
 
 def stage_times(report: dict) -> list[tuple[str, float | None]]:
-    rows: list[tuple[str, float | None]] = [
-        ("prepare", _read(paths.DATA_REPORTS / "timing.json").get("prepare_seconds")),
-        ("base", _read(paths.BASE_REPORTS / "metrics.json").get("stage_seconds")),
-        ("decompose", _read(paths.SVF_REPORTS / "decompose.json").get("seconds")),
-    ]
-    for domain in report["expert_domains"]:
-        rows.append((f"train_expert@{domain}", _read(paths.expert_report(domain)).get("stage_seconds")))
-    rows.append(("train_lora", _read(paths.LORA_REPORTS / "metrics.json").get("stage_seconds")))
-    rows.append(("calibrate", _read(paths.DISPATCH_REPORTS / "metrics.json").get("stage_seconds")))
-    rows.append(("evaluate", report["timing"]["stage_seconds"]))
-    return rows
+    """Each stage's `stage_seconds` from its timing file (none of them is a metric)."""
+    files = {"prepare": paths.DATA_REPORTS / paths.TIMING, "base": paths.BASE_REPORTS / paths.TIMING,
+             "decompose": paths.SVF_REPORTS / paths.TIMING}  # fmt: skip
+    files |= {f"train_expert@{d}": paths.expert_report(d, "_" + paths.TIMING) for d in report["expert_domains"]}
+    files |= {"train_lora": paths.LORA_REPORTS / paths.TIMING, "calibrate": paths.DISPATCH_REPORTS / paths.TIMING}
+    rows = [(stage, _read(path).get("stage_seconds")) for stage, path in files.items()]
+    return [*rows, ("evaluate", report["timing"]["stage_seconds"])]
+
+
+def _listing(values: dict, fmt: str = "{}") -> str:
+    return ", ".join(f"{key} {fmt.format(value)}" for key, value in values.items())
 
 
 def readme(report: dict, params: Params) -> str:
@@ -83,6 +108,9 @@ def readme(report: dict, params: Params) -> str:
     data = _read(paths.DATA_REPORTS / "summary.json").get("domains", {})
     times = stage_times(report)
     total = sum(t for _, t in times if t is not None)
+    splits = ("train", "val", "test")
+    base_val = _listing({d: 100 * v for d, v in base.get("val_accuracy", {}).items()}, "{:.1f} %")
+    base_chance = _listing({d: 100 * v for d, v in base.get("val_chance", {}).items()}, "{:.1f} %")
     lines = [
         "# bayes-llm reports",
         "",
@@ -93,24 +121,29 @@ def readme(report: dict, params: Params) -> str:
         "## What ran",
         "",
         f"- Profile **{params.profile}**, seed {params.seed}.",
-        "- Data: "
-        + ", ".join(f"{name} ({info['source']}, {info['answer_kind']}, {info['rows']})" for name, info in data.items())
+        "- Data (train/val/test rows): "
+        + ", ".join(f"{name} ({info['source']}, {info['answer_kind']}, "
+                    + "/".join(str(info["rows"].get(s, 0)) for s in splits) + ")" for name, info in data.items())
         + " — [reports/data](data/).",
         f"- Base: {base.get('model_type', '?')} ({params.model.source}), {base.get('parameters', 0) / 1e6:.2f}M "
-        f"parameters, val greedy accuracy {base.get('val_accuracy')} — [reports/base](base/).",
+        f"parameters; on the val splits, greedy: {base_val} (code: pass@1 of its tests; chance {base_chance or '—'})"
+        " — [reports/base](base/).",
         f"- Experts: SVF on `{params.svf.targets}` ({params.svf.mode}); "
         + ", ".join(f"{d}: {e.objective}" for d, e in params.experts.items())
         + " — [reports/experts](experts/).",
-        f"- LoRA baseline: rank {params.evaluate.lora.rank} on {params.evaluate.lora.targets}, "
+        f"- LoRA baseline: rank {params.evaluate.lora.rank} on {', '.join(params.evaluate.lora.targets)}, "
         f"{params.evaluate.lora.steps} SFT steps per domain — [reports/lora](lora/).",
         f"- Dispatcher: first pass `{dispatch.get('strategy')}`, routing accuracy {dispatch.get('routing_accuracy')}, "
         f"ECE {dispatch.get('ece_after')}, blending `{params.dispatch.blending_mode}` — [reports/dispatch](dispatch/).",
         "",
         "## Results (test splits, %)",
         "",
-        "Greedy exact match (math), pass@1 in the sandbox (code), multiple-choice accuracy by option",
-        "log-likelihood (reasoning, transfer), all through lm-eval (`bayes_llm/evaluate/tasks`). `mean` is",
-        "over the domains that have an expert; the transfer task has no expert (oracle = base there).",
+        "Every column is an lm-eval task; what its score measures:",
+        "",
+        *measures(report),
+        "",
+        "`mean` is over the domains that have an expert; a test-only task (transfer) has no expert, so oracle",
+        "routing answers it with the base. *chance* is the score of guessing.",
         "",
         results_table(report),
         "",
@@ -129,7 +162,7 @@ def readme(report: dict, params: Params) -> str:
         lines += ["Few-shot CEM mixtures (α per expert; reward on the k examples):", ""]
         for task, found in report["fewshot"].items():
             note = " (taken from the test split and still scored)" if found["split"] == "test" else ""
-            lines.append(f"- {task}: α {found['alpha']}, reward {found['reward']} on {found['shots']} "
+            lines.append(f"- {task}: α {_listing(found['alpha'])}, reward {found['reward']} on {found['shots']} "
                          f"{found['split']} examples{note}")  # fmt: skip
         lines.append("")
     lines += [
@@ -140,7 +173,10 @@ def readme(report: dict, params: Params) -> str:
         *[f"| {name} | {'—' if t is None else t} |" for name, t in times],
         f"| **total** | **{total:.0f}** |",
         "",
-        "Per system (evaluate): " + ", ".join(f"{s} {t}" for s, t in report["timing"]["systems_seconds"].items()),
+        f"The total is the stages' own time ({total / 60:.1f} min); `dvc repro` adds its hashing and each stage's "
+        "Python start-up, and a fresh clone about 2 minutes of installing (README, Quick start).",
+        "",
+        "Per system (evaluate, seconds): " + _listing(report["timing"]["systems_seconds"]),
         "",
     ]
     return "\n".join(lines)

@@ -8,7 +8,6 @@ import torch
 from tqdm.auto import tqdm
 
 from bayes_llm.prompts import answer_prompt
-from bayes_llm.rewards.answers import exact_match
 from bayes_llm.rewards.correctness import correctness
 
 
@@ -56,7 +55,7 @@ def domain_accuracy(
 ) -> dict:
     prompts = [answer_prompt(row["prompt"]) for row in rows]
     completions = greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size, progress, desc)
-    hits = [exact_match(kind, completion, row["answer"]) for completion, row in zip(completions, rows, strict=True)]
+    hits = correctness(kind, completions, rows)  # code: its tests pass in the sandbox, not merely "it parses"
     return {
         "accuracy": sum(hits) / max(len(hits), 1),
         "items": len(hits),

@@ -99,12 +99,13 @@ def build_base(
         stats = {
             "train_seconds": 0.0,
             "train_tokens": 0,
-            "train_tokens_per_second": None,
             "final_train_loss": None,
             "final_val_loss": None,
             "vocab_size": len(tokenizer),
         }
     curve = stats.pop("curve", None)
+    timing = {"train_seconds": stats.pop("train_seconds"),
+              "train_tokens_per_second": stats.pop("train_tokens_per_second", None)}  # fmt: skip
     evaluated = {name: rows[: params.base_eval.max_items] for name, rows in val.items()}
     accuracy = _val_accuracy(model, tokenizer, params, kinds, evaluated, progress)
     metrics = {
@@ -119,12 +120,13 @@ def build_base(
     tests = {name: (kind, prepared.read_split(data_dir, name, "test")) for name, kind in kinds.items()}
     scores = base_scores.score_test_splits(model, tokenizer, tests, params.base_eval.max_new_tokens,
                                            params.base_eval.batch_size)  # fmt: skip
-    metrics["stage_seconds"] = round(time.monotonic() - started, 1)
+    timing["stage_seconds"] = round(time.monotonic() - started, 1)
     with staged_dir(out_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         write_json(staging / base_scores.FILE, scores)
     write_json(report_dir / "metrics.json", metrics)
+    write_json(report_dir / paths.TIMING, timing)
     write_json(report_dir / "val_examples.json", {name: r["examples"] for name, r in accuracy.items()})
     if curve is not None:
         write_curve(curve.train, report_dir / "train_loss.csv")
@@ -136,7 +138,7 @@ def build_base(
             "step",
             "cross-entropy loss",
         )
-    return metrics
+    return metrics | timing
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -156,5 +158,5 @@ STAGE = Stage(
     run=_command,
     deps=(paths.DATA,),
     outs=(paths.BASE, *(paths.BASE_REPORTS / f for f in ("val_examples.json", "loss.png", "train_loss.csv",
-                                                         "val_loss.csv", "metrics.json"))),
+                                                         "val_loss.csv", "metrics.json", paths.TIMING))),
 )

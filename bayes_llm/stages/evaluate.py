@@ -128,6 +128,7 @@ def _evaluate(params: Params, scratch: Path, progress: bool) -> dict:
     lora = LoraAdapters(paths.BASE) if "lora" in systems else None
     memo: dict = {}  # (weights, request) → result, shared by all systems
     scores: dict[str, dict[str, float]] = {}
+    metrics: dict[str, str] = {}  # the metric each task is scored by (the same for every system)
     items: dict[str, dict[str, list[float]]] = {}
     timing: dict[str, float] = {}
     raw: dict[str, dict] = {}  # lm-eval's results per system, written together once all systems ran
@@ -146,7 +147,7 @@ def _evaluate(params: Params, scratch: Path, progress: bool) -> dict:
         scores[system], items[system] = {}, {}
         for domain, task in tasks.items():
             result = out["results"][task]
-            metric = primary_metric(result)
+            metric = metrics[domain] = primary_metric(result)
             scores[system][domain] = round(float(result[metric]), 4)
             items[system][domain] = per_item(out["samples"][task], metric)
         timing[system] = round(time.perf_counter() - clock, 1)
@@ -167,6 +168,10 @@ def _evaluate(params: Params, scratch: Path, progress: bool) -> dict:
         for domain in tasks:
             summary[f"{slug(system)}.{domain}"] = scores[system][domain]
         summary[f"{slug(system)}.mean"] = round(means[system], 4)
+    by_name = {info["name"]: info for info in infos}
+    chance = {domain: chance_level(by_name[domain]) for domain in tasks}
+    summary |= {f"chance.{domain}": value for domain, value in chance.items()}
+    summary["chance.mean"] = round(sum(chance[d] for d in expert_domains) / len(expert_domains), 4)
     gains = {}
     if "base" in systems:
         gains = {
@@ -180,12 +185,24 @@ def _evaluate(params: Params, scratch: Path, progress: bool) -> dict:
         "expert_domains": expert_domains,
         "scores": scores,
         "means": means,  # over expert_domains
+        "chance": chance,
+        "metrics": metrics,
+        "answer_kinds": {domain: by_name[domain]["answer_kind"] for domain in tasks},
         "gains": gains,
         "fewshot": fewshot.results,
         "timing": {"systems_seconds": timing, "stage_seconds": round(time.perf_counter() - started, 1)},
     }
     write_reports(report, summary, params)
     return report
+
+
+def chance_level(info: dict) -> float:
+    """The score of guessing on a domain's test split: 1/(number of choices) averaged over its items
+    for multiple choice; 0 for a number or a program, which a guess does not hit."""
+    if info["answer_kind"] != "letter":
+        return 0.0
+    rows = prepared.read_split(paths.DATA, info["name"], "test")
+    return round(sum(1 / len(row["choices"]) for row in rows) / len(rows), 4)
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -206,9 +223,11 @@ STAGE = Stage(
     run=_command,
     deps=(paths.BASE, paths.SVD, paths.EXPERTS, paths.DISPATCHER, paths.LORA, paths.DATA,
           # reports/README.md quotes these (and the stage times in them)
-          paths.DATA_REPORTS / "summary.json", paths.DATA_REPORTS / "timing.json", paths.BASE_REPORTS / "metrics.json",
+          paths.DATA_REPORTS / "summary.json", paths.BASE_REPORTS / "metrics.json",
           paths.SVF_REPORTS / "decompose.json", paths.EXPERT_REPORTS, paths.LORA_REPORTS / "metrics.json",
-          paths.DISPATCH_REPORTS / "metrics.json"),
+          paths.DISPATCH_REPORTS / "metrics.json",
+          *(d / paths.TIMING for d in (paths.DATA_REPORTS, paths.BASE_REPORTS, paths.SVF_REPORTS, paths.LORA_REPORTS,
+                                        paths.DISPATCH_REPORTS))),
     outs=(*(REPORT_DIR / f for f in ("lm_eval", "gains.json", "fewshot.json", "timing.json", "results.md",
                                      "scores.png", "gains.png", "summary.json")), paths.REPORTS_README),
 )

@@ -76,7 +76,7 @@ def prepare(
         summary = _summary(domains, frames, report)
         write_json(report_dir / "validation.json", report.to_json())
         write_json(report_dir / "summary.json", summary)
-        write_json(report_dir / "timing.json", {"prepare_seconds": round(time.monotonic() - started, 2)})
+        write_json(report_dir / "timing.json", {"stage_seconds": round(time.monotonic() - started, 2)})
         if not report.success:
             raise DataValidationError(f"{report.text()}\nfull report: {report_dir / 'validation.json'}")
         manifest = {"seed": params.data.seed, "domains": [asdict(d) for d in domains]}

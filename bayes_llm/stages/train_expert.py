@@ -1,11 +1,14 @@
 """DVC stage `train_expert@<domain>`: base + svd + data/prepared + params experts.<domain>
-→ models/experts/<domain>.safetensors, reports/experts/<domain>.{json,png} and curve CSVs.
+→ models/experts/<domain>.safetensors, reports/experts/<domain>.{json,png}, curve CSVs and
+<domain>_timing.json.
 
 Trains z (`bayes_llm.experts.trainer`) and evaluates it against the base. The report holds base and
 expert accuracy on every domain's test split (greedy; code is pass@1 in the sandbox; the base's
 scores are those the base stage saved), the own-domain gain with a 95 % paired bootstrap CI, the gain
 on the other domains (interference), for `sft+rl` the RL phase's own gain over the SFT z, and the
-objective, steps and seconds.
+objective, steps and the step of the kept z. Seconds go to <domain>_timing.json, a cached output (DVC
+keeps no run-cache entry for a stage with plain `cache: false` outputs, and the retrain flow restores
+experts trained elsewhere from it).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def train_expert(params: Params, domain: str, progress: bool = True) -> dict:
     from bayes_llm.experts.trainer import Trainer
     from bayes_llm.model.greedy import greedy_scores
     from bayes_llm.model.load import load_base
-    from bayes_llm.plots import line_plot
+    from bayes_llm.plots import expert_curves
     from bayes_llm.svf.decompose import check_base, load_factors
     from bayes_llm.svf.expert import Expert, save_expert
     from bayes_llm.svf.scaling import SVF, Composer
@@ -91,8 +94,7 @@ def train_expert(params: Params, domain: str, progress: bool = True) -> dict:
         "rl_algorithm": cfg.rl_algorithm if "rl" in cfg.objective else None,
         "steps": result.steps,
         "phases": dict(result.phases),
-        "train_seconds": round(result.seconds, 1),
-        "stage_seconds": round(time.perf_counter() - started, 1),
+        "kept_step": kept_step(result.curve, result.best_val),
         "resumed_from_step": result.resumed_from,
         "val_accuracy": {"base": result.base_val, "sft": result.sft_val, "expert": result.best_val},
         "test_accuracy": accuracy[domain],
@@ -118,28 +120,55 @@ def train_expert(params: Params, domain: str, progress: bool = True) -> dict:
         metrics={"test_accuracy": accuracy[domain], "gain": report["gain"]},
     )
     save_expert(expert, paths.expert_file(domain))
-    curve = result.curve
-    write_csv(paths.expert_report(domain, "_train.csv"), ["step", "phase", "loss", "reward", "kl"],
-               [[r["step"], r["phase"], round(r["loss"], 6), r.get("reward", ""), r.get("kl", "")]
-                for r in curve if "loss" in r])  # fmt: skip
-    val_points = [(r["step"], r["val_accuracy"]) for r in curve if "val_accuracy" in r]
-    write_csv(paths.expert_report(domain, "_val.csv"), ["step", "val_accuracy"], [list(p) for p in val_points])
-    rewards = [(r["step"], r["reward"]) for r in curve if "reward" in r]
-    line_plot({"val accuracy (greedy)": val_points, "RL batch reward": rewards}, paths.expert_report(domain, ".png"),
-              f"{domain} expert ({cfg.objective})", "step", "accuracy / reward")  # fmt: skip
+    curves = training_curves(result.curve)
+    for suffix, (header, rows) in curves.items():
+        write_csv(paths.expert_report(domain, suffix), header, rows)
+    expert_curves(curves, report["kept_step"], result.best_val, paths.expert_report(domain, ".png"),
+                  f"{domain} expert ({cfg.objective})")  # fmt: skip
+    timing = {"train_seconds": round(result.seconds, 1), "stage_seconds": round(time.perf_counter() - started, 1)}
     write_json(paths.expert_report(domain), report)
-    return report
+    write_json(paths.expert_report(domain, "_" + paths.TIMING), timing)
+    return report | timing
+
+
+REWARD_WINDOW = 10  # RL batch rewards are noisy (a handful of rollouts each): plotted as a trailing mean
+
+
+def training_curves(curve: list[dict]) -> dict[str, tuple[list[str], list[list]]]:
+    """The trainer's curve as the three CSVs `dvc plots` draws, by file suffix: the SFT loss, the RL
+    batch reward (raw, trailing mean and KL to the base) and greedy val accuracy (step 0: the base)."""
+    sft = [[r["step"], round(r["loss"], 6)] for r in curve if r["phase"] == "sft" and "loss" in r]
+    rewards = [(r["step"], r["reward"], r.get("kl") or 0.0) for r in curve if r["phase"] == "rl" and "reward" in r]
+    rl = []
+    for i, (step, reward, kl) in enumerate(rewards):
+        window = [w for _, w, _ in rewards[max(0, i + 1 - REWARD_WINDOW) : i + 1]]
+        rl.append([step, round(reward, 6), round(sum(window) / len(window), 6), round(kl, 6)])
+    val = [[r["step"], round(r["val_accuracy"], 6)] for r in curve if "val_accuracy" in r]
+    return {
+        "_sft_loss.csv": (["step", "loss"], sft),
+        "_rl_reward.csv": (["step", "reward", f"reward_mean{REWARD_WINDOW}", "kl"], rl),
+        "_val.csv": (["step", "val_accuracy"], val),
+    }
+
+
+def kept_step(curve: list[dict], best_val: float) -> int:
+    """The step whose z was kept: the first to reach the best val accuracy (the trainer keeps a z
+    only when it is strictly better)."""
+    return next(r["step"] for r in curve if "val_accuracy" in r and r["val_accuracy"] == best_val)
 
 
 def _command(args: argparse.Namespace) -> int:
     report = train_expert(load_params(args.params), args.domain, progress=not args.quiet)
-    print(json.dumps({k: report[k] for k in ("domain", "objective", "test_accuracy", "gain", "train_seconds")}))
+    print(json.dumps({k: report[k] for k in ("domain", "objective", "test_accuracy", "gain", "kept_step",
+                                             "train_seconds")}))  # fmt: skip
     return 0
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("domain", help="a domain with an `experts.<domain>` entry in params.yaml")
 
+
+CURVES = ("_sft_loss.csv", "_rl_reward.csv", "_val.csv")
 
 STAGE = Stage(
     name="train-expert",
@@ -148,10 +177,11 @@ STAGE = Stage(
     description="Trains z for DOMAIN with params experts.DOMAIN (objective sft | rl | sft+rl), keeping the z with "
     "the best greedy val accuracy and checkpointing every experts.DOMAIN.checkpoint_every steps to "
     "models/checkpoints/DOMAIN (a killed run resumes there). Then evaluates base and expert on every domain's test "
-    "split and writes models/experts/DOMAIN.safetensors and reports/experts/DOMAIN.{json,png} plus curve CSVs.",
+    "split and writes models/experts/DOMAIN.safetensors, reports/experts/DOMAIN.{json,png}, curve CSVs (SFT loss, "
+    "RL reward, val accuracy) and DOMAIN_timing.json.",
     run=_command,
     arguments=_arguments,
     deps=(paths.BASE, paths.SVD, paths.DATA),
     outs=(paths.expert_file("${key}"),
-          *(paths.expert_report("${key}", suffix) for suffix in (".png", "_train.csv", "_val.csv", ".json"))),
+          *(paths.expert_report("${key}", suffix) for suffix in (".png", *CURVES, ".json", "_" + paths.TIMING))),
 )

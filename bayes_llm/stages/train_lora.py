@@ -13,6 +13,7 @@ from bayes_llm.data import prepared
 from bayes_llm.io import write_json
 
 REPORT = paths.LORA_REPORTS / "metrics.json"
+TIMING = paths.LORA_REPORTS / paths.TIMING
 
 
 def build_lora(params: Params, progress: bool = True) -> dict:
@@ -26,9 +27,11 @@ def build_lora(params: Params, progress: bool = True) -> dict:
     report = train_adapters(paths.BASE, train, rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets,
                             steps=cfg.steps, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
                             seed=params.seed, progress=progress)  # fmt: skip
-    report["stage_seconds"] = round(time.perf_counter() - started, 1)
+    timing = {"train_seconds": {d: r.pop("train_seconds") for d, r in report["domains"].items()},
+              "stage_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
     write_json(REPORT, report)
-    return report
+    write_json(TIMING, timing)
+    return report | timing
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -47,5 +50,5 @@ STAGE = Stage(
     run=_command,
     sandboxed=False,  # runs no model-written code
     deps=(paths.BASE, paths.DATA),
-    outs=(paths.LORA, REPORT),
+    outs=(paths.LORA, REPORT, TIMING),
 )
