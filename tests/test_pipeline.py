@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,7 @@ def test_smoke_repro_is_reproducible_and_tracks_params(project: Path):
     # `dvc exp show` lists the run with its params and metrics.
     shown = _run(project, "dvc", "exp", "show", "--json")
     assert "rows_total" in shown and "profile" in shown and "adaptive_prompt.mean" in shown
+    _readme_comparisons(project)
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["data"]["seed"] = 99
@@ -84,3 +86,37 @@ def test_smoke_repro_is_reproducible_and_tracks_params(project: Path):
     out = _run(project, "dvc", "repro")
     assert "Running stage 'calibrate'" in out and "Running stage 'train_expert" not in out
     assert "Running stage 'evaluate'" in out and "Running stage 'train_lora'" not in out
+
+
+def _readme_comparisons(project: Path) -> None:
+    """The README's comparison recipes, run as written on a committed smoke run."""
+    _run(project, "git", "add", "-A")
+    _run(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "smoke run")
+    # Every stage again with the same params: the metrics hold scores only, so nothing differs.
+    out = _run(project, "dvc", "repro", "--force")
+    assert "Running stage 'base'" in out and "Running stage 'evaluate'" in out
+    assert _run(project, "dvc", "metrics", "diff").strip() == ""
+
+    # A queued two-experiment grid, then the README's `dvc exp show` lines.
+    _run(project, "git", "checkout", "-q", "--", ".")
+    for fallback in ("0.05", "0.3"):
+        _run(project, "dvc", "exp", "run", "--queue", "-n", f"fallback-{fallback}",
+             "-S", f"dispatch.max_fallback={fallback}")  # fmt: skip
+    _run(project, "dvc", "queue", "start", "-j", "1")
+    deadline = time.monotonic() + 600
+    while "Queued" in (status := _run(project, "dvc", "queue", "status")) or "Running" in status:
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    table = _run(project, "dvc", "exp", "show", "--only-changed", "--drop", "(models|reports|data)/",
+                 "--keep", ".*mean$")  # fmt: skip
+    header = table.splitlines()[1].split()
+    assert {"base.mean", "adaptive_prompt.mean", "dispatch.max_fallback"} <= set(header)
+    assert not any(column.startswith(("models/", "reports/")) or "seconds" in column for column in header), header
+    markdown = _run(project, "dvc", "exp", "show", "--md", "--drop", ".*",
+                    "--keep", "Experiment|.*max_fallback|.*mean$")  # fmt: skip
+    rows = {line.split("|")[1].strip(): line for line in markdown.splitlines() if line.startswith("| ")}
+    for name in ("fallback-0.05", "fallback-0.3"):
+        row = next(line for key, line in rows.items() if f"[{name}]" in key)
+        cells = [cell.strip() for cell in row.split("|")[2:-1]]
+        assert len(cells) == len(rows["Experiment"].split("|")) - 3 and all(cells), row  # every mean, filled in
