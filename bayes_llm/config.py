@@ -111,8 +111,10 @@ class FieldMap(Strict):
     id: str | None = None
     domain: str | None = None
     choices: str | None = None
-    tests: str | None = None
+    tests: str | None = None  # a list of asserts (MBPP's `test_list`) or one test (HumanEval's `test`)
     solution: str | None = None  # a worked solution ending '#### <answer>' (GSM8K's shape)
+    # HumanEval's shape: `tests` holds `def check(candidate)`, called on the function this column names
+    entry_point: str | None = None
 
 
 class SplitFiles(Strict):
@@ -129,6 +131,16 @@ class LocalSource(Strict):
     files: SplitFiles
     fields: FieldMap = FieldMap()
     max_rows: PositiveInt | None = None
+    # `field`: the answer column is the answer. `after_marker`: the answer is what follows the last
+    # `answer_marker` in it (GSM8K: a worked solution ending '#### 1,234'), and the whole text becomes
+    # the row's worked solution. Number answers drop thousands commas, `$` and a trailing period.
+    answer_from: Literal["field", "after_marker"] = "field"
+    answer_marker: str = Field("####", min_length=1)
+    # Code: show the first N tests after the prompt, as MBPP's own prompt does (the task names no function).
+    prompt_tests: NonNegativeInt = 0
+    # Code: the answer column continues the prompt (HumanEval's `canonical_solution` is the body under
+    # the prompt's signature), so the reference program is prompt + answer.
+    answer_continues_prompt: bool = False
 
 
 class HubSource(Strict):

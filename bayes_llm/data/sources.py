@@ -14,6 +14,7 @@ from typing import Any
 from bayes_llm.config import FieldMap, HubSource, LocalSource
 from bayes_llm.data.rows import LETTERS, SPLITS, format_choices, make_id
 from bayes_llm.errors import UserError
+from bayes_llm.prompts import FINAL_MARK
 
 
 class SourceError(UserError, ValueError):
@@ -28,24 +29,71 @@ def _as_list(value: Any) -> list[str] | None:
     return [str(item) for item in value]
 
 
-def map_row(domain: str, raw: dict[str, Any], fields: FieldMap, answer_kind: str, subtask: str) -> dict:
-    """One source row → our row. Ids and domain labels from the source are kept (and validated)."""
+def normalise_number(text: str) -> str:
+    """'$1,234.' → '1234': how real datasets write numbers, as the number gate reads them."""
+    return text.strip().replace(",", "").replace("$", "").rstrip(".").strip()
+
+
+def _choices(value: Any) -> tuple[list[str] | None, list[str] | None]:
+    """(texts, labels): a list of choices, or ARC's `{text: [...], label: [...]}`."""
+    if isinstance(value, dict) and "text" in value:
+        texts = [str(t) for t in value["text"]]
+        return texts, [str(label) for label in value.get("label") or LETTERS[: len(texts)]]
+    return _as_list(value), None
+
+
+def _letter(answer: Any, labels: list[str] | None) -> Any:
+    """A letter answer given as the source writes it: a choice label (ARC's `answerKey`, 'B' or '2'),
+    or an integer: the 0-based index of the right choice."""
+    if labels and str(answer).strip() in labels:
+        return LETTERS[labels.index(str(answer).strip())]
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(LETTERS):
+        return LETTERS[answer]
+    return answer
+
+
+def with_tests(prompt: str, tests: list[str]) -> str:
+    """MBPP's prompt: the task, then the tests the function must pass (they name it)."""
+    return f"{prompt}\nYour code should pass {'this test' if len(tests) == 1 else 'these tests'}:\n" + "\n".join(tests)
+
+
+def map_row(domain: str, raw: dict[str, Any], fields: FieldMap, answer_kind: str, subtask: str,
+            local: LocalSource | None = None) -> dict:  # fmt: skip
+    """One source row → our row. Ids and domain labels from the source are kept (and validated);
+    `local` says how a local source writes answers and prompts."""
     answer = raw.get(fields.answer)
+    solution = raw.get(fields.solution) if fields.solution else None
+    # A row without the marker keeps its whole answer, and the gate names it.
+    if local and local.answer_from == "after_marker" and isinstance(answer, str) and local.answer_marker in answer:
+        working, answer = answer.rsplit(local.answer_marker, 1)
+        if answer_kind == "number":
+            solution = solution or f"{working.rstrip()}\n{FINAL_MARK} {normalise_number(answer)}"
     row = {
-        "id": raw.get(fields.id) if fields.id else None,
+        "id": None if not fields.id or raw.get(fields.id) is None else str(raw[fields.id]),
         "domain": raw.get(fields.domain) if fields.domain else domain,
         "subtask": subtask,
         "prompt": raw.get(fields.prompt),
-        "answer": None if answer is None else str(answer).strip(),
     }
     if answer_kind == "letter":
-        row["choices"] = _as_list(raw.get(fields.choices)) if fields.choices else None
+        row["choices"], labels = _choices(raw.get(fields.choices)) if fields.choices else (None, None)
+        answer = _letter(answer, labels)
         if row["prompt"] is not None and row["choices"]:
             row["prompt"] = format_choices(str(row["prompt"]), row["choices"])
+    row["answer"] = None if answer is None else str(answer).strip()
+    if answer_kind == "number" and row["answer"] is not None:
+        row["answer"] = normalise_number(row["answer"])
     if answer_kind == "code":
-        row["tests"] = _as_list(raw.get(fields.tests)) if fields.tests else None
-    if fields.solution:
-        row["solution"] = raw.get(fields.solution)
+        if local and local.answer_continues_prompt and row["prompt"] is not None and row["answer"] is not None:
+            row["answer"] = str(row["prompt"]) + str(answer)
+        tests = raw.get(fields.tests) if fields.tests else None
+        if fields.entry_point and isinstance(tests, str) and row["prompt"] is not None:
+            row["tests"] = check_tests(str(row["prompt"]), tests, str(raw.get(fields.entry_point)))
+        else:
+            row["tests"] = _as_list(tests)
+        if local and local.prompt_tests and row["prompt"] is not None and row["tests"]:
+            row["prompt"] = with_tests(str(row["prompt"]), row["tests"][: local.prompt_tests])
+    if fields.solution or solution:
+        row["solution"] = solution
     if row["id"] is None and row["prompt"] is not None:
         row["id"] = make_id(domain, str(row["prompt"]))
     return row
@@ -79,7 +127,7 @@ def load_local(domain: str, source: LocalSource) -> dict[str, list[dict]]:
             raise SourceError(f"data.sources.{domain}.files.{split}: cannot read {path}: {error}") from None
         _check_fields(domain, split, data.column_names, source.fields)
         rows = data.to_list()[: source.max_rows]
-        out[split] = [map_row(domain, raw, source.fields, source.answer_kind, "local") for raw in rows]
+        out[split] = [map_row(domain, raw, source.fields, source.answer_kind, "local", source) for raw in rows]
     return out
 
 
@@ -111,7 +159,7 @@ def _gsm8k(raw: dict) -> dict:
 def _mbpp(raw: dict) -> dict:
     tests = list(raw["test_list"])
     setup = raw.get("test_setup_code") or ""
-    prompt = f"{raw['text']}\nYour code should pass this test:\n{tests[0]}"
+    prompt = with_tests(raw["text"], tests[:1])
     return {"prompt": prompt, "answer": raw["code"], "tests": [setup + "\n" + t if setup else t for t in tests]}
 
 
