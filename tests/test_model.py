@@ -181,3 +181,13 @@ def test_kernel_check_reference_on_cpu_and_its_verdict(tmp_path):
     assert not verdict["within_tolerance"] and verdict["dense"]["logits_max_abs"] == pytest.approx(0.05, rel=1e-3)
     with pytest.raises(kernel_check.KernelCheckError, match="CUDA GPU with mamba-ssm"):
         kernel_check.compare(checkpoint, tmp_path / "work", params, vocab=64)
+
+
+def test_the_code_val_score_runs_the_tests_not_only_the_parser(monkeypatch):
+    from bayes_llm.model import greedy
+
+    rows = [{"prompt": "Write f(n) that doubles n.", "answer": "", "tests": ["assert f(2) == 4"]}] * 2
+    programs = iter([["def f(n):\n    return n + n\n", "def f(n):\n    return n * 3\n"]])  # both parse
+    monkeypatch.setattr(greedy, "greedy_completions", lambda *args, **kwargs: next(programs))
+    result = greedy.domain_accuracy(None, None, rows, "code", 32, 2)
+    assert result["accuracy"] == 0.5 and result["items"] == 2

@@ -45,18 +45,26 @@ def _charts(dom: str) -> dict[str, str]:
     return {parts[i]: parts[i + 1] + "\n" + parts[i + 2] for i in range(0, len(parts), 3)}
 
 
-@pytest.fixture(scope="module")
-def plots_page(full_smoke_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("plots")
-    project = copy_project(root / "project")
-    shutil.copytree(full_smoke_project / "reports", project / "reports", dirs_exist_ok=True)
+def _show(project: Path, out: Path) -> Path:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(["dvc", "plots", "show", "-o", str(root / "plots")], cwd=project, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(["dvc", "plots", "show", "-o", str(out)], cwd=project, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    page = root / "plots" / "index.html"
+    page = out / "index.html"
     assert "cdn.jsdelivr" not in page.read_text(), "the page still loads its chart library from the network"
     return page
+
+
+@pytest.fixture(scope="module")
+def plotted_project(full_smoke_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    project = copy_project(tmp_path_factory.mktemp("plots") / "project")
+    shutil.copytree(full_smoke_project / "reports", project / "reports", dirs_exist_ok=True)
+    return project
+
+
+@pytest.fixture(scope="module")
+def plots_page(plotted_project: Path) -> Path:
+    return _show(plotted_project, plotted_project.parent / "plots")
 
 
 @needs_browser
@@ -78,3 +86,13 @@ def test_every_plot_renders_offline_with_data_on_its_axes(plots_page: Path, tmp_
     # charts, not a blank page: plenty of non-white pixels and many grey levels (axes, lines, text)
     assert (pixels < 250).mean() > 0.01 and len(np.unique(pixels)) > 20
     print(f"screenshot: {screenshot}")
+
+
+@needs_browser
+def test_a_curve_without_rows_says_so_instead_of_an_empty_chart(plotted_project: Path, tmp_path: Path):
+    # an expert trained with SFT only: its RL curve file holds only a header
+    (plotted_project / "reports/experts/math_rl_reward.csv").write_text("step,reward,reward_mean10,kl\n")
+    charts = _charts(_browser(_show(plotted_project, tmp_path / "plots"), "--dump-dom"))
+    empty = charts.pop("reports_experts_math_rl_reward_csv")
+    assert empty.startswith("empty") and "no data" in empty
+    assert all(markup.startswith("ok") for markup in charts.values())

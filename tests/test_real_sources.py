@@ -80,17 +80,30 @@ def test_arc_choices_and_answer_keys_become_letters(workdir):
     assert train["id"][0] == "Mercury_0"
 
 
+def test_a_letter_answer_may_be_a_zero_based_index(workdir):
+    rows = [{"question": f"Which is {i}?", "choices": ["no", f"{i}", "maybe"], "gold": 1} for i in range(12)]
+    indexed = _source(workdir, "indexed", rows, (6, 9), answer_kind="letter",
+                      fields={"prompt": "question", "answer": "gold", "choices": "choices"})  # fmt: skip
+    prepare(smoke_params(sources={"reasoning": indexed}), progress=False)
+    assert set(_rows("reasoning")["answer"]) == {"B"}
+
+
 def test_mbpp_shows_its_first_test_and_the_gate_runs_every_test(workdir):
     rows = [{"task_id": i, "text": f"Write a function to add {i} to a number.",
              "code": f"def add_{i}(n):\r\n    return n + {i}", "test_list": [f"assert add_{i}(1) == {i + 1}",
-             f"assert add_{i}(0) == {i}", f"assert add_{i}(-{i}) == 0"]} for i in range(12)]  # fmt: skip
+             f"assert add_{i}(0) == {i}", f"assert add_{i}(-{i}) == 0"], "test_setup_code": ""}
+            for i in range(12)]  # fmt: skip
+    rows[0]["test_setup_code"] = "OFFSET = 0"
+    rows[0]["test_list"] = [t.replace("== 1", "== 1 + OFFSET") for t in rows[0]["test_list"]]
     mbpp = _source(workdir, "mbpp", rows, (6, 9), answer_kind="code", prompt_tests=1,
-                   fields={"id": "task_id", "prompt": "text", "answer": "code", "tests": "test_list"})  # fmt: skip
+                   fields={"id": "task_id", "prompt": "text", "answer": "code", "tests": "test_list",
+                           "test_setup": "test_setup_code"})  # fmt: skip
     prepare(smoke_params(sources={"code": mbpp}), progress=False)
     train = _rows("code")
     shown = "Write a function to add 3 to a number.\nYour code should pass this test:\nassert add_3(1) == 4"
     assert train["prompt"][3] == shown
     assert len(train["tests"][3]) == 3 and train["id"][3] == "3"
+    assert train["tests"][0][0].startswith("OFFSET = 0\n") and "OFFSET = 0" not in train["prompt"][0]
 
     rows[4]["code"] = "def add_4(n):\n    return n + 5"  # a wrong reference: the gate names it
     mbpp = _source(workdir, "mbpp2", rows, (6, 9), answer_kind="code", prompt_tests=1,

@@ -3,6 +3,7 @@ the verdict is made by the tests, outside the sandbox, in every test shape."""
 
 from __future__ import annotations
 
+import collections
 import json
 import signal
 import socket
@@ -137,10 +138,23 @@ def test_plain_data_round_trips_exactly(value):
     assert back == value and type(back) is type(value)
 
 
-@pytest.mark.parametrize("value", [object(), type("I", (int,), {})(1), lambda: 0, [1, {2: object()}]])
+@pytest.mark.parametrize("value", [object(), type("I", (int,), {})(1), lambda: 0, [1, {2: object()}],
+                                   type("C", (collections.Counter,), {})(a=1), collections.OrderedDict(a=1)])
 def test_anything_else_is_not_plain_data(value):
     with pytest.raises(plain.NotPlainData):
         plain.encode(value)
+
+
+@pytest.mark.parametrize("data", [{"t": "complex", "v": [1, 2.0]}, {"t": "complex", "v": [1.0]},
+                                  {"t": "complex", "v": [1.0, 2.0, 3.0]}, {"t": "complex", "v": "1+2j"}])
+def test_malformed_complex_is_refused(data):
+    with pytest.raises(plain.NotPlainData):
+        plain.decode(data)
+
+
+def test_a_counter_crosses_as_the_dict_it_equals():
+    back = plain.decode(json.loads(plain.dumps(plain.encode(collections.Counter("aab")))))
+    assert back == {"a": 2, "b": 1} and type(back) is dict
 
 
 @pytest.mark.slow

@@ -83,20 +83,28 @@ def map_row(domain: str, raw: dict[str, Any], fields: FieldMap, answer_kind: str
     if answer_kind == "number" and row["answer"] is not None:
         row["answer"] = normalise_number(row["answer"])
     if answer_kind == "code":
-        if local and local.answer_continues_prompt and row["prompt"] is not None and row["answer"] is not None:
-            row["answer"] = str(row["prompt"]) + str(answer)
-        tests = raw.get(fields.tests) if fields.tests else None
-        if fields.entry_point and isinstance(tests, str) and row["prompt"] is not None:
-            row["tests"] = check_tests(str(row["prompt"]), tests, str(raw.get(fields.entry_point)))
-        else:
-            row["tests"] = _as_list(tests)
-        if local and local.prompt_tests and row["prompt"] is not None and row["tests"]:
-            row["prompt"] = with_tests(str(row["prompt"]), row["tests"][: local.prompt_tests])
+        _code(row, raw, fields, local, answer)
     if fields.solution or solution:
         row["solution"] = solution
     if row["id"] is None and row["prompt"] is not None:
         row["id"] = make_id(domain, str(row["prompt"]))
     return row
+
+
+def _code(row: dict, raw: dict[str, Any], fields: FieldMap, local: LocalSource | None, answer: Any) -> None:
+    """A code row's reference program, tests and prompt, as the source writes them (MBPP, HumanEval)."""
+    if local and local.answer_continues_prompt and row["prompt"] is not None and answer is not None:
+        row["answer"] = str(row["prompt"]) + str(answer)
+    tests = raw.get(fields.tests) if fields.tests else None
+    if fields.entry_point and isinstance(tests, str) and row["prompt"] is not None:
+        row["tests"] = check_tests(str(row["prompt"]), tests, str(raw.get(fields.entry_point)))
+    else:
+        row["tests"] = _as_list(tests)
+    if local and local.prompt_tests and row["prompt"] is not None and row["tests"]:
+        row["prompt"] = with_tests(str(row["prompt"]), row["tests"][: local.prompt_tests])
+    setup = raw.get(fields.test_setup) if fields.test_setup else None
+    if setup and row["tests"]:
+        row["tests"] = [f"{setup}\n{test}" for test in row["tests"]]
 
 
 def _check_fields(domain: str, split: str, columns: list[str], fields: FieldMap) -> None:

@@ -24,7 +24,7 @@ def _pct(value: float) -> str:
 
 # What each answer kind's score measures, as lm-eval's bundled tasks score it (bayes_llm/evaluate/tasks).
 MEASURES = {
-    "number": "greedy exact match of the number after `####`",
+    "number": "greedy exact match of the number after `####` (the first number when there is no `####`)",
     "code": "pass@1: the greedy program passes the item's tests in the sandbox",
     "letter": "multiple choice by option log-likelihood (the letter right after `Answer:`)",
 }

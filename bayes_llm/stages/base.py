@@ -152,9 +152,9 @@ STAGE = Stage(
     dvc_name="base",
     help="pretrain or load the base model (DVC stage `base`)",
     description="model.source: scratch trains a byte-level BPE tokenizer and pretrains a MambaFormer (params "
-    "model.*, pretrain.*) on every domain's train split; any other source loads that checkpoint (local dir or hub "
-    "id). Either way the model goes to models/base/ and greedy val accuracy per domain to "
-    "reports/base/metrics.json.",
+    "model.*, pretrain.*) on every domain's train split; any other source loads that checkpoint (local dir, hub "
+    "id or .gguf file, dequantized to float32). Either way the model goes to models/base/ (safetensors), greedy val "
+    "scores per domain to reports/base/metrics.json and the seconds to reports/base/timing.json.",
     run=_command,
     deps=(paths.DATA,),
     outs=(paths.BASE, *(paths.BASE_REPORTS / f for f in ("val_examples.json", "loss.png", "train_loss.csv",

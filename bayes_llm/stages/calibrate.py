@@ -3,7 +3,8 @@
 Trains the classification expert, calibrates one controller per first-pass strategy on the val
 splits, measures routing on the test splits and times the two passes. reports/dispatch/ holds
 metrics.json (routing accuracy, confusion matrix, ECE before/after on val and test, temperature,
-threshold, timings), a reliability diagram and a confusion-matrix PNG for the default strategy.
+threshold), timing.json (pass 1, composition, pass 2, the stage), a reliability diagram and a
+confusion-matrix PNG for the default strategy.
 """
 
 from __future__ import annotations

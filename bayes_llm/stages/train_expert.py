@@ -138,11 +138,12 @@ def training_curves(curve: list[dict]) -> dict[str, tuple[list[str], list[list]]
     """The trainer's curve as the three CSVs `dvc plots` draws, by file suffix: the SFT loss, the RL
     batch reward (raw, trailing mean and KL to the base) and greedy val accuracy (step 0: the base)."""
     sft = [[r["step"], round(r["loss"], 6)] for r in curve if r["phase"] == "sft" and "loss" in r]
-    rewards = [(r["step"], r["reward"], r.get("kl") or 0.0) for r in curve if r["phase"] == "rl" and "reward" in r]
+    rewards = [(r["step"], r["reward"], r.get("kl")) for r in curve if r["phase"] == "rl" and "reward" in r]
     rl = []
     for i, (step, reward, kl) in enumerate(rewards):
         window = [w for _, w, _ in rewards[max(0, i + 1 - REWARD_WINDOW) : i + 1]]
-        rl.append([step, round(reward, 6), round(sum(window) / len(window), 6), round(kl, 6)])
+        # no KL recorded (no KL term, or trl's logs without one): left empty, not written as a measured 0
+        rl.append([step, round(reward, 6), round(sum(window) / len(window), 6), "" if kl is None else round(kl, 6)])
     val = [[r["step"], round(r["val_accuracy"], 6)] for r in curve if "val_accuracy" in r]
     return {
         "_sft_loss.csv": (["step", "loss"], sft),

@@ -1,4 +1,4 @@
-"""DVC stage `train_lora`: models/base + train splits → models/lora/, reports/lora/metrics.json."""
+"""DVC stage `train_lora`: models/base + train splits → models/lora/, reports/lora/{metrics,timing}.json."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ STAGE = Stage(
     help="the LoRA baseline: one PEFT adapter per expert domain (DVC stage `train_lora`)",
     description="Trains a LoRA adapter (params evaluate.lora: rank, alpha, target modules, steps) per domain that "
     "has an expert, with the experts' SFT objective on its train split, and saves models/lora/<domain>/ (PEFT "
-    "safetensors) plus reports/lora/metrics.json.",
+    "safetensors) plus reports/lora/metrics.json (and its seconds in timing.json).",
     run=_command,
     sandboxed=False,  # runs no model-written code
     deps=(paths.BASE, paths.DATA),

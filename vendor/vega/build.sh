@@ -34,13 +34,20 @@ out="$here/offline-plots.html.tmp"
     echo "    </script>"
   done
   # Render as SVG (sharp, and a page a person or a test can inspect), and say so on the page when a
-  # chart fails instead of leaving it blank. DVC writes one `vegaEmbed('#id', spec)` call per chart.
+  # chart fails or has no data instead of leaving it blank. DVC writes one `vegaEmbed('#id', spec)` call per chart.
   cat <<'JS'
     <script>
         (function () {
             var embed = window.vegaEmbed;
             window.vegaEmbed = function (target, spec, options) {
                 var element = document.querySelector(target);
+                // DVC writes `{}` for a file with no rows, e.g. the RL curve of an expert trained with SFT only
+                if (Object.keys(spec).length === 0 || (spec.data && spec.data.values && !spec.data.values.length)) {
+                    element.dataset.rendered = "empty";
+                    element.textContent = target.slice(1) + ": no data (its file holds no rows, e.g. a " +
+                        "training phase that did not run)";
+                    return Promise.resolve(null);
+                }
                 var done = embed(target, spec, Object.assign({renderer: "svg"}, options || {}));
                 done.then(function () { element.dataset.rendered = "ok"; }, function (error) {
                     element.dataset.rendered = "error";
