@@ -1,4 +1,4 @@
-"""The `bayes-llm` commands that are not DVC stages: params, fetch, lm-eval, generate, chat."""
+"""The `bayes-llm` commands that are not DVC stages: params, fetch, lm-eval, generate, chat, serve."""
 
 from __future__ import annotations
 
@@ -85,22 +85,10 @@ def _engine_and_options(args: argparse.Namespace):
     }
     if args.bundle is None:
         return Engine(args.models), options, params
-    return Engine(_bundle_models(args.bundle, args.models)), options, params
+    from bayes_llm.bundle.manifest import models_layout, verify
 
-
-def _bundle_models(bundle: Path, models: Path) -> Path:
-    """A models layout from the base and SVD of `models` and the experts and dispatcher of a bundle whose
-    files match its manifest. The base is not fingerprinted here: the Engine refuses experts trained on
-    another base than `models/svd`, and factors decomposed from another base than `models/base`."""
-    import tempfile
-
-    from bayes_llm.bundle.manifest import verify
-
-    verify(bundle)
-    layout = Path(tempfile.mkdtemp(prefix="bayes-llm-bundle-"))
-    for name, source in (("base", models), ("svd", models), ("experts", bundle), ("dispatcher", bundle)):
-        (layout / name).symlink_to((source / name).resolve(), target_is_directory=True)
-    return layout
+    verify(args.bundle)
+    return Engine(models_layout(args.bundle, args.models / "base", args.models / "svd")), options, params
 
 
 def _generate_command(args: argparse.Namespace) -> int:
@@ -196,6 +184,55 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     _add_adapt_options(parser)
 
 
+def _serve_command(args: argparse.Namespace) -> int:
+    if not args.verbose:
+        _quiet_libraries()
+    import uvicorn
+
+    from bayes_llm.serve.app import load_app
+
+    app = load_app(args.bundle, args.base, args.svd, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000,
+                   batching=args.batching, max_tokens_limit=args.max_tokens_limit)  # fmt: skip
+    print(f"bayes-llm serve: {args.bundle} on http://{args.host}:{args.port} (demo page /, OpenAI API /v1)",
+          flush=True)  # fmt: skip
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", type=Path, required=True, help="the bundle to serve (bundles/<name>)")
+    parser.add_argument(
+        "--base",
+        type=Path,
+        default=Path("models/base"),
+        help="the base the bundle was trained on (default: %(default)s); refused if it differs",
+    )
+    parser.add_argument("--svd", type=Path, help="the base's SVD (default: svd/ beside --base)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    parser.add_argument("--max-batch", type=_positive, default=16, help="requests per batch (default: %(default)s)")
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=10.0,
+        help="how long a batch waits for more requests after its first (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batching",
+        choices=["mixed", "regroup"],
+        default="mixed",
+        help="mixed: one forward with a blend per row; regroup: merge weights per blend group, "
+        "groups one after another (for comparison) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-tokens-limit",
+        type=_positive,
+        default=512,
+        help="the largest max_tokens a request may ask (default: %(default)s)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="access log and the libraries' notices")
+
+
 COMMANDS = (
     Command(
         name="params",
@@ -223,8 +260,9 @@ COMMANDS = (
         "run --model bayes-llm --model_args mode=adaptive:prompt --tasks bayes_llm --include_path "
         "bayes_llm/evaluate/tasks --limit 20",
         run=_lm_eval_command,
-        arguments=lambda parser: parser.add_argument("lm_eval_args", nargs=argparse.REMAINDER,
-                                                     help="arguments for lm-eval"),
+        arguments=lambda parser: parser.add_argument(
+            "lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm-eval"
+        ),
         raw_description=True,
     ),
     Command(
@@ -247,5 +285,17 @@ COMMANDS = (
         run=_chat_command,
         arguments=_add_adapt_options,
         sandboxed=True,
+    ),
+    Command(
+        name="serve",
+        help="OpenAI-compatible HTTP server that adapts per request, with a demo page",
+        description="Serves a bundle on its base: /v1/completions and /v1/chat/completions (streaming too), "
+        "/v1/models, /health, and a demo page at /. Each request runs pass 1 (posterior over experts), blends the "
+        "experts and answers with the blend; concurrent requests share batches, each row with its own blend. "
+        "Per-request control through the body's `bayes_llm` object: strategy (prompt | cls | base | "
+        "expert:<domain>), blending_mode, top_k, expert, blend, ignore_eos. The bundle is verified first and "
+        "refused for another base. README: Serving.",
+        run=_serve_command,
+        arguments=_serve_arguments,
     ),
 )

@@ -162,3 +162,20 @@ def verify(bundle: Path, base_dir: Path | None = None) -> dict:
                 f"{'missing target matrices' if missing else actual_fp[:12]}: use the base the bundle was built on"
             )
     return manifest
+
+
+def models_layout(bundle: Path, base: Path, svd: Path) -> Path:
+    """A models directory (`base/ svd/ experts/ dispatcher/`, symlinks in a temporary directory) of a
+    base, its SVD and a bundle's experts and dispatcher, for the inference engine. Check the bundle
+    with `verify` first; the engine refuses experts trained on another base than `svd`, and factors
+    decomposed from another base than `base`."""
+    import tempfile
+
+    for what, path in (("base", base), ("SVD", svd)):
+        if not Path(path).is_dir():
+            raise BundleError(f"{path}: no {what} directory there (the pipeline's models/{what.lower()})")
+    layout = Path(tempfile.mkdtemp(prefix="bayes-llm-bundle-"))
+    for name, source in (("base", base), ("svd", svd), ("experts", bundle / "experts"),
+                         ("dispatcher", bundle / "dispatcher")):  # fmt: skip
+        (layout / name).symlink_to(Path(source).resolve(), target_is_directory=True)
+    return layout

@@ -1,0 +1,347 @@
+"""The ASGI app: OpenAI-compatible `/v1/completions`, `/v1/chat/completions` (streaming too),
+`/v1/models`, `/health`, and the demo page at `/`.
+
+FastAPI on uvicorn: both are already in the stack (Prefect's server runs on them), pydantic gives the
+request schema and its errors for free, and streaming is Server-Sent Events through a plain
+`StreamingResponse`, the wire format OpenAI's clients read. Every error is OpenAI's error object with
+a 4xx status naming the field to fix; the model runs in the scheduler's thread, so a slow or broken
+request never blocks the event loop or the other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+
+from bayes_llm.bundle.manifest import models_layout, verify
+from bayes_llm.inference.engine import Engine
+from bayes_llm.prompts import answer_prompt
+from bayes_llm.serve.protocol import ChatRequest, CompletionRequest, Extension, Sampled
+from bayes_llm.serve.scheduler import Batching, Job, Routing, Sampling, Scheduler
+
+
+class RequestError(Exception):
+    """A request this server will not run: the client's to fix (4xx)."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.status, self.code = message, param, status, code
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+
+def _validation_message(error: dict) -> tuple[str, str]:
+    where = ".".join(str(part) for part in error["loc"] if part != "body")
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown or unsupported field", where
+    if error["type"] == "json_invalid":
+        return f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})", "body"
+    return f"{where or 'body'}: {error['msg']}", where
+
+
+class Server:
+    """What a request needs besides its body: the engine's tokenizer and experts, and the scheduler."""
+
+    def __init__(self, engine: Engine, scheduler: Scheduler, model_id: str, defaults: Extension,
+                 max_tokens_limit: int = 512, max_prompt_tokens: int | None = None) -> None:  # fmt: skip
+        self.engine, self.scheduler, self.model_id, self.defaults = engine, scheduler, model_id, defaults
+        self.context = int(getattr(engine.model.config, "max_position_embeddings", 2048))
+        self.max_tokens_limit = min(max_tokens_limit, self.context - 1)
+        self.max_prompt_tokens = max_prompt_tokens or self.context - 1
+
+    # --- a request → jobs ----------------------------------------------------------------------
+
+    def routing(self, ext: Extension) -> Routing:
+        domains = self.engine.domains
+        if ext.expert is not None and ext.blend is not None:
+            raise RequestError("bayes_llm: give `expert` or `blend`, not both", "bayes_llm")
+        if ext.expert is not None:
+            if ext.expert not in domains:
+                raise RequestError(f"bayes_llm.expert: no expert {ext.expert!r} (experts: {', '.join(domains)})",
+                                   "bayes_llm.expert", code="unknown_expert")  # fmt: skip
+            return Routing(strategy=f"expert:{ext.expert}")
+        if ext.blend is not None:
+            unknown = sorted(set(ext.blend) - set(domains))
+            if unknown or sum(ext.blend.values()) <= 0:
+                why = f"no expert {', '.join(unknown)}" if unknown else "the weights are all zero"
+                raise RequestError(f"bayes_llm.blend: {why} (experts: {', '.join(domains)}; weights >= 0, not all 0)",
+                                   "bayes_llm.blend", code="unknown_expert" if unknown else None)  # fmt: skip
+            return Routing(strategy="blend", blend=tuple(sorted(ext.blend.items())))
+        strategy = ext.strategy or self.defaults.strategy or "prompt"
+        if strategy.startswith("expert:"):
+            return self.routing(Extension(expert=strategy.split(":", 1)[1]))
+        if strategy not in ("prompt", "cls", "base"):
+            raise RequestError(f"bayes_llm.strategy: {strategy!r}: use prompt | cls | base | expert:<domain> "
+                               "(fewshot needs examples: `bayes-llm generate --strategy fewshot`)",
+                               "bayes_llm.strategy")  # fmt: skip
+        if strategy != "base" and strategy not in self.engine.controllers:
+            raise RequestError(f"bayes_llm.strategy: {strategy!r}: the bundle has no calibrated dispatcher for it",
+                               "bayes_llm.strategy")  # fmt: skip
+        return Routing(strategy=strategy, mode=ext.blending_mode or self.defaults.blending_mode or "weighted_average",
+                       top_k=ext.top_k or self.defaults.top_k or 2)  # fmt: skip
+
+    def sampling(self, body: Sampled, max_tokens: int | None) -> Sampling:
+        max_tokens = max_tokens or 64
+        if max_tokens > self.max_tokens_limit:
+            raise RequestError(f"max_tokens: {max_tokens} is more than this server allows ({self.max_tokens_limit})",
+                               "max_tokens")  # fmt: skip
+        return Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                        stop=tuple(body.stop or ()), seed=body.seed, ignore_eos=body.bayes_llm.ignore_eos)  # fmt: skip
+
+    def encode(self, text: str, sampling: Sampling, param: str) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        bos = tokenizer.bos_token
+        if bos and not text.startswith(bos):
+            text = bos + text
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.max_prompt_tokens or len(ids) + sampling.max_tokens > self.context:
+            raise RequestError(f"{param}: the prompt is {len(ids)} tokens; with max_tokens {sampling.max_tokens} "
+                               f"that is more than the model's context of {self.context} tokens (prompts: at most "
+                               f"{self.max_prompt_tokens})", param, code="context_length_exceeded")  # fmt: skip
+        return ids
+
+    def chat_text(self, body: ChatRequest) -> tuple[str, str]:
+        """(what pass 1 classifies: the last user message, what pass 2 continues)."""
+        users = [m for m in body.messages if m.role == "user"]
+        if not users:
+            raise RequestError("messages: no user message to answer", "messages")
+        question = users[-1].text()
+        tokenizer = self.engine.tokenizer
+        if getattr(tokenizer, "chat_template", None):
+            messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
+                        for m in body.messages]  # fmt: skip
+            return question, tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # A base without a chat template was trained on one question at a time, in this format.
+        return question, answer_prompt(question)
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_id:
+            raise RequestError(f"model: {model!r} is not served here; this server serves {self.model_id!r}",
+                               "model", 404, "model_not_found")  # fmt: skip
+
+
+def _submit(server: Server, texts: list[tuple[str, str]], body: Sampled, max_tokens: int | None, param: str):
+    """Jobs for (route text, model text) pairs, validated before any is queued; events → one queue."""
+    routing, sampling = server.routing(body.bayes_llm), server.sampling(body, max_tokens)
+    ids = [server.encode(model_text, sampling, param) for _, model_text in texts]
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+    def emitter(index: int):
+        return lambda event, payload: loop.call_soon_threadsafe(events.put_nowait, (index, event, payload))
+
+    jobs = [Job(route, model_ids, sampling, routing, emitter(i))
+            for i, ((route, _), model_ids) in enumerate(zip(texts, ids, strict=True))]  # fmt: skip
+    for job in jobs:
+        server.scheduler.submit(job)
+    return jobs, events
+
+
+async def _collect(jobs: list[Job], events: asyncio.Queue) -> list[dict[str, Any]]:
+    results = [{"text": "", "bayes_llm": {}} for _ in jobs]
+    open_jobs = len(jobs)
+    while open_jobs:
+        index, event, payload = await events.get()
+        result = results[index]
+        if event == "routed":
+            result["bayes_llm"].update(payload)
+        elif event == "text":
+            result["text"] += payload
+        elif event == "done":
+            result.update(payload)
+            result["bayes_llm"]["timing_ms"] = result.pop("timing_ms")
+            open_jobs -= 1
+        elif event == "error":
+            raise RequestError(f"generation failed: {payload}", status=500)
+    return results
+
+
+def _usage(results: list[dict]) -> dict[str, int]:
+    prompt = sum(r.get("prompt_tokens", 0) for r in results)
+    completion = sum(r.get("completion_tokens", 0) for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _sse(data: dict | str) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+
+
+async def _stream(jobs: list[Job], events: asyncio.Queue, head: dict, chat: bool,
+                  include_usage: bool) -> AsyncIterator[bytes]:  # fmt: skip
+    """SSE chunks: per choice, its pass-1 result (and, in chat, the role) first, then the text as it
+    is generated, then the finish reason; usage last when asked; `[DONE]`. A client that goes away
+    cancels its rows (the `finally`), and the batch goes on without them."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(index: int, text: str | None = None, finish: str | None = None, extra: dict | None = None) -> bytes:
+        if chat:
+            delta = {"content": text} if text is not None else {}
+            choice = {"index": index, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": text or "", "finish_reason": finish}
+        if extra:
+            choice["bayes_llm"] = extra
+        return _sse({**head, "object": kind, "choices": [choice]})
+
+    done: list[dict] = []
+    try:
+        while len(done) < len(jobs):
+            index, event, payload = await events.get()
+            if event == "routed":
+                if chat:
+                    yield _sse(
+                        {
+                            **head,
+                            "object": kind,
+                            "choices": [
+                                {
+                                    "index": index,
+                                    "delta": {"role": "assistant"},
+                                    "finish_reason": None,
+                                    "bayes_llm": payload,
+                                }
+                            ],
+                        }
+                    )
+                else:
+                    yield chunk(index, "", extra=payload)
+            elif event == "text":
+                yield chunk(index, payload)
+            elif event == "done":
+                done.append(payload)
+                yield chunk(index, finish=payload["finish_reason"], extra={"timing_ms": payload["timing_ms"]})
+            elif event == "error":
+                yield _sse({"error": {"message": f"generation failed: {payload}", "type": "server_error"}})
+                return
+        if include_usage:
+            yield _sse({**head, "object": kind, "choices": [], "usage": _usage(done)})
+        yield _sse("[DONE]")
+    finally:
+        for job in jobs:
+            job.cancelled.set()  # a no-op for finished rows; stops the rest if the client left
+
+
+def create_app(server: Server, max_body_bytes: int = 1 << 20) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.scheduler.start()
+        yield
+        server.scheduler.stop()
+
+    app = FastAPI(title="bayes-llm", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        messages = [_validation_message(e) for e in error.errors()]
+        return _error(400, "; ".join(m for m, _ in messages), messages[0][1] if messages else None)
+
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, error: RequestError) -> JSONResponse:
+        return _error(error.status, error.message, error.param, error.code)
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, error) -> JSONResponse:
+        return _error(404, f"no route {request.method} {request.url.path}", code="not_found")
+
+    @app.exception_handler(405)
+    async def wrong_method(request: Request, error) -> JSONResponse:
+        return _error(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            return _error(413, f"the body is larger than {max_body_bytes} bytes", code="request_too_large")
+        return await call_next(request)
+
+    def head(prefix: str) -> dict:
+        return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": server.model_id}
+
+    async def respond(jobs: list[Job], events: asyncio.Queue, body: Sampled, chat: bool):
+        ids = head("chatcmpl" if chat else "cmpl")
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream(jobs, events, ids, chat, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})  # fmt: skip
+        try:
+            results = await _collect(jobs, events)
+        finally:
+            for job in jobs:
+                job.cancelled.set()
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]},
+                        "finish_reason": r["finish_reason"], "bayes_llm": r["bayes_llm"]}
+                       for i, r in enumerate(results)]  # fmt: skip
+        else:
+            choices = [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None,
+                        "bayes_llm": r["bayes_llm"]} for i, r in enumerate(results)]  # fmt: skip
+        kind = "chat.completion" if chat else "text_completion"
+        return {**ids, "object": kind, "choices": choices, "usage": _usage(results)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        server.check_model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if body.stream and len(prompts) > 1:
+            raise RequestError("prompt: stream one prompt per request", "prompt")
+        jobs, events = _submit(server, [(p, p) for p in prompts], body, body.max_tokens, "prompt")
+        return await respond(jobs, events, body, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest):
+        server.check_model(body.model)
+        if body.max_tokens and body.max_completion_tokens and body.max_tokens != body.max_completion_tokens:
+            raise RequestError("max_tokens and max_completion_tokens differ: give one", "max_completion_tokens")
+        jobs, events = _submit(server, [server.chat_text(body)], body, body.max_completion_tokens or body.max_tokens,
+                               "messages")  # fmt: skip
+        return await respond(jobs, events, body, chat=True)
+
+    @app.get("/v1/models")
+    async def models():
+        engine = server.engine
+        card = {"id": server.model_id, "object": "model", "created": 0, "owned_by": "bayes-llm",
+                "bayes_llm": {"experts": engine.domains, "strategies": ["base", *sorted(engine.controllers),
+                                                                        *(f"expert:{d}" for d in engine.domains)],
+                              "default_strategy": server.defaults.strategy, "context": server.context}}  # fmt: skip
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health():
+        stats = server.scheduler.stats
+        return {"status": "ok", "model": server.model_id, "batching": server.scheduler.batching,
+                "waiting": server.scheduler.waiting, **{k: round(v, 3) for k, v in stats.items()}}  # fmt: skip
+
+    @app.get("/", response_class=HTMLResponse)
+    async def demo():
+        page = resources.files("bayes_llm.serve").joinpath("demo.html").read_text()
+        return page.replace("__MODEL__", json.dumps(server.model_id)).replace(
+            "__EXPERTS__", json.dumps(server.engine.domains)
+        )
+
+    return app
+
+
+def load_app(bundle: Path, base: Path, svd: Path | None = None, *, max_batch: int = 16, max_wait: float = 0.01,
+             batching: Batching = "mixed", max_tokens_limit: int = 512) -> FastAPI:  # fmt: skip
+    """The app for a bundle on its base: refused when the bundle's files do not match its manifest or
+    the base is not the one its experts were trained on. `svd` defaults to `svd/` beside the base."""
+    manifest = verify(bundle, base)
+    engine = Engine(models_layout(bundle, base, svd if svd is not None else Path(base).parent / "svd"))
+    dispatch = manifest["params"]["dispatch"]
+    strategy = dispatch["strategy"] if dispatch["strategy"] in engine.controllers else "prompt"
+    defaults = Extension(strategy=strategy, blending_mode=dispatch["blending_mode"], top_k=dispatch["top_k"])
+    scheduler = Scheduler(engine, max_batch, max_wait, batching)
+    return create_app(Server(engine, scheduler, manifest["name"], defaults, max_tokens_limit))

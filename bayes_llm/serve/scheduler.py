@@ -1,0 +1,317 @@
+"""The serving loop: concurrent requests are collected into batches; each batch runs pass 1 batched,
+then pass 2 for every row at once with that row's own blend (`svf.rowwise`).
+
+One worker thread owns the model. A batch is formed from whatever is waiting when the worker is free
+(up to `max_batch`, waiting at most `max_wait` for more after the first request) and runs to its end:
+rows that finish early (EOS, their own `max_tokens`, a stop string, a client that went away) stop
+being streamed and are padded until the batch ends. New requests wait for the next batch rather than
+join a running one: a row's Mamba state and attention KV cache are rows of the batch's cache tensors,
+built by one prefill over the left-padded prompts, and a late row would need its own prefill spliced
+into those tensors (continuous batching is future work).
+
+`batching="regroup"` is the path without per-row blends: the batch is split by blend, each group's
+weights are merged into the model (`Engine.use_blend`) and the groups generate one after another.
+It is kept to measure the mixed path against (benchmarks/serve_benchmark.py).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from bayes_llm.dispatch.likelihood import label_logprobs
+from bayes_llm.inference.engine import Engine, blend_key
+from bayes_llm.svf.blend import BlendMode, blend_scales, blend_weights
+from bayes_llm.svf.rowwise import RowwiseSVF
+
+Batching = Literal["mixed", "regroup"]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How pass 1 picks the weights: `strategy` prompt | cls | base | expert:<domain>, or a fixed blend."""
+
+    strategy: str = "prompt"
+    mode: BlendMode = "weighted_average"
+    top_k: int = 2
+    blend: tuple[tuple[str, float], ...] | None = None
+
+
+@dataclass
+class Job:
+    """One prompt: `route_text` is what pass 1 classifies, `model_ids` what pass 2 continues."""
+
+    route_text: str
+    model_ids: list[int]
+    sampling: Sampling
+    routing: Routing
+    emit: Callable[[str, Any], None]  # (event, payload): routed, text, done, error; called from the worker
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class _Row:
+    """Pass-2 state of one job: its tokens so far, what was streamed, and why it stopped."""
+
+    def __init__(self, job: Job, tokenizer) -> None:
+        self.job, self.tokenizer = job, tokenizer
+        self.ids: list[int] = []
+        self.sent = 0  # characters of the decoded text already emitted
+        self.finish: str | None = None
+        self.finished_at: float | None = None
+        self.generator = None
+        if job.sampling.temperature > 0:
+            seed = job.sampling.seed if job.sampling.seed is not None else int.from_bytes(os.urandom(4), "little")
+            self.generator = torch.Generator().manual_seed(seed)
+
+    def add(self, token: int, eos: set[int]) -> None:
+        if self.finish is not None:
+            return
+        if self.job.cancelled.is_set():
+            return self._end("cancelled")
+        if token in eos and not self.job.sampling.ignore_eos:
+            return self._end("stop", flush=True)
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        stops = self.job.sampling.stop
+        found = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in stops) if i >= 0]
+        if found:
+            return self._end("stop", text=text[: min(found)])
+        if len(self.ids) >= self.job.sampling.max_tokens:
+            return self._end("length", text=text)
+        # Hold back what may be the start of a stop string or half of a multi-byte character.
+        hold = max((len(s) - 1 for s in stops), default=0)
+        safe = len(text) - hold
+        while safe > self.sent and text[safe - 1] == "\ufffd":
+            safe -= 1
+        self._send(text[:safe])
+
+    def _send(self, text: str) -> None:
+        if len(text) > self.sent:
+            self.job.emit("text", text[self.sent :])
+            self.sent = len(text)
+
+    def _end(self, reason: str, text: str | None = None, flush: bool = False) -> None:
+        if flush:
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text is not None and reason != "cancelled":
+            self._send(text)
+        self.finish, self.finished_at = reason, time.perf_counter()
+
+
+class _Streamer(BaseStreamer):
+    """transformers calls `put` with the prompt once, then with each step's token of every row."""
+
+    def __init__(self, rows: Sequence[_Row], eos: set[int]) -> None:
+        self.rows, self.eos, self.prompt_seen = rows, eos, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for row, token in zip(self.rows, value.view(-1).tolist(), strict=True):
+            row.add(token, self.eos)
+
+    def end(self) -> None:
+        for row in self.rows:
+            if row.finish is None:  # the batch's longest max_tokens ran out first
+                row._end("length", flush=True)
+
+
+class _RowsDone(StoppingCriteria):
+    def __init__(self, rows: Sequence[_Row]) -> None:
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        for row in self.rows:  # a client gone between two steps stops its row now
+            if row.finish is None and row.job.cancelled.is_set():
+                row._end("cancelled")
+        return torch.tensor([row.finish is not None for row in self.rows], device=input_ids.device)
+
+
+class _Sampler(LogitsProcessor):
+    """Per-row sampling inside greedy `generate`: a sampled row's scores become one-hot on its draw,
+    so each request keeps its own temperature, top_p and seed in a shared batch."""
+
+    def __init__(self, rows: Sequence[_Row], eos: set[int]) -> None:
+        self.rows, self.eos = rows, sorted(eos)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for r, row in enumerate(self.rows):
+            sampling = row.job.sampling
+            if sampling.ignore_eos:
+                scores[r, self.eos] = -float("inf")
+            if row.generator is None or row.finish is not None:
+                continue
+            probs = torch.softmax(scores[r].float() / sampling.temperature, dim=-1)
+            if sampling.top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                outside = sorted_probs.cumsum(0) - sorted_probs > sampling.top_p  # keeps at least the top token
+                probs[order[outside]] = 0
+            token = int(torch.multinomial(probs, 1, generator=row.generator))
+            scores[r] = -float("inf")
+            scores[r, token] = 0.0
+        return scores
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_batch: int = 16, max_wait: float = 0.01,
+                 batching: Batching = "mixed") -> None:  # fmt: skip
+        self.engine, self.max_batch, self.max_wait, self.batching = engine, max_batch, max_wait, batching
+        self.rowwise = RowwiseSVF(engine.model, engine.factors)
+        tokenizer = engine.tokenizer
+        self.eos = {tokenizer.eos_token_id} | set(_as_list(engine.model.generation_config.eos_token_id))
+        self.eos.discard(None)
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="bayes-llm-scheduler", daemon=True)
+        self.stats = {"batches": 0, "rows": 0, "errors": 0, "first_pass_seconds": 0.0, "generate_seconds": 0.0}
+
+    def start(self) -> None:
+        self.engine.use_blend({})  # the model holds the exact base weights; blends live in the hooks
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        self._queue.put(job)
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    # --- the worker ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while (job := self._queue.get()) is not None:
+            batch, deadline = [job], time.perf_counter() + self.max_wait
+            while len(batch) < self.max_batch:
+                try:
+                    more = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                batch.append(more)
+            batch = [j for j in batch if not j.cancelled.is_set()]
+            if batch:
+                self._serve(batch)
+
+    def _serve(self, batch: list[Job]) -> None:
+        started = time.perf_counter()
+        try:
+            routes = self.first_pass(batch)
+            routed = time.perf_counter()
+            for job, (blend, posterior) in zip(batch, routes, strict=True):
+                job.emit("routed", {"blend": blend, "posterior": posterior, "strategy": job.routing.strategy})
+            rows = [_Row(job, self.engine.tokenizer) for job in batch]
+            if self.batching == "mixed":
+                scales = [self._scales(blend) for blend, _ in routes]
+                with self.rowwise.rows(scales):
+                    self._generate(rows)
+            else:
+                groups: dict[tuple, list[int]] = {}
+                for i, (blend, _) in enumerate(routes):
+                    groups.setdefault(blend_key(blend), []).append(i)
+                for key, index in groups.items():
+                    self.engine.use_blend(dict(key))
+                    self._generate([rows[i] for i in index])
+                self.engine.use_blend({})
+        except Exception as error:  # one bad batch must not stop the server
+            self.stats["errors"] += 1
+            for job in batch:
+                job.emit("error", f"{type(error).__name__}: {error}")
+            return
+        done = time.perf_counter()
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(batch)
+        self.stats["first_pass_seconds"] += routed - started
+        self.stats["generate_seconds"] += done - routed
+        for row in rows:
+            end = row.finished_at or done
+            row.job.emit("done", {
+                "finish_reason": row.finish or "length",
+                "prompt_tokens": len(row.job.model_ids),
+                "completion_tokens": len(row.ids),
+                "timing_ms": {"queue": _ms(started - row.job.submitted), "first_pass": _ms(routed - started),
+                              "generate": _ms(end - routed), "batch_rows": len(batch)},
+            })  # fmt: skip
+
+    def _scales(self, blend: dict[str, float]):
+        return blend_scales(self.engine.expert_scales, blend) if blend else None
+
+    def first_pass(self, batch: Sequence[Job]) -> list[tuple[dict[str, float], dict[str, float]]]:
+        """(blend, posterior) per job; prompts that need the dispatcher are scored together per strategy."""
+        routes: list[tuple[dict[str, float], dict[str, float]] | None] = [None] * len(batch)
+        by_strategy: dict[str, list[int]] = {}
+        for i, job in enumerate(batch):
+            r = job.routing
+            if r.blend is not None:
+                routes[i] = (blend_weights(dict(r.blend)), {})
+            elif r.strategy == "base":
+                routes[i] = ({}, {})
+            elif r.strategy.startswith("expert:"):
+                routes[i] = ({r.strategy.split(":", 1)[1]: 1.0}, {})
+            else:
+                by_strategy.setdefault(r.strategy, []).append(i)
+        engine = self.engine
+        for strategy, index in by_strategy.items():
+            controller = engine.controller(strategy)
+            prompts = [batch[i].route_text for i in index]
+            first = [engine.classifier_scales] * len(index) if strategy == "cls" else [None] * len(index)
+            with self.rowwise.rows(first):
+                logliks = label_logprobs(engine.model, engine.tokenizer, prompts, controller.labels, len(prompts))
+            for i, row in zip(index, controller.posterior(logliks), strict=True):
+                r = batch[i].routing
+                posterior = {k: round(float(p), 4) for k, p in zip(controller.labels, row, strict=True)}
+                routes[i] = (controller.blend(row, r.mode, r.top_k), posterior)
+        return [route for route in routes if route is not None]
+
+    def _generate(self, rows: Sequence[_Row]) -> None:
+        tokenizer, model = self.engine.tokenizer, self.engine.model
+        width = max(len(row.job.model_ids) for row in rows)
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r.job.model_ids)) + r.job.model_ids for r in rows])
+        attention_mask = torch.tensor([[0] * (width - len(r.job.model_ids)) + [1] * len(r.job.model_ids)
+                                       for r in rows])  # fmt: skip
+        with torch.no_grad():
+            model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max(row.job.sampling.max_tokens for row in rows),
+                do_sample=False,
+                logits_processor=LogitsProcessorList([_Sampler(rows, self.eos)]),
+                stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]),
+                streamer=_Streamer(rows, self.eos),
+                pad_token_id=pad,
+                eos_token_id=sorted(self.eos),
+            )
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
