@@ -289,7 +289,7 @@ COMMANDS = (
     Command(
         name="serve",
         help="OpenAI-compatible HTTP server that adapts per request, with a demo page",
-        description="Serves a bundle on its base: /v1/completions and /v1/chat/completions (streaming too), "
+        description="An OpenAI-compatible server for a bundle on its base: /v1/completions and /v1/chat/completions (streaming too), "
         "/v1/models, /health, and a demo page at /. Each request runs pass 1 (posterior over experts), blends the "
         "experts and answers with the blend; concurrent requests share batches, each row with its own blend. "
         "Per-request control through the body's `bayes_llm` object: strategy (prompt | cls | base | "

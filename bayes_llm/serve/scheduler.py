@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -183,7 +184,8 @@ class Scheduler:
         self.eos.discard(None)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="bayes-llm-scheduler", daemon=True)
-        self.stats = {"batches": 0, "rows": 0, "errors": 0, "first_pass_seconds": 0.0, "generate_seconds": 0.0}
+        self.stats = {"batches": 0, "rows": 0, "cancelled": 0, "errors": 0, "first_pass_seconds": 0.0,
+                      "generate_seconds": 0.0}
 
     def start(self) -> None:
         self.engine.use_blend({})  # the model holds the exact base weights; blends live in the hooks
@@ -224,7 +226,8 @@ class Scheduler:
             routes = self.first_pass(batch)
             routed = time.perf_counter()
             for job, (blend, posterior) in zip(batch, routes, strict=True):
-                job.emit("routed", {"blend": blend, "posterior": posterior, "strategy": job.routing.strategy})
+                shown = {name: round(w, 4) for name, w in blend.items() if round(w, 4) > 0}  # 1e-30 is noise
+                job.emit("routed", {"blend": shown, "posterior": posterior, "strategy": job.routing.strategy})
             rows = [_Row(job, self.engine.tokenizer) for job in batch]
             if self.batching == "mixed":
                 scales = [self._scales(blend) for blend, _ in routes]
@@ -246,6 +249,7 @@ class Scheduler:
         done = time.perf_counter()
         self.stats["batches"] += 1
         self.stats["rows"] += len(batch)
+        self.stats["cancelled"] += sum(row.finish == "cancelled" for row in rows)
         self.stats["first_pass_seconds"] += routed - started
         self.stats["generate_seconds"] += done - routed
         for row in rows:
@@ -279,8 +283,9 @@ class Scheduler:
         for strategy, index in by_strategy.items():
             controller = engine.controller(strategy)
             prompts = [batch[i].route_text for i in index]
-            first = [engine.classifier_scales] * len(index) if strategy == "cls" else [None] * len(index)
-            with self.rowwise.rows(first):
+            # pass 1 may score prompt × label rows: the classification expert applies to whatever batch it is
+            first = self.rowwise.same(engine.classifier_scales) if strategy == "cls" else nullcontext()
+            with first:
                 logliks = label_logprobs(engine.model, engine.tokenizer, prompts, controller.labels, len(prompts))
             for i, row in zip(index, controller.posterior(logliks), strict=True):
                 r = batch[i].routing

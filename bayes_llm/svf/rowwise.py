@@ -30,6 +30,7 @@ class RowwiseSVF:
         self.factors = dict(factors)
         self._delta: dict[str, torch.Tensor] | None = None  # name → [B, rank] of σ·(s_r − 1)
         self._adapted: torch.Tensor | None = None  # indices of rows with a correction
+        self._every_row = False  # one set of scales for any batch (`same`)
         self._handles = [model.get_submodule(name).register_forward_hook(self._hook(name)) for name in self.factors]
 
     def _hook(self, name: str):
@@ -40,7 +41,7 @@ class RowwiseSVF:
                 return output
             delta, rows = self._delta[name], self._adapted
             x = inputs[0]
-            if x.shape[0] != delta.shape[0]:
+            if x.shape[0] != delta.shape[0] and not self._every_row:
                 raise RuntimeError(f"{name}: batch of {x.shape[0]} rows, but scales were set for {delta.shape[0]}")
             # x is [B, T, in] (prefill and the torch decode path) or [B, in] (kernel decode steps)
             shape = (-1,) + (1,) * (x.dim() - 2) + (delta.shape[1],)
@@ -65,6 +66,16 @@ class RowwiseSVF:
             yield
         finally:
             self._delta, self._adapted = None, None
+
+    @contextmanager
+    def same(self, scales: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        """Run the model inside with one set of scales for every row, whatever the batch size."""
+        self._delta = {name: (f.s * (scales[name] - 1))[None] for name, f in self.factors.items()}
+        self._every_row = True
+        try:
+            yield
+        finally:
+            self._delta, self._every_row = None, False
 
     def remove(self) -> None:
         for handle in self._handles:
