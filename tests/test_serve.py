@@ -101,20 +101,22 @@ class TinyEngine:
         self.composer.merge(blend_scales(self.expert_scales, blend)) if blend else self.composer.unmerge()
 
 
-def _run(scheduler: Scheduler, requests: list[tuple[dict, Sampling]], prompt_ids: list[int]) -> list[dict]:
-    out = [{"text": ""} for _ in requests]
+def _run(scheduler: Scheduler, requests: list[tuple[dict, Sampling]], prompt_ids: list[int],
+         stream: bool = True) -> list[dict]:  # fmt: skip
+    out = [{"text": "", "pieces": 0} for _ in requests]
 
     def emit(i):
         def record(event, payload):
             if event == "text":
                 out[i]["text"] += payload
+                out[i]["pieces"] += 1
             elif event in ("done", "error"):
                 out[i][event] = payload
 
         return record
 
     jobs = [Job("", prompt_ids, sampling, Routing(strategy="blend", blend=tuple(blend.items())) if blend else
-                Routing(strategy="base"), emit(i)) for i, (blend, sampling) in enumerate(requests)]  # fmt: skip
+                Routing(strategy="base"), emit(i), stream) for i, (blend, sampling) in enumerate(requests)]  # fmt: skip
     scheduler._serve(jobs)
     return out
 
@@ -134,6 +136,9 @@ def test_a_mixed_batch_answers_as_each_blend_alone_with_its_own_limits(tiny, tmp
     mixed = _run(Scheduler(engine, batching="mixed"), requests, prompt)
     alone = [_run(Scheduler(engine, batching="regroup"), [request], prompt)[0] for request in requests]
     assert [m["text"] for m in mixed] == [a["text"] for a in alone]
+    whole = _run(Scheduler(engine), requests, prompt, stream=False)  # decoded once at the end: the same text
+    assert [w["text"] for w in whole] == [m["text"] for m in mixed] and {w["pieces"] for w in whole} == {1}
+    assert max(m["pieces"] for m in mixed) > 1  # streamed as it was generated
     assert len({m["text"] for m in mixed}) == 4  # every blend answers differently here
     assert [m["done"]["completion_tokens"] for m in mixed] == [8, 8, 8, 3]
     assert [m["done"]["finish_reason"] for m in mixed] == ["length"] * 4

@@ -143,7 +143,7 @@ def _submit(server: Server, texts: list[tuple[str, str]], body: Sampled, max_tok
     def emitter(index: int):
         return lambda event, payload: loop.call_soon_threadsafe(events.put_nowait, (index, event, payload))
 
-    jobs = [Job(route, model_ids, sampling, routing, emitter(i))
+    jobs = [Job(route, model_ids, sampling, routing, emitter(i), stream=body.stream)
             for i, ((route, _), model_ids) in enumerate(zip(texts, ids, strict=True))]  # fmt: skip
     for job in jobs:
         server.scheduler.submit(job)

@@ -66,6 +66,7 @@ class Job:
     sampling: Sampling
     routing: Routing
     emit: Callable[[str, Any], None]  # (event, payload): routed, text, done, error; called from the worker
+    stream: bool = True  # False: the text comes in one piece when the row ends
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -92,8 +93,12 @@ class _Row:
         if token in eos and not self.job.sampling.ignore_eos:
             return self._end("stop", flush=True)
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         stops = self.job.sampling.stop
+        if not self.job.stream and not stops:  # nothing to look at before the end: decode once, then
+            if len(self.ids) >= self.job.sampling.max_tokens:
+                self._end("length", flush=True)
+            return
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         found = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in stops) if i >= 0]
         if found:
             return self._end("stop", text=text[: min(found)])
