@@ -291,7 +291,8 @@ COMMANDS = (
         help="OpenAI-compatible HTTP server that adapts per request, with a demo page",
         description="An OpenAI-compatible server for a bundle on its base: /v1/completions and "
         "/v1/chat/completions (streaming too), /v1/models, /health, and a demo page at /. Each request runs "
-        "pass 1 (posterior over experts), blends the experts and answers with the blend; concurrent requests share batches, each row with its own blend. "
+        "pass 1 (posterior over experts), blends the experts and answers with the blend; concurrent requests "
+        "share batches, each row with its own blend. "
         "Per-request control through the body's `bayes_llm` object: strategy (prompt | cls | base | "
         "expert:<domain>), blending_mode, top_k, expert, blend, ignore_eos. The bundle is verified first and "
         "refused for another base. README: Serving.",
