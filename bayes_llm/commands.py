@@ -192,7 +192,8 @@ def _serve_command(args: argparse.Namespace) -> int:
     from bayes_llm.serve.app import load_app
 
     app = load_app(args.bundle, args.base, args.svd, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000,
-                   batching=args.batching, max_tokens_limit=args.max_tokens_limit)  # fmt: skip
+                   batching=args.batching, max_tokens_limit=args.max_tokens_limit,
+                   decode_threads=args.decode_threads)  # fmt: skip
     print(f"bayes-llm serve: {args.bundle} on http://{args.host}:{args.port} (demo page /, OpenAI API /v1)",
           flush=True)  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
@@ -230,6 +231,9 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=512,
         help="the largest max_tokens a request may ask (default: %(default)s)",
     )
+    parser.add_argument("--decode-threads", type=_positive, help="torch threads for the one-token decode steps "
+                        "(pass 1 and the prefill use them all); 1 pays off when the cores are shared, e.g. with "
+                        "a load generator on the same machine (default: all)")  # fmt: skip
     parser.add_argument("--verbose", action="store_true", help="access log and the libraries' notices")
 
 

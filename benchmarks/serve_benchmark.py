@@ -4,12 +4,15 @@ Three phases, each with N concurrent clients (the official `openai` client, one 
 a fixed number of requests, `max_tokens` new tokens each (`ignore_eos`, so every request generates
 exactly that many):
 
-1. base: every request with the base weights (`strategy: base`): the ceiling.
-2. mixed: every client with its own fixed blend of the experts (N different blends), on the mixed
-   server (one forward, a blend per row) and on the regroup server (`--batching regroup`: weights
-   merged per blend group, groups one after another: the path without per-row blends).
-3. load: the default route (pass 1 → posterior → blend) on the test prompts of every domain:
-   latency p50/p95, errors, and the first pass's share of the server's time.
+1. base: in waves of N requests sent together, every request with the base weights
+   (`strategy: base`): the ceiling.
+2. mixed: the same waves, every client with its own fixed blend of the experts (N different
+   blends), on the mixed server (one forward, a blend per row) and on the regroup server
+   (`--batching regroup`: weights merged per blend group, groups one after another: the path
+   without per-row blends).
+3. load: clients sending freely (each its next request once its last is answered), the default
+   route (pass 1 → posterior → blend) on the test prompts of every domain: latency p50/p95,
+   errors, and the first pass's share of each request's time in the server.
 
     python -m benchmarks.serve_benchmark            # the pipeline's default bundle and base
     python -m benchmarks.serve_benchmark --help
@@ -49,11 +52,11 @@ def _free_port() -> int:
 
 
 @contextmanager
-def server(bundle: Path, base: Path, batching: str, max_batch: int):
+def server(bundle: Path, base: Path, batching: str, max_batch: int, max_wait_ms: float, decode_threads: int):
     port = _free_port()
     command = [sys.executable, "-m", "bayes_llm", "serve", "--bundle", str(bundle), "--base", str(base),
                "--port", str(port), "--batching", batching, "--max-batch", str(max_batch),
-               "--max-wait-ms", "20"]  # fmt: skip
+               "--max-wait-ms", str(max_wait_ms), "--decode-threads", str(decode_threads)]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -71,15 +74,19 @@ def server(bundle: Path, base: Path, batching: str, max_batch: int):
         process.wait(timeout=30)
 
 
-def load(url: str, model: str, requests: list[dict], clients: int) -> dict:
-    """Send `requests` (completion bodies) from `clients` threads; request i goes to client i % clients."""
+def load(url: str, model: str, requests: list[dict], clients: int, waves: bool = False) -> dict:
+    """Send `requests` (completion bodies) from `clients` threads; request i goes to client i % clients.
+    `waves`: the clients send together, wait for every answer, and send again (`clients` concurrent
+    requests each time), else each client sends its next request when its last one is answered."""
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
     latencies: list[float] = []
     tokens, errors, first_pass, generate = [0], [], [], []
-    lock = threading.Lock()
+    lock, barrier = threading.Lock(), threading.Barrier(clients)
 
     def run(mine: list[dict]) -> None:
         for body in mine:
+            if waves:
+                barrier.wait()
             started = time.perf_counter()
             try:
                 reply = client.completions.create(model=model, **body)
@@ -142,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=4, help="requests per client per phase (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-wait-ms", type=float, default=50.0,
+                        help="the servers' batching window (default: %(default)s)")
+    parser.add_argument("--decode-threads", type=int, default=1,
+                        help="the servers' --decode-threads (default %(default)s: the clients share this machine)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per phase; the median is reported")
     parser.add_argument("--out", type=Path, default=REPORT)
     args = parser.parse_args(argv)
     bundle = args.bundle or next(iter(sorted(Path("bundles").glob("*/manifest.json")))).parent
@@ -159,15 +171,33 @@ def main(argv: list[str] | None = None) -> int:
     mixed_requests = bodies([{"blend": mixes[i % args.clients]} for i in range(n)], [question] * n)
     prompts = test_prompts(args.data, n)
     load_requests = bodies([{}] * n, [f"Question: {p}\nAnswer:" for p in prompts])
-    phases = {}
-    with server(bundle, args.base, "mixed", args.clients) as url:
+    phases: dict[str, dict] = {}
+    totals = {"requests": 0, "errors": 0}  # every measured run, not only the medians
+
+    def measure(name: str, url: str, requests: list[dict], waves: bool) -> None:
+        """The run with the median tokens/s of `--repeats` (a shared 2-core machine is noisy)."""
+        runs = []
+        for _ in range(args.repeats):
+            before = httpx.get(f"{url}/health").json()
+            run = load(url, model, requests, args.clients, waves)
+            after = httpx.get(f"{url}/health").json()
+            batches = max(1, after["batches"] - before["batches"])
+            run["mean_batch_rows"] = round((after["rows"] - before["rows"]) / batches, 2)
+            runs.append(run)
+        for run in runs:
+            totals["requests"] += run["requests"]
+            totals["errors"] += run["errors"]
+        runs.sort(key=lambda run: run["tokens_per_second"])
+        phases[name] = {**runs[len(runs) // 2], "tokens_per_second_runs": [r["tokens_per_second"] for r in runs]}
+
+    with server(bundle, args.base, "mixed", args.clients, args.max_wait_ms, args.decode_threads) as url:
         load(url, model, base_requests[: args.clients], args.clients)  # warm-up
-        phases["base"] = load(url, model, base_requests, args.clients)
-        phases["mixed"] = load(url, model, mixed_requests, args.clients)
-        phases["load"] = load(url, model, load_requests, args.clients)
-    with server(bundle, args.base, "regroup", args.clients) as url:
+        measure("base", url, base_requests, waves=True)
+        measure("mixed", url, mixed_requests, waves=True)
+        measure("load", url, load_requests, waves=False)
+    with server(bundle, args.base, "regroup", args.clients, args.max_wait_ms, args.decode_threads) as url:
         load(url, model, mixed_requests[: args.clients], args.clients)
-        phases["regroup"] = load(url, model, mixed_requests, args.clients)
+        measure("regroup", url, mixed_requests, waves=True)
     base, mixed, regroup = (phases[k]["tokens_per_second"] for k in ("base", "mixed", "regroup"))
     report = {
         "base_tokens_per_second": base,
@@ -179,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         "p50_ms": phases["load"]["p50_ms"],
         "p95_ms": phases["load"]["p95_ms"],
         "first_pass_share": phases["load"]["first_pass_share"],
-        "requests": sum(p["requests"] for p in phases.values()),
-        "errors": sum(p["errors"] for p in phases.values()),
+        "requests": totals["requests"],
+        "errors": totals["errors"],
         "setup": {
             "bundle": str(bundle),
             "clients": args.clients,

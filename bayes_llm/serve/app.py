@@ -335,7 +335,8 @@ def create_app(server: Server, max_body_bytes: int = 1 << 20) -> FastAPI:
 
 
 def load_app(bundle: Path, base: Path, svd: Path | None = None, *, max_batch: int = 16, max_wait: float = 0.01,
-             batching: Batching = "mixed", max_tokens_limit: int = 512) -> FastAPI:  # fmt: skip
+             batching: Batching = "mixed", max_tokens_limit: int = 512,
+             decode_threads: int | None = None) -> FastAPI:  # fmt: skip
     """The app for a bundle on its base: refused when the bundle's files do not match its manifest or
     the base is not the one its experts were trained on. `svd` defaults to `svd/` beside the base."""
     manifest = verify(bundle, base)
@@ -343,5 +344,5 @@ def load_app(bundle: Path, base: Path, svd: Path | None = None, *, max_batch: in
     dispatch = manifest["params"]["dispatch"]
     strategy = dispatch["strategy"] if dispatch["strategy"] in engine.controllers else "prompt"
     defaults = Extension(strategy=strategy, blending_mode=dispatch["blending_mode"], top_k=dispatch["top_k"])
-    scheduler = Scheduler(engine, max_batch, max_wait, batching)
+    scheduler = Scheduler(engine, max_batch, max_wait, batching, decode_threads)
     return create_app(Server(engine, scheduler, manifest["name"], defaults, max_tokens_limit))

@@ -127,13 +127,17 @@ class _Row:
 class _Streamer(BaseStreamer):
     """transformers calls `put` with the prompt once, then with each step's token of every row."""
 
-    def __init__(self, rows: Sequence[_Row], eos: set[int]) -> None:
-        self.rows, self.eos, self.prompt_seen = rows, eos, False
+    def __init__(self, rows: Sequence[_Row], eos: set[int], decode_threads: int | None = None) -> None:
+        self.rows, self.eos, self.prompt_seen, self.decode_threads = rows, eos, False, decode_threads
+        self.first_token = True
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:
             self.prompt_seen = True
             return
+        if self.first_token and self.decode_threads:  # the prefill is done: one-token steps from here
+            torch.set_num_threads(self.decode_threads)
+        self.first_token = False
         for row, token in zip(self.rows, value.view(-1).tolist(), strict=True):
             row.add(token, self.eos)
 
@@ -181,8 +185,9 @@ class _Sampler(LogitsProcessor):
 
 class Scheduler:
     def __init__(self, engine: Engine, max_batch: int = 16, max_wait: float = 0.01,
-                 batching: Batching = "mixed") -> None:  # fmt: skip
+                 batching: Batching = "mixed", decode_threads: int | None = None) -> None:  # fmt: skip
         self.engine, self.max_batch, self.max_wait, self.batching = engine, max_batch, max_wait, batching
+        self.decode_threads = decode_threads
         self.rowwise = RowwiseSVF(engine.model, engine.factors)
         tokenizer = engine.tokenizer
         self.eos = {tokenizer.eos_token_id} | set(_as_list(engine.model.generation_config.eos_token_id))
@@ -305,18 +310,22 @@ class Scheduler:
         input_ids = torch.tensor([[pad] * (width - len(r.job.model_ids)) + r.job.model_ids for r in rows])
         attention_mask = torch.tensor([[0] * (width - len(r.job.model_ids)) + [1] * len(r.job.model_ids)
                                        for r in rows])  # fmt: skip
-        with torch.no_grad():
-            model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max(row.job.sampling.max_tokens for row in rows),
-                do_sample=False,
-                logits_processor=LogitsProcessorList([_Sampler(rows, self.eos)]),
-                stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]),
-                streamer=_Streamer(rows, self.eos),
-                pad_token_id=pad,
-                eos_token_id=sorted(self.eos),
-            )
+        threads = torch.get_num_threads()
+        try:
+            with torch.no_grad():
+                model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    max_new_tokens=max(row.job.sampling.max_tokens for row in rows),
+                    do_sample=False,
+                    logits_processor=LogitsProcessorList([_Sampler(rows, self.eos)]),
+                    stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]),
+                    streamer=_Streamer(rows, self.eos, self.decode_threads),
+                    pad_token_id=pad,
+                    eos_token_id=sorted(self.eos),
+                )
+        finally:
+            torch.set_num_threads(threads)  # pass 1 and the next prefill get every thread again
 
 
 def _as_list(value) -> list:
