@@ -35,6 +35,9 @@ from bayes_llm.svf.blend import BlendMode, blend_scales, blend_weights
 from bayes_llm.svf.rowwise import RowwiseSVF
 
 Batching = Literal["mixed", "regroup"]
+# Pass 1 runs over the prompts sorted by length in forwards of this many: less padding. On 16 test
+# prompts of the default run (16-90 tokens) 78 ms against 115 ms in one forward, and 87 ms by 4.
+FIRST_PASS_CHUNK = 8
 
 
 @dataclass(frozen=True)
@@ -292,11 +295,12 @@ class Scheduler:
         engine = self.engine
         for strategy, index in by_strategy.items():
             controller = engine.controller(strategy)
+            index = sorted(index, key=lambda i: len(batch[i].route_text))  # similar lengths share a forward
             prompts = [batch[i].route_text for i in index]
             # pass 1 may score prompt × label rows: the classification expert applies to whatever batch it is
             first = self.rowwise.same(engine.classifier_scales) if strategy == "cls" else nullcontext()
             with first:
-                logliks = label_logprobs(engine.model, engine.tokenizer, prompts, controller.labels, len(prompts))
+                logliks = label_logprobs(engine.model, engine.tokenizer, prompts, controller.labels, FIRST_PASS_CHUNK)
             for i, row in zip(index, controller.posterior(logliks), strict=True):
                 r = batch[i].routing
                 posterior = {k: round(float(p), 4) for k, p in zip(controller.labels, row, strict=True)}
