@@ -156,6 +156,23 @@ def test_a_mixed_batch_answers_as_each_blend_alone_with_its_own_limits(tiny, tmp
     assert first == again
 
 
+def test_a_failing_batch_answers_its_requests_with_an_error_and_the_next_batch_runs(tiny, tmp_path):
+    model, factors, (a, _) = tiny
+    _, tokenizer = load_checkpoint(str(save_tiny_checkpoint("bamba", tmp_path / "tok")))
+    engine = TinyEngine(model, tokenizer, factors, {"a": a})
+    ids = torch.tensor([[1, 5, 6]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    scheduler = Scheduler(engine, batching="regroup")
+    broken = _run(scheduler, [({"a": 1.0}, Sampling(max_tokens=2))], [model.config.vocab_size + 5])  # no such token
+    assert "IndexError" in broken[0]["error"] and "done" not in broken[0]
+    assert scheduler.stats["errors"] == 1
+    ok = _run(scheduler, [({}, Sampling(max_tokens=2, ignore_eos=True))], [1, 5, 6])
+    assert ok[0]["done"]["completion_tokens"] == 2
+    with torch.no_grad():  # the failed group's merged weights did not stay loaded
+        assert torch.equal(model(input_ids=ids).logits, before)
+
+
 # --- a real server on the smoke bundle -------------------------------------------------------------
 
 

@@ -236,6 +236,7 @@ class Scheduler:
     def _serve(self, batch: list[Job]) -> None:
         started = time.perf_counter()
         try:
+            self.engine.use_blend({})  # pass 1 scores with the base (after a failed regroup batch too)
             routes = self.first_pass(batch)
             routed = time.perf_counter()
             for job, (blend, posterior) in zip(batch, routes, strict=True):
