@@ -31,13 +31,17 @@ def evaluated(full_smoke_project: Path) -> Path:
 def test_shipped_tasks_load_in_lm_eval_with_the_group():
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     names = set(manager.all_tasks)
-    assert {"bayes_llm", "bayes_llm_math", "bayes_llm_code", "bayes_llm_reasoning", "bayes_llm_transfer"} <= names
+    assert {"bayes_llm", "bayes_llm_math", "bayes_llm_code", "bayes_llm_reasoning", "bayes_llm_reasoning_gen",
+            "bayes_llm_transfer"} <= names  # fmt: skip
     assert not any(name.startswith("_") for name in names)  # templates are not tasks
 
 
 def test_scoring_matches_the_experts_reward():
     doc = {"answer": "26", "choices": ["1", "2", "3"], "tests": ["assert f(2) == 4"]}
     assert scoring.number_match(doc, ["5 + 11 = 16. 16 + 10 = 26.\n#### 26"]) == {"exact_match": 1.0}
+    letter = {"answer": "B", "choices": ["3", "9", "4"]}  # written: the letter after '####', scan first
+    assert scoring.letter_match(letter, ["3 < 9, 9 > 4: largest 9.\n#### B"]) == {"exact_match": 1.0}
+    assert scoring.letter_match(letter, ["A is 3, B is 9.\n#### A"]) == {"exact_match": 0.0}
     assert scoring.number_match(doc, ["#### 25"]) == {"exact_match": 0.0}
     assert scoring.letter_choices(doc) == ["A", "B", "C"]
     assert scoring.letter_target({"answer": "C"}) == 2
@@ -104,7 +108,7 @@ def test_evaluate_writes_every_system_and_the_reports(evaluated):
     systems = ["base", "expert_math", "expert_code", "expert_reasoning", "oracle", "adaptive_prompt",
                "adaptive_cls", "adaptive_fewshot", "lora"]  # fmt: skip
     for system in systems:
-        for column in ("math", "code", "reasoning", "transfer", "mean"):
+        for column in ("math", "code", "reasoning", "transfer", "reasoning_loglik", "mean"):
             assert 0.0 <= summary[f"{system}.{column}"] <= 1.0, (system, column)
         assert (evaluated / f"reports/eval/lm_eval/{system}.json").is_file()
     for domain in ("math", "code", "reasoning"):  # oracle routing = the domain's own expert
@@ -119,7 +123,12 @@ def test_evaluate_writes_every_system_and_the_reports(evaluated):
     readme = (evaluated / "reports/README.md").read_text()
     assert "| adaptive:prompt |" in readme and "eval/scores.png" in readme and "| evaluate |" in readme
     table = (evaluated / "reports/eval/results.md").read_text()
-    assert "| system | math | code | reasoning | mean | transfer |" in table
+    assert "| system | math | code | reasoning | mean | transfer | reasoning_loglik |" in table
+    # reasoning is scored in writing; its log-likelihood score is the second, named column
+    tasks = json.loads((evaluated / "reports/eval/lm_eval/base.json").read_text())["results"]
+    assert {"bayes_llm_reasoning_gen", "bayes_llm_reasoning"} <= set(tasks)
+    assert "**reasoning**: `bayes_llm_reasoning_gen`" in readme
+    assert "**reasoning_loglik**: `bayes_llm_reasoning`" in readme
 
 
 def test_evaluate_is_deterministic(evaluated, tmp_path, monkeypatch):
@@ -131,8 +140,8 @@ def test_evaluate_is_deterministic(evaluated, tmp_path, monkeypatch):
     assert main(["evaluate", "--quiet"]) == 0
     again = json.loads((project / "reports/eval/summary.json").read_text())
     systems = {key.split(".")[0] for key in again}
-    # four systems and the chance row, each on 4 tasks and their mean
-    assert systems == {"base", "expert_math", "adaptive_prompt", "lora", "chance"} and len(again) == 5 * 5
+    # four systems and the chance row, each on 4 tasks, reasoning's log-likelihood column and the mean
+    assert systems == {"base", "expert_math", "adaptive_prompt", "lora", "chance"} and len(again) == 5 * 6
     assert again == {key: value for key, value in first.items() if key.split(".")[0] in systems}
 
 

@@ -4,3 +4,5 @@ scoring and the reports."""
 from pathlib import Path
 
 TASKS_DIR = Path(__file__).parent / "tasks"  # the shipped lm-eval tasks (`--include_path`)
+# A letter domain's task answered in writing (bayes_llm_<domain>_gen; stages/evaluate.py)
+WRITTEN_SUFFIX = "_gen"

@@ -32,6 +32,7 @@ from lm_eval.models.huggingface import HFLM
 from bayes_llm import paths
 from bayes_llm.data import prepared
 from bayes_llm.errors import UserError
+from bayes_llm.evaluate import WRITTEN_SUFFIX
 from bayes_llm.inference.engine import Engine, blend_key
 
 TASK_PREFIX = "bayes_llm_"
@@ -39,7 +40,8 @@ Weights = tuple[tuple, Callable[[], None]]  # (key, load the weights)
 
 
 def task_domain(task_name: str) -> str:
-    return task_name.removeprefix(TASK_PREFIX)
+    """bayes_llm_reasoning and bayes_llm_reasoning_gen (the same items, answered in writing) → reasoning."""
+    return task_name.removeprefix(TASK_PREFIX).removesuffix(WRITTEN_SUFFIX)
 
 
 def request_prompt(request) -> str:
@@ -169,8 +171,10 @@ class FewShotSearch:
         self._weights: dict[str, Weights] = {}
 
     def __call__(self, task_name: str) -> Weights:
+        domain = task_domain(task_name)
+        if task_name.startswith(TASK_PREFIX):  # one search per domain, whichever way its items are scored
+            task_name = TASK_PREFIX + domain
         if task_name not in self._weights:
-            domain = task_domain(task_name)
             infos = {d["name"]: d for d in prepared.domains()}
             if domain not in infos:
                 raise UserError(f"{task_name}: few-shot search needs a prepared domain named {domain!r}")

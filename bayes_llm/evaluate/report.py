@@ -22,11 +22,12 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
-# What each answer kind's score measures, as lm-eval's bundled tasks score it (bayes_llm/evaluate/tasks).
+# What each column's score measures, by how it is scored (bayes_llm/evaluate/tasks).
 MEASURES = {
     "number": "greedy exact match of the number after `####` (the first number when there is no `####`)",
     "code": "pass@1: the greedy program passes the item's tests in the sandbox",
-    "letter": "multiple choice by option log-likelihood (the letter right after `Answer:`)",
+    "letter": "greedy, the letter after `####` (the model writes its scan first, as its expert was trained)",
+    "letter_loglik": "multiple choice by option log-likelihood (the letter right after `Answer:`; no writing)",
 }
 
 
@@ -53,8 +54,8 @@ def measures(report: dict) -> list[str]:
     """One line per column: the lm-eval task and metric, and what it measures."""
     lines = []
     for domain, task in report["tasks"].items():
-        kind = report["answer_kinds"][domain]
-        what = MEASURES[kind] if task.startswith("bayes_llm_") else f"lm-eval's own task, {kind} answers"
+        kind, how = report["answer_kinds"][domain], report["scorings"][domain]
+        what = MEASURES.get(how, f"lm-eval's own task, {kind} answers")
         lines.append(f"- **{domain}**: `{task}`, metric `{report['metrics'][domain]}` — {what}; "
                      f"chance {_pct(report['chance'][domain])} %.")  # fmt: skip
     return lines

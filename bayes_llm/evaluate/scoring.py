@@ -25,6 +25,10 @@ def number_match(doc: dict, results: list[str]) -> dict[str, float]:
     return {"exact_match": float(exact_match("number", results[0], doc["answer"]))}
 
 
+def letter_match(doc: dict, results: list[str]) -> dict[str, float]:
+    return {"exact_match": float(exact_match("letter", results[0], doc["answer"]))}
+
+
 def code_item(doc: dict, results: list[str]) -> dict[str, tuple[str, tuple[str, ...]]]:
     """The program and its tests; `pass_at_1` judges all of a task's items in one sandbox run."""
     return {"pass@1": (code_of(results[0]), tuple(doc["tests"]))}

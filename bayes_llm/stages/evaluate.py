@@ -21,12 +21,27 @@ from bayes_llm.command import Stage
 from bayes_llm.config import Params, load_params
 from bayes_llm.data import prepared
 from bayes_llm.errors import UserError
-from bayes_llm.evaluate import TASKS_DIR
+from bayes_llm.evaluate import TASKS_DIR, WRITTEN_SUFFIX
 from bayes_llm.io import staged_dir, write_json
 from bayes_llm.stats import paired_bootstrap
 
 REPORT_DIR = paths.EVAL_REPORTS
 SHIPPED_KINDS = {"number": "_number", "letter": "_letter", "code": "_code"}
+# A letter domain that has an expert is scored in writing (greedy, the letter after '####', as the
+# expert is trained and validated): its column; by option log-likelihood in a second column.
+LOGLIK = "_loglik"
+
+
+def domain_of(column: str) -> str:
+    """The domain a results column scores: reasoning_loglik → reasoning."""
+    return column.removesuffix(LOGLIK)
+
+
+def scoring(column: str, task: str, kind: str) -> str:
+    """How a column is scored: number | code | letter (written) | letter_loglik | hub (lm-eval's own task)."""
+    if not task.startswith("bayes_llm_"):
+        return "hub"
+    return "letter" if task.endswith(WRITTEN_SUFFIX) else "letter_loglik" if kind == "letter" else kind
 
 
 def expand_systems(systems: list[str], experts: list[str]) -> list[str]:
@@ -44,24 +59,30 @@ def slug(system: str) -> str:
     return system.replace(":", "_")
 
 
-def _task_files(infos: list[dict], custom: dict[str, str], directory: Path) -> dict[str, str]:
-    """domain → lm-eval task name; writes a task YAML (from the shipped template of its answer kind)
-    for a prepared domain that has no shipped one."""
+def _task_files(infos: list[dict], custom: dict[str, str], directory: Path, experts: list[str]) -> dict[str, str]:
+    """results column → lm-eval task name: one per domain, plus `<domain>_loglik` for a letter domain
+    with an expert; writes a task YAML (from the shipped template) for any that is not shipped."""
     tasks = {}
     for info in infos:
         name = info["name"]
         if name in custom:
             tasks[name] = custom[name]
             continue
-        tasks[name] = f"bayes_llm_{name}"
         prepared.read_split(paths.DATA, name, "test")  # a clear error now, not a traceback in lm-eval
-        if not (TASKS_DIR / f"{name}.yaml").is_file():
-            template = (TASKS_DIR / SHIPPED_KINDS[info["answer_kind"]]).resolve()
-            data = prepared.split_path(paths.DATA, name, "test")
-            (directory / f"{name}.yaml").write_text(
-                f"include: {template}\ntask: bayes_llm_{name}\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-            )
-    return tasks
+        if info["answer_kind"] == "letter" and name in experts:
+            columns = [(name, f"bayes_llm_{name}{WRITTEN_SUFFIX}", "_letter_gen"),
+                       (name + LOGLIK, f"bayes_llm_{name}", "_letter")]  # fmt: skip
+        else:
+            columns = [(name, f"bayes_llm_{name}", SHIPPED_KINDS[info["answer_kind"]])]
+        for column, task, template in columns:
+            tasks[column] = task
+            shipped = task.removeprefix("bayes_llm_") + ".yaml"
+            if not (TASKS_DIR / shipped).is_file():
+                data = prepared.split_path(paths.DATA, name, "test")
+                (directory / shipped).write_text(f"include: {(TASKS_DIR / template).resolve()}\ntask: {task}\n"
+                                                 f"dataset_kwargs:\n  data_files:\n    test: {data}\n")  # fmt: skip
+    # the domains' own columns first (the table puts the expert domains, then the others)
+    return dict(sorted(tasks.items(), key=lambda item: item[0].endswith(LOGLIK)))
 
 
 def primary_metric(result: dict) -> str:
@@ -118,7 +139,7 @@ def _evaluate(params: Params, scratch: Path, progress: bool) -> dict:
     engine = Engine(paths.MODELS)
     systems = expand_systems(cfg.systems, engine.domains)
     infos = prepared.domains()
-    tasks = _task_files(infos, cfg.tasks, scratch)
+    tasks = _task_files(infos, cfg.tasks, scratch, engine.domains)
     hub_tasks = any(not task.startswith("bayes_llm_") for task in tasks.values())
     manager = TaskManager(include_path=[str(TASKS_DIR), str(scratch)], include_defaults=hub_tasks)
     search = params.dispatch.fewshot
@@ -169,7 +190,7 @@ def _evaluate(params: Params, scratch: Path, progress: bool) -> dict:
             summary[f"{slug(system)}.{domain}"] = scores[system][domain]
         summary[f"{slug(system)}.mean"] = round(means[system], 4)
     by_name = {info["name"]: info for info in infos}
-    chance = {domain: chance_level(by_name[domain]) for domain in tasks}
+    chance = {column: chance_level(by_name[domain_of(column)]) for column in tasks}
     summary |= {f"chance.{domain}": value for domain, value in chance.items()}
     summary["chance.mean"] = round(sum(chance[d] for d in expert_domains) / len(expert_domains), 4)
     gains = {}
@@ -187,7 +208,8 @@ def _evaluate(params: Params, scratch: Path, progress: bool) -> dict:
         "means": means,  # over expert_domains
         "chance": chance,
         "metrics": metrics,
-        "answer_kinds": {domain: by_name[domain]["answer_kind"] for domain in tasks},
+        "answer_kinds": {column: by_name[domain_of(column)]["answer_kind"] for column in tasks},
+        "scorings": {c: scoring(c, task, by_name[domain_of(c)]["answer_kind"]) for c, task in tasks.items()},
         "gains": gains,
         "fewshot": fewshot.results,
         "timing": {"systems_seconds": timing, "stage_seconds": round(time.perf_counter() - started, 1)},

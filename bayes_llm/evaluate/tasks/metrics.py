@@ -2,6 +2,13 @@
 as a fresh module per YAML, so the logic (and its memo of code verdicts) lives in a real package
 module: bayes_llm.evaluate.scoring."""
 
-from bayes_llm.evaluate.scoring import code_item, letter_choices, letter_target, number_match, pass_at_1
+from bayes_llm.evaluate.scoring import (
+    code_item,
+    letter_choices,
+    letter_match,
+    letter_target,
+    number_match,
+    pass_at_1,
+)
 
-__all__ = ["code_item", "letter_choices", "letter_target", "number_match", "pass_at_1"]
+__all__ = ["code_item", "letter_choices", "letter_match", "letter_target", "number_match", "pass_at_1"]
