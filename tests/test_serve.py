@@ -22,10 +22,10 @@ from transformers import AutoModelForCausalLM
 
 from bayes_llm.bundle.manifest import BundleError, verify
 from bayes_llm.model.load import load_checkpoint
+from bayes_llm.serve.rowwise import RowwiseSVF
 from bayes_llm.serve.scheduler import Job, Routing, Sampling, Scheduler
 from bayes_llm.svf.blend import blend_scales
 from bayes_llm.svf.decompose import svd_factors
-from bayes_llm.svf.rowwise import RowwiseSVF
 from bayes_llm.svf.scaling import Composer
 from bayes_llm.svf.targets import select_targets
 from tests.cdp import BROWSER, Page

@@ -1,5 +1,5 @@
 """The serving loop: concurrent requests are collected into batches; each batch runs pass 1 batched,
-then pass 2 for every row at once with that row's own blend (`svf.rowwise`).
+then pass 2 for every row at once with that row's own blend (`serve.rowwise`).
 
 One worker thread owns the model. A batch is formed from whatever is waiting when the worker is free
 (up to `max_batch`, waiting at most `max_wait` for more after the first request) and runs to its end:
@@ -31,8 +31,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from bayes_llm.dispatch.likelihood import label_logprobs
 from bayes_llm.inference.engine import Engine, blend_key
+from bayes_llm.serve.rowwise import RowwiseSVF
 from bayes_llm.svf.blend import BlendMode, blend_scales, blend_weights
-from bayes_llm.svf.rowwise import RowwiseSVF
 
 Batching = Literal["mixed", "regroup"]
 # Pass 1 runs over the prompts sorted by length in forwards of this many: less padding. On 16 test
