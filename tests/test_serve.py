@@ -4,6 +4,7 @@ serving, and its demo page works in a real headless browser."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -149,6 +150,11 @@ def test_a_mixed_batch_answers_as_each_blend_alone_with_its_own_limits(tiny, tmp
                                    ({}, long)], prompt)  # fmt: skip
     assert cut[0]["text"] == mixed[0]["text"][: mixed[0]["text"].index(stop)]
     assert cut[0]["done"]["finish_reason"] == "stop" and cut[1]["text"] == mixed[1]["text"]
+    # a stop string the answer starts with: nothing may leak before it matches (streamed or not)
+    starts = Sampling(max_tokens=8, ignore_eos=True, stop=(mixed[0]["text"][:4],))
+    for stream in (True, False):
+        head = _run(Scheduler(engine), [({"a": 1.0}, starts)], prompt, stream)
+        assert head[0]["text"] == "" and head[0]["done"]["finish_reason"] == "stop"
     # sampling is per row and seeded: the same seed gives the same text, in any batch
     hot = Sampling(max_tokens=6, temperature=1.0, seed=7, ignore_eos=True)
     first = _run(Scheduler(engine), [({"a": 1.0}, hot), ({}, long)], prompt)[0]["text"]
@@ -171,6 +177,20 @@ def test_a_failing_batch_answers_its_requests_with_an_error_and_the_next_batch_r
     assert ok[0]["done"]["completion_tokens"] == 2
     with torch.no_grad():  # the failed group's merged weights did not stay loaded
         assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_one_broken_row_fails_alone_and_the_rest_of_its_batch_answers(tiny, tmp_path):
+    model, factors, (a, _) = tiny
+    _, tokenizer = load_checkpoint(str(save_tiny_checkpoint("bamba", tmp_path / "tok")))
+    scheduler = Scheduler(TinyEngine(model, tokenizer, factors, {"a": a}))
+    out = [{} for _ in range(3)]
+    jobs = [Job("", ids, Sampling(max_tokens=3, ignore_eos=True), Routing(strategy="base"),
+                lambda event, payload, i=i: out[i].__setitem__(event, payload))
+            for i, ids in enumerate([[1, 5, 6], [model.config.vocab_size + 5], [1, 7]])]  # fmt: skip
+    scheduler._serve(jobs)
+    assert "IndexError" in out[1]["error"] and "done" not in out[1]
+    assert [out[i]["done"]["completion_tokens"] for i in (0, 2)] == [3, 3] and "error" not in out[0]
+    assert scheduler.stats["errors"] == 1
 
 
 # --- a real server on the smoke bundle -------------------------------------------------------------
@@ -293,10 +313,20 @@ def test_concurrent_requests_with_different_blends_share_a_batch_and_match_runni
         ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "no user message"),
         ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}, 404, "not served here"),
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": True}, 400, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "seed": 2**64}, 400, "seed"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}, 400,
+         "only with stream"),
+        ({"messages": [{"role": "user", "content": "hi"}], "bayes_llm": {"blend": {"math": 1e300}}}, 400, "blend"),
+        ({"messages": [{"role": "user", "content": "hi"}], "bayes_llm": {"strategy": "base", "expert": "math"}},
+         400, "give one of"),
+        ({"messages": [{"role": "user", "content": "hi"}], "bayes_llm": {"blend": {"\ud800": 1}}}, 400, "no expert"),
     ],
 )
 def test_bad_requests_get_a_4xx_that_names_the_problem(server, body, status, says):
-    response = httpx.post(f"{server['url']}/v1/chat/completions", json={"model": server["model"], **body}, timeout=60)
+    content = json.dumps({"model": server["model"], **body})  # ASCII: a lone surrogate travels as \ud800
+    response = httpx.post(f"{server['url']}/v1/chat/completions", content=content, timeout=60,
+                          headers={"content-type": "application/json"})  # fmt: skip
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert says in error["message"] and error["type"] == "invalid_request_error"
@@ -308,6 +338,19 @@ def test_malformed_and_oversize_bodies_and_unknown_routes(server, client):
     assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
     huge = httpx.post(f"{url}/v1/completions", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
     assert huge.status_code == 413
+    chunked = httpx.post(f"{url}/v1/completions", content=iter([b" " * (1 << 16)] * 32),  # no content-length
+                         headers={"content-type": "application/json"})  # fmt: skip
+    assert chunked.status_code == 413 and "larger than" in chunked.json()["error"]["message"]
+    infinite = httpx.post(f"{url}/v1/completions", headers={"content-type": "application/json"},
+                          content=b'{"model": "%s", "prompt": "hi", "bayes_llm": {"blend": {"math": Infinity}}}'
+                          % server["model"].encode())  # fmt: skip
+    assert infinite.status_code == 400 and infinite.json()["error"]["param"] == "bayes_llm.blend.math"
+    # a temperature too small to divide by is greedy, not a crash
+    tiny_t = client.completions.create(model=server["model"], prompt="Question: What is 1 + 1?\nAnswer:",
+                                       max_tokens=4, temperature=1e-300)  # fmt: skip
+    greedy = client.completions.create(model=server["model"], prompt="Question: What is 1 + 1?\nAnswer:",
+                                       max_tokens=4)  # fmt: skip
+    assert tiny_t.choices[0].text == greedy.choices[0].text
     assert httpx.get(f"{url}/v1/nothing").status_code == 404
     assert httpx.get(f"{url}/v1/completions").status_code == 405
     with pytest.raises(openai.BadRequestError, match="no expert"):
@@ -331,6 +374,14 @@ def test_a_client_that_leaves_mid_stream_stops_its_row_and_the_server_goes_on(se
         assert time.monotonic() < deadline, "the batch of the abandoned stream never ended"
         time.sleep(0.1)
     assert health["cancelled"] == before["cancelled"] + 1 and health["errors"] == before["errors"]
+    # a client that stops waiting for a whole (non-streamed) answer cancels it too
+    whole = {**body, "stream": False, "max_tokens": 230, "prompt": [body["prompt"]] * 8}  # about 0.5 s of work
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server['url']}/v1/completions", json=whole, timeout=0.15)
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{server['url']}/health").json()["cancelled"] == health["cancelled"]:
+        assert time.monotonic() < deadline, "the abandoned request was never cancelled"
+        time.sleep(0.1)
     reply = client.completions.create(model=server["model"], prompt="Question: What is 1 + 2?\nAnswer:", max_tokens=3)
     assert reply.choices[0].text is not None
 

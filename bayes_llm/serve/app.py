@@ -21,14 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi import HTTPException as FastAPIHTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from bayes_llm.bundle.manifest import models_layout, verify
 from bayes_llm.inference.engine import Engine
 from bayes_llm.prompts import answer_prompt
 from bayes_llm.serve.protocol import ChatRequest, CompletionRequest, Extension, Sampled
 from bayes_llm.serve.scheduler import Batching, Job, Routing, Sampling, Scheduler
+from bayes_llm.svf.blend import blend_weights
+
+DEFAULT_MAX_TOKENS = 64
 
 
 class RequestError(Exception):
@@ -41,7 +46,8 @@ class RequestError(Exception):
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate from a request
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param or None, "code": code}}, status)
 
 
 def _validation_message(error: dict) -> tuple[str, str]:
@@ -51,6 +57,33 @@ def _validation_message(error: dict) -> tuple[str, str]:
     if error["type"] == "json_invalid":
         return f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})", "body"
     return f"{where or 'body'}: {error['msg']}", where
+
+
+class BodyLimit:
+    """Refuses a request body over `limit` bytes with 413, whether or not it says its length up front
+    (a chunked upload is counted as it arrives, and stopped there)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await _error(413, f"the body is larger than {self.limit} bytes", code="request_too_large")(
+                scope, receive, send)  # fmt: skip
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise FastAPIHTTPException(413, f"the body is larger than {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
 
 
 class Server:
@@ -76,11 +109,14 @@ class Server:
             return Routing(strategy=f"expert:{ext.expert}")
         if ext.blend is not None:
             unknown = sorted(set(ext.blend) - set(domains))
-            if unknown or sum(ext.blend.values()) <= 0:
-                why = f"no expert {', '.join(unknown)}" if unknown else "the weights are all zero"
-                raise RequestError(f"bayes_llm.blend: {why} (experts: {', '.join(domains)}; weights >= 0, not all 0)",
-                                   "bayes_llm.blend", code="unknown_expert" if unknown else None)  # fmt: skip
-            return Routing(strategy="blend", blend=tuple(sorted(ext.blend.items())))
+            if unknown:
+                raise RequestError(f"bayes_llm.blend: no expert {', '.join(map(repr, unknown))} (experts: "
+                                   f"{', '.join(domains)})", "bayes_llm.blend", code="unknown_expert")  # fmt: skip
+            try:
+                weights = blend_weights(ext.blend)
+            except ValueError as error:
+                raise RequestError(f"bayes_llm.blend: {error}", "bayes_llm.blend") from None
+            return Routing(strategy="blend", blend=tuple(sorted(weights.items())))
         strategy = ext.strategy or self.defaults.strategy or "prompt"
         if strategy.startswith("expert:"):
             return self.routing(Extension(expert=strategy.split(":", 1)[1]))
@@ -94,24 +130,22 @@ class Server:
         return Routing(strategy=strategy, mode=ext.blending_mode or self.defaults.blending_mode or "weighted_average",
                        top_k=ext.top_k or self.defaults.top_k or 2)  # fmt: skip
 
-    def sampling(self, body: Sampled, max_tokens: int | None) -> Sampling:
-        max_tokens = max_tokens or 64
-        if max_tokens > self.max_tokens_limit:
-            raise RequestError(f"max_tokens: {max_tokens} is more than this server allows ({self.max_tokens_limit})",
-                               "max_tokens")  # fmt: skip
+    def sampling(self, body: Sampled, max_tokens: int) -> Sampling:
         return Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                         stop=tuple(body.stop or ()), seed=body.seed, ignore_eos=body.bayes_llm.ignore_eos)  # fmt: skip
 
-    def encode(self, text: str, sampling: Sampling, param: str) -> list[int]:
+    def encode(self, text: str, max_tokens: int | None, param: str) -> list[int]:
+        """The prompt's token ids; refused when it leaves no room for `max_tokens` (or, unset, for one token)."""
         tokenizer = self.engine.tokenizer
         bos = tokenizer.bos_token
         if bos and not text.startswith(bos):
             text = bos + text
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > self.max_prompt_tokens or len(ids) + sampling.max_tokens > self.context:
-            raise RequestError(f"{param}: the prompt is {len(ids)} tokens; with max_tokens {sampling.max_tokens} "
-                               f"that is more than the model's context of {self.context} tokens (prompts: at most "
-                               f"{self.max_prompt_tokens})", param, code="context_length_exceeded")  # fmt: skip
+        if len(ids) > self.max_prompt_tokens or len(ids) + (max_tokens or 1) > self.context:
+            asked = f" and max_tokens {max_tokens}" if max_tokens else ""
+            raise RequestError(f"{param}: the prompt is {len(ids)} tokens{asked}: more than the model's context of "
+                               f"{self.context} tokens allows (prompts: at most {self.max_prompt_tokens})",
+                               param, code="context_length_exceeded")  # fmt: skip
         return ids
 
     def chat_text(self, body: ChatRequest) -> tuple[str, str]:
@@ -135,9 +169,15 @@ class Server:
 
 
 def _submit(server: Server, texts: list[tuple[str, str]], body: Sampled, max_tokens: int | None, param: str):
-    """Jobs for (route text, model text) pairs, validated before any is queued; events → one queue."""
-    routing, sampling = server.routing(body.bayes_llm), server.sampling(body, max_tokens)
-    ids = [server.encode(model_text, sampling, param) for _, model_text in texts]
+    """Jobs for (route text, model text) pairs, validated before any is queued; events → one queue.
+    Unset `max_tokens` is 64, or what the context leaves after the longest prompt."""
+    routing = server.routing(body.bayes_llm)
+    if max_tokens is not None and max_tokens > server.max_tokens_limit:
+        raise RequestError(f"max_tokens: {max_tokens} is more than this server allows ({server.max_tokens_limit})",
+                           "max_tokens")  # fmt: skip
+    params = [param] if len(texts) == 1 else [f"{param}.{i}" for i in range(len(texts))]
+    ids = [server.encode(model_text, max_tokens, where) for (_, model_text), where in zip(texts, params, strict=True)]
+    sampling = server.sampling(body, max_tokens or min(DEFAULT_MAX_TOKENS, server.context - max(map(len, ids))))
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
     def emitter(index: int):
@@ -252,32 +292,35 @@ def create_app(server: Server, max_body_bytes: int = 1 << 20) -> FastAPI:
     async def refused(request: Request, error: RequestError) -> JSONResponse:
         return _error(error.status, error.message, error.param, error.code)
 
-    @app.exception_handler(404)
-    async def not_found(request: Request, error) -> JSONResponse:
-        return _error(404, f"no route {request.method} {request.url.path}", code="not_found")
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        messages = {404: f"no route {request.method} {request.url.path}",
+                    405: f"{request.method} is not allowed on {request.url.path}"}  # fmt: skip
+        return _error(error.status_code, messages.get(error.status_code, str(error.detail)))
 
-    @app.exception_handler(405)
-    async def wrong_method(request: Request, error) -> JSONResponse:
-        return _error(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, error: Exception) -> JSONResponse:
+        return _error(500, f"the server failed on this request: {type(error).__name__}: {error}")
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            return _error(413, f"the body is larger than {max_body_bytes} bytes", code="request_too_large")
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
 
     def head(prefix: str) -> dict:
         return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": server.model_id}
 
-    async def respond(jobs: list[Job], events: asyncio.Queue, body: Sampled, chat: bool):
+    async def respond(request: Request, jobs: list[Job], events: asyncio.Queue, body: Sampled, chat: bool):
         ids = head("chatcmpl" if chat else "cmpl")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_stream(jobs, events, ids, chat, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})  # fmt: skip
+        collecting = asyncio.ensure_future(_collect(jobs, events))
         try:
-            results = await _collect(jobs, events)
+            while not collecting.done():  # a client that gives up waiting cancels its rows
+                await asyncio.wait([collecting], timeout=0.1)
+                if not collecting.done() and await request.is_disconnected():
+                    collecting.cancel()
+                    return None
+            results = collecting.result()
         finally:
             for job in jobs:
                 job.cancelled.set()
@@ -292,22 +335,22 @@ def create_app(server: Server, max_body_bytes: int = 1 << 20) -> FastAPI:
         return {**ids, "object": kind, "choices": choices, "usage": _usage(results)}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         server.check_model(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if body.stream and len(prompts) > 1:
             raise RequestError("prompt: stream one prompt per request", "prompt")
         jobs, events = _submit(server, [(p, p) for p in prompts], body, body.max_tokens, "prompt")
-        return await respond(jobs, events, body, chat=False)
+        return await respond(request, jobs, events, body, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(body: ChatRequest, request: Request):
         server.check_model(body.model)
         if body.max_tokens and body.max_completion_tokens and body.max_tokens != body.max_completion_tokens:
             raise RequestError("max_tokens and max_completion_tokens differ: give one", "max_completion_tokens")
         jobs, events = _submit(server, [server.chat_text(body)], body, body.max_completion_tokens or body.max_tokens,
                                "messages")  # fmt: skip
-        return await respond(jobs, events, body, chat=True)
+        return await respond(request, jobs, events, body, chat=True)
 
     @app.get("/v1/models")
     async def models():

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from bayes_llm.svf.blend import BlendMode
 
 Text = Annotated[str, Field(min_length=1)]
+Weight = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
 
 
 class Strict(BaseModel):
@@ -23,12 +24,19 @@ class Strict(BaseModel):
 class Extension(Strict):
     """Per-request control of the adaptation; any of them overrides the server's dispatch params."""
 
-    strategy: str | None = Field(None, description="first pass: prompt | cls | base | expert:<domain>")
+    strategy: Text | None = Field(None, description="first pass: prompt | cls | base | expert:<domain>")
     blending_mode: BlendMode | None = None
-    top_k: int | None = Field(None, ge=1)
-    expert: str | None = Field(None, description="answer with this expert alone (skips pass 1)")
-    blend: dict[str, Annotated[float, Field(ge=0)]] | None = Field(None, description="a fixed blend (skips pass 1)")
+    top_k: StrictInt | None = Field(None, ge=1)
+    expert: Text | None = Field(None, description="answer with this expert alone (skips pass 1)")
+    blend: dict[str, Weight] | None = Field(None, description="a fixed blend (skips pass 1)")
     ignore_eos: bool = Field(False, description="generate max_tokens tokens even past the end of the answer")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Extension:
+        given = [name for name in ("strategy", "expert", "blend") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of strategy, expert, blend (got {', '.join(given)})")
+        return self
 
 
 class StreamOptions(Strict):
@@ -37,15 +45,21 @@ class StreamOptions(Strict):
 
 class Sampled(Strict):
     model: Text
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 (the default here): greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[Text] | None = None
-    seed: int | None = None
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)
     user: str | None = None
     bayes_llm: Extension = Field(default_factory=Extension)
+
+    @model_validator(mode="after")
+    def _stream_options(self) -> Sampled:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only with stream: true")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -76,4 +90,4 @@ class Message(Strict):
 
 class ChatRequest(Sampled):
     messages: Annotated[list[Message], Field(min_length=1)]
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
