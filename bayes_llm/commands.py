@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -88,7 +89,11 @@ def _engine_and_options(args: argparse.Namespace):
     from bayes_llm.bundle.manifest import models_layout, verify
 
     verify(args.bundle)
-    return Engine(models_layout(args.bundle, args.models / "base", args.models / "svd")), options, params
+    layout = models_layout(args.bundle, args.models / "base", args.models / "svd")
+    try:
+        return Engine(layout), options, params
+    finally:
+        shutil.rmtree(layout)  # its symlinks only: the engine has read everything it needs
 
 
 def _generate_command(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,10 +31,8 @@ from bayes_llm.bundle.manifest import models_layout, verify
 from bayes_llm.inference.engine import Engine
 from bayes_llm.prompts import answer_prompt
 from bayes_llm.serve.protocol import ChatRequest, CompletionRequest, Extension, Sampled
-from bayes_llm.serve.scheduler import Batching, Job, Routing, Sampling, Scheduler
+from bayes_llm.serve.scheduler import DEFAULT_MAX_TOKENS, Batching, Job, Routing, Sampling, Scheduler
 from bayes_llm.svf.blend import blend_weights
-
-DEFAULT_MAX_TOKENS = 64
 
 
 class RequestError(Exception):
@@ -100,8 +99,6 @@ class Server:
 
     def routing(self, ext: Extension) -> Routing:
         domains = self.engine.domains
-        if ext.expert is not None and ext.blend is not None:
-            raise RequestError("bayes_llm: give `expert` or `blend`, not both", "bayes_llm")
         if ext.expert is not None:
             if ext.expert not in domains:
                 raise RequestError(f"bayes_llm.expert: no expert {ext.expert!r} (experts: {', '.join(domains)})",
@@ -226,9 +223,10 @@ async def _stream(jobs: list[Job], events: asyncio.Queue, head: dict, chat: bool
     cancels its rows (the `finally`), and the batch goes on without them."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(index: int, text: str | None = None, finish: str | None = None, extra: dict | None = None) -> bytes:
+    def chunk(index: int, text: str | None = None, finish: str | None = None, extra: dict | None = None,
+              role: bool = False) -> bytes:  # fmt: skip
         if chat:
-            delta = {"content": text} if text is not None else {}
+            delta = {"role": "assistant"} if role else {"content": text} if text is not None else {}
             choice = {"index": index, "delta": delta, "finish_reason": finish}
         else:
             choice = {"index": index, "text": text or "", "finish_reason": finish}
@@ -240,24 +238,8 @@ async def _stream(jobs: list[Job], events: asyncio.Queue, head: dict, chat: bool
     try:
         while len(done) < len(jobs):
             index, event, payload = await events.get()
-            if event == "routed":
-                if chat:
-                    yield _sse(
-                        {
-                            **head,
-                            "object": kind,
-                            "choices": [
-                                {
-                                    "index": index,
-                                    "delta": {"role": "assistant"},
-                                    "finish_reason": None,
-                                    "bayes_llm": payload,
-                                }
-                            ],
-                        }
-                    )
-                else:
-                    yield chunk(index, "", extra=payload)
+            if event == "routed":  # chat: the role comes with it
+                yield chunk(index, extra=payload, role=True)
             elif event == "text":
                 yield chunk(index, payload)
             elif event == "done":
@@ -367,12 +349,13 @@ def create_app(server: Server, max_body_bytes: int = 1 << 20) -> FastAPI:
         return {"status": "ok", "model": server.model_id, "batching": server.scheduler.batching,
                 "waiting": server.scheduler.waiting, **{k: round(v, 3) for k, v in stats.items()}}  # fmt: skip
 
+    page = resources.files("bayes_llm.serve").joinpath("demo.html").read_text()
+    page = page.replace("__MODEL__", json.dumps(server.model_id))
+    page = page.replace("__EXPERTS__", json.dumps(server.engine.domains))
+
     @app.get("/", response_class=HTMLResponse)
     async def demo():
-        page = resources.files("bayes_llm.serve").joinpath("demo.html").read_text()
-        return page.replace("__MODEL__", json.dumps(server.model_id)).replace(
-            "__EXPERTS__", json.dumps(server.engine.domains)
-        )
+        return page
 
     return app
 
@@ -383,7 +366,11 @@ def load_app(bundle: Path, base: Path, svd: Path | None = None, *, max_batch: in
     """The app for a bundle on its base: refused when the bundle's files do not match its manifest or
     the base is not the one its experts were trained on. `svd` defaults to `svd/` beside the base."""
     manifest = verify(bundle, base)
-    engine = Engine(models_layout(bundle, base, svd if svd is not None else Path(base).parent / "svd"))
+    layout = models_layout(bundle, base, svd if svd is not None else Path(base).parent / "svd")
+    try:
+        engine = Engine(layout)
+    finally:
+        shutil.rmtree(layout)  # its symlinks only: the engine has read everything it needs
     dispatch = manifest["params"]["dispatch"]
     strategy = dispatch["strategy"] if dispatch["strategy"] in engine.controllers else "prompt"
     defaults = Extension(strategy=strategy, blending_mode=dispatch["blending_mode"], top_k=dispatch["top_k"])

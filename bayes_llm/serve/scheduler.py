@@ -38,13 +38,14 @@ Batching = Literal["mixed", "regroup"]
 # Pass 1 runs over the prompts sorted by length in forwards of this many: less padding. On 16 test
 # prompts of the default run (16-90 tokens) 78 ms against 115 ms in one forward, and 87 ms by 4.
 FIRST_PASS_CHUNK = 8
+DEFAULT_MAX_TOKENS = 64  # a request that does not say (and the context leaves room for)
 # Below this a temperature is greedy: logits / 1e-300 overflow to inf, and the draw is the argmax anyway.
 MIN_TEMPERATURE = 1e-4
 
 
 @dataclass(frozen=True)
 class Sampling:
-    max_tokens: int = 64
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
@@ -206,7 +207,6 @@ class Scheduler:
                       "generate_seconds": 0.0}
 
     def start(self) -> None:
-        self.engine.use_blend({})  # the model holds the exact base weights; blends live in the hooks
         self._thread.start()
 
     def stop(self) -> None:
@@ -242,7 +242,9 @@ class Scheduler:
     def _serve(self, batch: list[Job]) -> None:
         started = time.perf_counter()
         try:
-            self.engine.use_blend({})  # pass 1 scores with the base (after a failed regroup batch too)
+            # The model holds the exact base weights (blends live in the hooks, or are merged per group
+            # by regroup): pass 1 scores with them, after a failed regroup batch too.
+            self.engine.use_blend({})
             routes = self.first_pass(batch)
             routed = time.perf_counter()
             for job, (blend, posterior) in zip(batch, routes, strict=True):
@@ -262,7 +264,6 @@ class Scheduler:
                 for key, index in groups.items():
                     self.engine.use_blend(dict(key))
                     self._generate([rows[i] for i in index])
-                self.engine.use_blend({})
         except Exception as error:  # one bad batch must not stop the server, nor one bad row the batch
             # Rows that have not answered yet run again alone, so only the request that breaks fails.
             retry = [job for job in batch if not job.started_output] if len(batch) > 1 else []
