@@ -92,6 +92,27 @@ class TransferTask(Strict):
     max_value: Annotated[int, Field(ge=10, le=10_000)] = 12
 
 
+class RoutingSizes(Strict):
+    heldout: PositiveInt = 100  # per domain with an expert
+    mixed: PositiveInt = 60  # per mixed kind (number problems asked as multiple choice / as a function)
+    other: PositiveInt = 200  # off-domain prompts
+
+
+class RoutingTrainSizes(Strict):
+    heldout: PositiveInt = 400  # train prompts per domain, in the train part's wrappers
+    other: PositiveInt = 400  # off-domain prompts from the train part's templates
+
+
+class RoutingBenchmark(Strict):
+    """The dispatcher's benchmark off the training distribution (bayes_llm/data/routing.py): `train`
+    teaches the classification expert, `val` calibrates the controller, `test` reports on it."""
+
+    enabled: bool = True
+    train: RoutingTrainSizes = RoutingTrainSizes()
+    val: RoutingSizes = RoutingSizes()
+    test: RoutingSizes = RoutingSizes()
+
+
 class SyntheticDomains(Strict):
     """The built-in generators; set one to null to leave that domain out."""
 
@@ -176,6 +197,7 @@ class DataParams(Strict):
     seed: NonNegativeInt = 1234
     domains: SyntheticDomains
     transfer: TransferTask = TransferTask()
+    routing: RoutingBenchmark = RoutingBenchmark()
     # A name here replaces the synthetic domain of that name, or declares a new domain.
     sources: dict[str, Source] = {}
     prompt: PromptBounds = PromptBounds()
@@ -324,9 +346,10 @@ class ExpertParams(Strict):
 
 
 class ClassifierParams(Strict):
-    """The classification expert: SFT of z on 'Task: <prompt> / Domain: <label>' from train splits."""
+    """The classification expert: SFT of z on 'Task: <prompt> / Domain: <label>' from train splits (and
+    the routing benchmark's train part: other wrappers, off-domain prompts labelled `other`)."""
 
-    steps: PositiveInt = 100
+    steps: PositiveInt = 200
     learning_rate: Annotated[float, Field(gt=0, le=10)] = 1e-2
     batch_size: PositiveInt = 32
 
@@ -351,13 +374,18 @@ class FewShotParams(Strict):
 class DispatchParams(Strict):
     """First pass, Bayesian controller and its calibration (the `calibrate` stage)."""
 
-    strategy: Literal["prompt", "cls"] = "prompt"  # the default first pass of `generate` and evaluation
+    # The default first pass of `generate`, `serve` and the bundle. `cls`: the only one that can say
+    # `other` (the base never saw that label); measured on the routing benchmark, reports/dispatch.
+    strategy: Literal["prompt", "cls"] = "cls"
     prior: Literal["uniform", "data"] = "uniform"  # data: domains in proportion to their train rows
     blending_mode: Literal["weighted_average", "top_k", "max"] = "weighted_average"
     top_k: PositiveInt = 2
     # The threshold below which the base answers is set so that at most this share of in-domain
     # val prompts falls back to it.
     max_fallback: Share = 0.01
+    # With off-domain prompts in the routing benchmark's val part, the threshold is instead the one
+    # with the best `other` recall at this precision or better (max_fallback when none reaches it).
+    other_precision: Share = 0.9
     batch_size: PositiveInt = 32
     classifier: ClassifierParams = ClassifierParams()
     fewshot: FewShotParams = FewShotParams()

@@ -12,6 +12,7 @@ PARAMS = Path("params.yaml")
 
 DATA = Path("data/prepared")
 DATA_MANIFEST = DATA / "domains.json"
+ROUTING = Path("data/routing")  # the dispatcher's benchmark off the training distribution
 
 MODELS = Path("models")
 BASE = MODELS / "base"

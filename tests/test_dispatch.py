@@ -205,12 +205,22 @@ def test_label_logprobs_match_a_plain_forward(workdir_project):
 
 def test_calibrate_writes_dispatcher_and_reports(workdir_project):
     report = json.loads(Path("reports/dispatch/metrics.json").read_text())
-    assert report["domains"] == sorted(DOMAINS) and report["strategy"] == "prompt"
+    assert report["domains"] == sorted(DOMAINS) and report["strategy"] == "cls"
     for strategy in ("prompt", "cls"):
         entry = report["strategies"][strategy]
         assert entry["temperature"] > 0 and entry["val_nll"]["after"] <= entry["val_nll"]["before"] + 1e-9
         assert len(entry["test"]["matrix"]) == 3 and len(entry["test"]["matrix"][0]) == 4
         assert sum(map(sum, entry["test"]["matrix"])) == 36  # 12 test prompts per domain
+    # The routing benchmark's test part (smoke: 6 held-out per domain, 4 per mixed kind, 8 off-domain).
+    heldout = report["heldout"]
+    assert heldout["items"] == {"heldout": 18, "mixed": 8, "other": 8} and heldout["strategy"] == "cls"
+    for key in ("routing_accuracy", "ece_before", "ece_after", "nll_after", "other_recall"):
+        assert 0 <= heldout[key] <= (1 if key != "nll_after" else 1e3), key
+    assert sum(map(sum, heldout["confusion"]["matrix"])) == 18 + 8
+    answers = heldout["answers"]
+    assert answers["heldout"]["items"] == 18 and answers["mixed"]["items"] == 8
+    assert set(answers["heldout"]["accuracy"]) == {"base", "hard", "soft", "oracle"}
+    assert {"soft_minus_hard", "soft_minus_oracle", "soft_minus_base"} <= set(answers["mixed"])
     assert not any("seconds" in key for key in report) and "timing" not in report  # metrics: no seconds
     timing = json.loads(Path("reports/dispatch/timing.json").read_text())
     assert timing["pass2_seconds"] > 0 and timing["overhead_share_of_pass2"] > 0 and timing["stage_seconds"] > 0

@@ -7,6 +7,8 @@ every rule, and every failure report, goes through GX.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
@@ -58,6 +60,10 @@ class ValidationReport:
             return f"data validation passed ({self.expectations} expectations)"
         lines = [f"data validation FAILED: {len(self.failures)} of {self.expectations} expectations"]
         return "\n".join(lines + [failure.line() for failure in self.failures])
+
+    def merged(self, other: ValidationReport) -> ValidationReport:
+        return ValidationReport(self.success and other.success, self.expectations + other.expectations,
+                                self.failures + other.failures)  # fmt: skip
 
     def to_json(self) -> dict:
         return {
@@ -237,4 +243,89 @@ def validate(
         failures += gate.run(name, frame, _domain_rules(domain, data, frame), name, "all splits")
         for split, split_frame in splits.items():
             failures += gate.run(f"{name}-{split}", split_frame, [_row_count_rule(domain, split, data)], name, split)
+    return ValidationReport(not failures, gate.expectations, failures)
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _routing_answer_ok(row: dict, verdict: str | None) -> bool:
+    kind = row["answer_kind"]
+    if _missing(kind):
+        return row["kind"] == "other" and _missing(row["answer"])
+    if kind == "code":
+        return verdict is None and row["tests"] is not None and len(row["tests"]) > 0
+    if kind == "letter":
+        return _letter_ok(row["answer"], row["choices"])
+    return isinstance(row["answer"], str) and re.fullmatch(ANSWER_PATTERNS[kind], row["answer"]) is not None
+
+
+def routing_frame(parts: dict[str, pd.DataFrame], train_prompts: set[str], progress: bool = True) -> pd.DataFrame:
+    """Both parts in one frame, plus check columns: in train? in the other part? does the wording
+    leak (a wrapper's text in a train prompt)? is the answer sound?"""
+    from bayes_llm.data import routing
+
+    frame = pd.concat([df.assign(split=name) for name, df in parts.items()], ignore_index=True)
+    frame["prompt_in_train"] = frame["prompt"].isin(train_prompts)
+    owners = frame.groupby("prompt")["split"].nunique()
+    frame["prompt_in_other_split"] = frame["prompt"].map(owners).gt(1)
+    corpus = "\n".join(train_prompts)
+    # The train part's wrappers are trained on anyway; val's and test's must be new to every model.
+    leaks = {part: [p for p in routing.wrapper_phrases(part) if p in corpus] for part in parts if part != "train"}
+    frame["wrapper_in_train"] = [bool(leaks.get(s)) and k == "heldout" for s, k in zip(frame["split"], frame["kind"],
+                                                                                       strict=True)]  # fmt: skip
+    code = frame.index[frame["answer_kind"] == "code"]
+    verdicts = check_solutions([(frame.at[i, "answer"], list(frame.at[i, "tests"])) for i in code], progress=progress)
+    verdict_of = dict(zip(code, verdicts, strict=True))
+    records = frame.to_dict(orient="records")
+    frame["answer_ok"] = [_routing_answer_ok(row, verdict_of.get(i)) for i, row in zip(frame.index, records,
+                                                                                       strict=True)]  # fmt: skip
+    return frame
+
+
+def _routing_rules(frame: pd.DataFrame, labels: list[str], data: DataParams) -> list[tuple[str, object]]:
+    import great_expectations.expectations as gxe
+
+    from bayes_llm.data.routing import KINDS
+
+    rules: list[tuple[str, object]] = []
+    for column in ("id", "kind", "subtask", "prompt", "target", "mix"):
+        rules.append((f"'{column}' must not be null", gxe.ExpectColumnValuesToNotBeNull(column=column)))
+    present = [k for k in KINDS if k != "mixed" or "number" in set(frame["answer_kind"].dropna())]
+    rules += [
+        ("ids must be unique", gxe.ExpectColumnValuesToBeUnique(column="id")),
+        (f"kind must be one of {', '.join(KINDS)}", gxe.ExpectColumnValuesToBeInSet(column="kind", value_set=KINDS)),
+        (f"every kind must be there ({', '.join(present)})",
+         gxe.ExpectColumnDistinctValuesToContainSet(column="kind", value_set=present)),
+        (f"target must be an expert domain or 'other' ({', '.join(labels)})",
+         gxe.ExpectColumnValuesToBeInSet(column="target", value_set=labels)),
+        (f"prompt length must be {data.prompt.min_chars}..{data.prompt.max_chars} chars",
+         gxe.ExpectColumnValueLengthsToBeBetween(column="prompt", min_value=data.prompt.min_chars,
+                                                 max_value=data.prompt.max_chars)),
+        ("a routing prompt must not be a train prompt",
+         gxe.ExpectColumnValuesToBeInSet(column="prompt_in_train", value_set=[False])),
+        ("a prompt must not appear in both parts",
+         gxe.ExpectColumnValuesToBeInSet(column="prompt_in_other_split", value_set=[False])),
+        ("a held-out wrapper's text must not occur in any train prompt",
+         gxe.ExpectColumnValuesToBeInSet(column="wrapper_in_train", value_set=[False])),
+        ("the answer must fit its kind (a number, a letter among the choices, code passing its tests; none for "
+         "'other')", gxe.ExpectColumnValuesToBeInSet(column="answer_ok", value_set=[True])),
+    ]  # fmt: skip
+    return rules
+
+
+def validate_routing(
+    parts: dict[str, pd.DataFrame], train_prompts: set[str], labels: list[str], data: DataParams,
+    progress: bool = True,
+) -> ValidationReport:  # fmt: skip
+    """The routing benchmark's gate (parts read back from the written parquet)."""
+    import great_expectations.expectations as gxe
+
+    frame = routing_frame(parts, train_prompts, progress)
+    gate = _Gate()
+    failures = gate.run("routing", frame, _routing_rules(frame, labels, data), "routing", "all parts")
+    for part, part_frame in parts.items():
+        rule = (f"{part} must have rows", gxe.ExpectTableRowCountToBeBetween(min_value=1))
+        failures += gate.run(f"routing-{part}", part_frame, [rule], "routing", part)
     return ValidationReport(not failures, gate.expectations, failures)

@@ -103,6 +103,32 @@ def _listing(values: dict, fmt: str = "{}") -> str:
     return ", ".join(f"{key} {fmt.format(value)}" for key, value in values.items())
 
 
+def _heldout_lines(heldout: dict | None) -> list[str]:
+    """The dispatcher on prompts off its templates (reports/dispatch/metrics.json `heldout`)."""
+    if not heldout:
+        return []
+    items = heldout["items"]
+    lines = [
+        f"  - Off the templates (routing benchmark, test part: {items['heldout']} held-out phrasings, "
+        f"{items['mixed']} mixed, {items['other']} off-domain prompts): routing accuracy "
+        f"{heldout['routing_accuracy']}, ECE {heldout['ece_before']} → {heldout['ece_after']}, `other` precision "
+        f"{heldout['other_precision']} / recall {heldout['other_recall']}."
+    ]
+    answers = heldout.get("answers", {})
+    if "heldout" in answers:
+        gains = [
+            f"on {kind} prompts {d['gain_points']:+} [{d['ci_low']:+}, {d['ci_high']:+}]"
+            for kind in ("heldout", "mixed")
+            if kind in answers
+            for d in [answers[kind]["soft_minus_hard"]]
+        ]
+        lines.append(
+            f"  - Answers there: adaptive (soft) / oracle = {answers['adaptive_over_oracle']} on held-out phrasings; "
+            f"soft blend − hard top-1 {'; '.join(gains)} points."
+        )
+    return lines
+
+
 def readme(report: dict, params: Params) -> str:
     base = _read(paths.BASE_REPORTS / "metrics.json")
     dispatch = _read(paths.DISPATCH_REPORTS / "metrics.json")
@@ -135,7 +161,9 @@ def readme(report: dict, params: Params) -> str:
         f"- LoRA baseline: rank {params.evaluate.lora.rank} on {', '.join(params.evaluate.lora.targets)}, "
         f"{params.evaluate.lora.steps} SFT steps per domain — [reports/lora](lora/).",
         f"- Dispatcher: first pass `{dispatch.get('strategy')}`, routing accuracy {dispatch.get('routing_accuracy')}, "
-        f"ECE {dispatch.get('ece_after')}, blending `{params.dispatch.blending_mode}` — [reports/dispatch](dispatch/).",
+        f"ECE {dispatch.get('ece_after')} on the test splits, blending `{params.dispatch.blending_mode}` — "
+        "[reports/dispatch](dispatch/).",
+        *_heldout_lines(dispatch.get("heldout")),
         "",
         "## Results (test splits, %)",
         "",

@@ -171,16 +171,25 @@ class Engine:
     ) -> list[Answer]:
         """Both passes; prompts are grouped by blend so each blend is composed and loaded once."""
         routes = self.route(prompts, strategy, mode, top_k)
-        answers: list[Answer | None] = [None] * len(prompts)
+        texts = self.complete_with(prompts, [blend for blend, _ in routes], max_new_tokens, batch_size)
+        return [Answer(p, t, b, post) for p, t, (b, post) in zip(prompts, texts, routes, strict=True)]
+
+    def complete_with(
+        self, prompts: Sequence[str], blends: Sequence[dict[str, float]], max_new_tokens: int = 64,
+        batch_size: int = 32,
+    ) -> list[str]:  # fmt: skip
+        """Greedy answers, each prompt with its own blend; grouped by blend so each is composed and
+        loaded once."""
+        texts: list[str] = [""] * len(prompts)
         groups: dict[tuple, list[int]] = {}
-        for i, (blend, _) in enumerate(routes):
+        for i, blend in enumerate(blends):
             groups.setdefault(blend_key(blend), []).append(i)
         for key, index in groups.items():
             self.use_blend(dict(key))
-            texts = self.complete([prompts[i] for i in index], max_new_tokens, batch_size)
-            for i, text in zip(index, texts, strict=True):
-                answers[i] = Answer(prompts[i], text, routes[i][0], routes[i][1])
-        return [a for a in answers if a is not None]
+            for i, text in zip(index, self.complete([prompts[i] for i in index], max_new_tokens, batch_size),
+                               strict=True):  # fmt: skip
+                texts[i] = text
+        return texts
 
     def complete(self, prompts: Sequence[str], max_new_tokens: int = 64, batch_size: int = 32) -> list[str]:
         """Greedy answers with the weights loaded now."""

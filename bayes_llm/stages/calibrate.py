@@ -23,6 +23,9 @@ from bayes_llm.errors import UserError
 from bayes_llm.io import write_json
 
 if TYPE_CHECKING:
+    import torch
+
+    from bayes_llm.dispatch.controller import Controller
     from bayes_llm.inference.engine import Engine
     from bayes_llm.svf.expert import Expert
 
@@ -38,13 +41,21 @@ def _prompts(domains: list[str], split: str) -> tuple[list[str], list[int]]:
     return prompts, targets
 
 
-def _train_classifier(engine: Engine, params: Params, domains: list[str], progress: bool) -> Expert:
+def _train_classifier(engine: Engine, params: Params, domains: list[str], routing_train: list[dict],
+                      progress: bool) -> Expert:  # fmt: skip
+    """The classification expert, on the train splits plus the routing benchmark's train part (train
+    prompts in other wrappers, and off-domain prompts labelled `other`) when there is one."""
     from bayes_llm.dispatch.classifier import train_classifier
+    from bayes_llm.dispatch.controller import OTHER
     from bayes_llm.svf.expert import Expert
     from bayes_llm.svf.scaling import SVF
 
     cfg = params.dispatch.classifier
     train = {d: [r["prompt"] for r in prepared.read_split(paths.DATA, d, "train")] for d in domains}
+    for row in routing_train:
+        train.setdefault(row["target"], []).append(row["prompt"])
+    if OTHER in train:
+        train = {d: train[d] for d in (*domains, OTHER)}  # the label order the draws follow
     engine.use_blend({})
     svf = SVF(engine.model, engine.factors, mode=params.svf.mode, max_mult=params.svf.max_mult)
     try:
@@ -100,9 +111,60 @@ def _timings(engine: Engine, params: Params, prompts: list[str]) -> dict:
     }
 
 
+def _fit(start: Controller, val: torch.Tensor, val_targets: list[int], routing_val: list[dict],
+         routing_logliks: torch.Tensor, cfg) -> tuple[Controller, str]:  # fmt: skip
+    """Temperature by NLL on the benchmark's held-out val phrasings (the val splits without them); the `other`
+    threshold by precision on off-domain val prompts when there are some, else the fallback budget."""
+    import torch
+
+    from bayes_llm.dispatch import heldout
+    from bayes_llm.dispatch.calibration import fit_temperature, fit_threshold
+
+    # The temperature is fitted on held-out phrasings (new wordings of the domains' prompts), not on the
+    # training templates, which every first pass gets right at any temperature. Off-domain rows are
+    # left to the threshold: a first pass that cannot say `other` (the base's) would otherwise be
+    # flattened towards uniform blends to hedge on them.
+    rephrased = [i for i, row in enumerate(routing_val) if row["kind"] == "heldout"]
+    if rephrased:
+        gold = heldout.targets(start, [routing_val[i] for i in rephrased])
+        tempered = fit_temperature(start, routing_logliks[rephrased], gold)
+    else:
+        tempered = fit_temperature(start, val, val_targets)
+    is_other = [False] * len(val) + [row["kind"] == heldout.OTHER for row in routing_val]
+    tuned = heldout.fit_other_threshold(tempered, torch.cat([val, routing_logliks]), is_other, cfg.other_precision)
+    if tuned is not None:
+        return tuned, f"best other recall at precision >= {cfg.other_precision} on val"
+    return fit_threshold(tempered, val, cfg.max_fallback), f"at most {cfg.max_fallback} of in-domain val to the base"
+
+
+def _answers(engine: Engine, params: Params, controller: Controller, posterior: torch.Tensor, rows: list[dict],
+             progress: bool) -> dict:  # fmt: skip
+    """The benchmark's test rows that have answers, answered by each system; soft vs hard vs oracle."""
+    from tqdm.auto import tqdm
+
+    from bayes_llm.dispatch import heldout
+    from bayes_llm.rewards.correctness import correctness
+
+    keep = [i for i, row in enumerate(rows) if row["answer_kind"] is not None]
+    rows = [rows[i] for i in keep]
+    blends = heldout.systems(controller, posterior[keep], rows, params.dispatch.top_k)
+    scores = {}
+    for name in tqdm(blends, desc="held-out answers", unit="system", disable=not progress):
+        scores[name] = [0.0] * len(rows)
+        for kind in sorted({row["answer_kind"] for row in rows}):
+            index = [i for i, row in enumerate(rows) if row["answer_kind"] == kind]
+            texts = engine.complete_with([rows[i]["prompt"] for i in index], [blends[name][i] for i in index],
+                                         params.base_eval.max_new_tokens[kind], params.dispatch.batch_size)
+            for i, score in zip(index, correctness(kind, texts, [rows[i] for i in index]), strict=True):
+                scores[name][i] = score
+    return heldout.compare(scores, rows, params.evaluate.bootstrap_resamples, params.seed)
+
+
 def calibrate(params: Params, progress: bool = True) -> dict:
-    from bayes_llm.dispatch.calibration import confusion, fit_temperature, fit_threshold, nll, reliability
+    from bayes_llm.data import routing
+    from bayes_llm.dispatch.calibration import confusion, nll, reliability
     from bayes_llm.dispatch.controller import Controller
+    from bayes_llm.dispatch.heldout import routing_report
     from bayes_llm.dispatch.likelihood import label_logprobs
     from bayes_llm.dispatch.store import save_dispatcher
     from bayes_llm.inference.engine import Engine
@@ -119,20 +181,30 @@ def calibrate(params: Params, progress: bool = True) -> dict:
     if cfg.prior == "data":
         prior = {d: len(prepared.read_split(paths.DATA, d, "train")) for d in domains}
 
-    classifier = _train_classifier(engine, params, domains, progress)
+    benchmark = routing.path(paths.ROUTING, "val").is_file()  # params data.routing.enabled
+    routing_train, routing_val, routing_test = (routing.read(paths.ROUTING, part) if benchmark else []
+                                                for part in routing.PARTS)  # fmt: skip
+    classifier = _train_classifier(engine, params, domains, routing_train, progress)
     val_prompts, val_targets = _prompts(domains, "val")
     test_prompts, test_targets = _prompts(domains, "test")
     controllers, report = {}, {"domains": domains, "prior": cfg.prior, "strategies": {}}
+    routing_logliks = {}
     for strategy in ("prompt", "cls"):
         start = Controller.with_prior(domains, prior)
         engine.use_first_pass(strategy)
-        val = label_logprobs(engine.model, engine.tokenizer, val_prompts, start.labels, cfg.batch_size, progress)
-        test = label_logprobs(engine.model, engine.tokenizer, test_prompts, start.labels, cfg.batch_size, progress)
-        tuned = fit_threshold(fit_temperature(start, val, val_targets), val, cfg.max_fallback)
+
+        def score(prompts: list[str], labels: tuple[str, ...] = start.labels) -> torch.Tensor:
+            return label_logprobs(engine.model, engine.tokenizer, prompts, labels, cfg.batch_size, progress)
+
+        val, test = score(val_prompts), score(test_prompts)
+        held_val = score([row["prompt"] for row in routing_val])
+        routing_logliks[strategy] = held_test = score([row["prompt"] for row in routing_test])
+        tuned, rule = _fit(start, val, val_targets, routing_val, held_val, cfg)
         controllers[strategy] = tuned
         report["strategies"][strategy] = {
             "temperature": round(tuned.temperature, 4),
             "threshold": round(tuned.threshold, 6),
+            "threshold_rule": rule,
             "val_nll": {"before": round(nll(start, val, val_targets), 5),
                         "after": round(nll(tuned, val, val_targets), 5)},
             "ece": {
@@ -144,6 +216,8 @@ def calibrate(params: Params, progress: bool = True) -> dict:
             "val": confusion(tuned, tuned.posterior(val), val_targets),
             "test": confusion(tuned, tuned.posterior(test), test_targets),
         }  # fmt: skip
+        if routing_test:
+            report["strategies"][strategy]["heldout"] = routing_report(start, tuned, held_test, routing_test)
     engine.controllers = controllers
     timing = _timings(
         engine, params, val_prompts[:: max(1, len(val_prompts) // cfg.timing_prompts)][: cfg.timing_prompts]
@@ -152,15 +226,23 @@ def calibrate(params: Params, progress: bool = True) -> dict:
     report["strategy"] = cfg.strategy
     report["routing_accuracy"] = chosen["test"]["routing_accuracy"]
     report["ece_after"] = chosen["ece"]["test"]["after"]["ece"]
+    if routing_test:
+        answer_started = time.perf_counter()
+        controller = controllers[cfg.strategy]
+        posterior = controller.posterior(routing_logliks[cfg.strategy])
+        answers = _answers(engine, params, controller, posterior, routing_test, progress)
+        report["heldout"] = {"strategy": cfg.strategy, **chosen["heldout"], "answers": answers}
+        timing["heldout_answers_seconds"] = round(time.perf_counter() - answer_started, 1)
     timing["stage_seconds"] = round(time.perf_counter() - started, 1)
 
     save_dispatcher(paths.DISPATCHER, controllers, classifier, {"domains": domains, "strategy": cfg.strategy})
     write_json(REPORT_DIR / "metrics.json", report)
     write_json(REPORT_DIR / paths.TIMING, timing)
-    ece = chosen["ece"]["test"]
+    where = "held-out and off-domain test prompts" if routing_test else "the test splits"
+    ece = chosen["heldout"]["reliability"] if routing_test else chosen["ece"]["test"]
     reliability_plot({f"before (T=1), ECE {ece['before']['ece']:.3f}": ece["before"]["table"],
                       f"after (T={chosen['temperature']:.2f}), ECE {ece['after']['ece']:.3f}": ece["after"]["table"]},
-                     REPORT_DIR / "reliability.png", f"first pass ({cfg.strategy}) on the test splits")  # fmt: skip
+                     REPORT_DIR / "reliability.png", f"first pass ({cfg.strategy}) on {where}")  # fmt: skip
     title = f"routing on the test splits ({cfg.strategy}), accuracy {chosen['test']['routing_accuracy']:.3f}"
     confusion_plot(chosen["test"]["matrix"], domains, chosen["test"]["labels"], REPORT_DIR / "confusion.png", title)
     return report | {"timing": timing}
@@ -184,7 +266,7 @@ STAGE = Stage(
     "before/after; reliability.png; confusion.png; timing.json).",
     run=_command,
     sandboxed=False,  # runs no model-written code
-    deps=(paths.BASE, paths.SVD, paths.EXPERTS, paths.DATA),
+    deps=(paths.BASE, paths.SVD, paths.EXPERTS, paths.DATA, paths.ROUTING),
     outs=(paths.DISPATCHER,
           *(REPORT_DIR / f for f in ("reliability.png", "confusion.png", "metrics.json", paths.TIMING))),
 )

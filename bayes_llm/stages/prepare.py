@@ -1,6 +1,7 @@
-"""DVC stage `prepare`: params `data` → data/prepared/, reports/data/.
+"""DVC stage `prepare`: params `data` → data/prepared/, data/routing/, reports/data/.
 
-Builds every domain's splits, writes parquet and gates it with Great Expectations. Writes go to a
+Builds every domain's splits and the routing benchmark made from their val/test rows
+(bayes_llm/data/routing.py), writes parquet and gates it with Great Expectations. Writes go to a
 staging directory that replaces `data/prepared/` only when validation passes; the validation report
 is written either way, so a failure can be read, and nothing half-made stays.
 """
@@ -17,9 +18,10 @@ import pandas as pd
 from bayes_llm import paths
 from bayes_llm.command import Stage
 from bayes_llm.config import Params, load_params
+from bayes_llm.data import routing
 from bayes_llm.data.domains import Domain, build, resolve
 from bayes_llm.data.prepared import split_path
-from bayes_llm.data.validate import ValidationReport, validate
+from bayes_llm.data.validate import ValidationReport, validate, validate_routing
 from bayes_llm.errors import UserError
 from bayes_llm.io import staged_dir, write_json
 
@@ -37,7 +39,22 @@ def _write_split(path: Path, rows: list[dict]) -> None:
     Dataset.from_list(rows).to_parquet(str(path))
 
 
-def _summary(domains: list[Domain], frames: dict, report: ValidationReport) -> dict:
+def _routing(domains: list[Domain], built: dict, params: Params, staging: Path, progress: bool) -> dict | None:
+    """Build, write and gate the routing benchmark from the val/test splits of the expert domains;
+    → {part: frame read back}, or None when it is switched off."""
+    cfg = params.data.routing
+    if not cfg.enabled:
+        return None
+    experts = {d.name: (d.answer_kind, built[d.name]) for d in domains if not d.test_only}
+    parts = routing.build(experts, cfg, params.data.seed)
+    frames = {}
+    for part, rows in parts.items():
+        pd.DataFrame(rows).to_parquet(routing.path(staging, part), index=False)
+        frames[part] = pd.read_parquet(routing.path(staging, part))
+    return frames
+
+
+def _summary(domains: list[Domain], frames: dict, report: ValidationReport, routed: dict | None) -> dict:
     """Metrics for `dvc metrics`: a function of the params alone (timings go to timing.json)."""
     per_domain = {}
     for domain in domains:
@@ -55,25 +72,35 @@ def _summary(domains: list[Domain], frames: dict, report: ValidationReport) -> d
         "expectations": report.expectations,
         "rows_total": sum(d["total"] for d in per_domain.values()),
         "domains": per_domain,
+        "routing": {part: f["kind"].value_counts().sort_index().to_dict() for part, f in (routed or {}).items()},
     }
 
 
 def prepare(
-    params: Params, out_dir: Path = paths.DATA, report_dir: Path = paths.DATA_REPORTS, progress: bool = True
+    params: Params,
+    out_dir: Path = paths.DATA,
+    report_dir: Path = paths.DATA_REPORTS,
+    progress: bool = True,
+    routing_dir: Path = paths.ROUTING,
 ) -> dict:
     """Build, write, validate; returns the summary. Raises DataValidationError on a failed gate."""
     started = time.monotonic()
     domains = resolve(params.data)
-    with staged_dir(out_dir) as staging:
-        frames = {}
+    with staged_dir(out_dir) as staging, staged_dir(routing_dir) as routing_staging:
+        frames, built = {}, {}
         for domain in domains:
-            splits = build(domain, params.data, params.data.seed)
+            built[domain.name] = splits = build(domain, params.data, params.data.seed)
             for split, rows in splits.items():
                 _write_split(split_path(staging, domain.name, split), rows)
             # Validate what is on disk, not what we meant to write.
             frames[domain.name] = (domain, {s: pd.read_parquet(split_path(staging, domain.name, s)) for s in splits})
         report = validate(frames, params.data, progress=progress)
-        summary = _summary(domains, frames, report)
+        routed = _routing(domains, built, params, routing_staging, progress)
+        if routed is not None:
+            train = {row["prompt"] for splits in built.values() for row in splits.get("train", [])}
+            labels = [d.name for d in domains if not d.test_only] + [routing.OTHER]
+            report = report.merged(validate_routing(routed, train, labels, params.data, progress))
+        summary = _summary(domains, frames, report, routed)
         write_json(report_dir / "validation.json", report.to_json())
         write_json(report_dir / "summary.json", summary)
         write_json(report_dir / "timing.json", {"stage_seconds": round(time.monotonic() - started, 2)})
@@ -91,6 +118,8 @@ def format_summary(summary: dict) -> str:
         lines.append(
             f"{name:<12}{info['source']:<11}" + "".join(f"{rows.get(s, '-'):>7}" for s in ("train", "val", "test"))
         )
+    for part, kinds in summary["routing"].items():
+        lines.append(f"routing benchmark, {part}: " + ", ".join(f"{n} {kind}" for kind, n in kinds.items()))
     lines.append(
         f"{summary['rows_total']} rows, validation {summary['validation']} ({summary['expectations']} expectations)"
     )
@@ -107,8 +136,10 @@ STAGE = Stage(
     dvc_name="prepare",
     help="build, validate and write the data (DVC stage `prepare`)",
     description="Generate or load every domain's train/val/test splits, write them to data/prepared/ as parquet, "
-    "and gate them with Great Expectations. On failure nothing is left in data/prepared/; the report is in "
+    "build the dispatcher's routing benchmark (held-out phrasings, mixed and off-domain prompts) into data/routing/, "
+    "and gate both with Great Expectations. On failure nothing is left in either; the report is in "
     "reports/data/validation.json.",
     run=_command,
-    outs=(paths.DATA, *(paths.DATA_REPORTS / f for f in ("validation.json", "timing.json", "summary.json"))),
+    outs=(paths.DATA, paths.ROUTING,
+          *(paths.DATA_REPORTS / f for f in ("validation.json", "timing.json", "summary.json"))),
 )
