@@ -245,7 +245,7 @@ def test_models_and_a_chat_answer_with_its_posterior_and_blend(server, client):
     assert isinstance(choice.message.content, str) and choice.finish_reason in ("stop", "length")
     ext = _ext(choice)
     assert set(ext["posterior"]) == {*experts, "other"} and abs(sum(ext["posterior"].values()) - 1) < 1e-3
-    assert set(ext["blend"]) <= set(experts) and ext["strategy"] == "prompt"
+    assert set(ext["blend"]) <= set(experts) and ext["strategy"] == "cls"
     assert ext["timing_ms"]["first_pass"] > 0 and reply.usage.completion_tokens <= 8
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
