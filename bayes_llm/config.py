@@ -349,7 +349,7 @@ class ClassifierParams(Strict):
     """The classification expert: SFT of z on 'Task: <prompt> / Domain: <label>' from train splits (and
     the routing benchmark's train part: other wrappers, off-domain prompts labelled `other`)."""
 
-    steps: PositiveInt = 200
+    steps: PositiveInt = 400
     learning_rate: Annotated[float, Field(gt=0, le=10)] = 1e-2
     batch_size: PositiveInt = 32
 

@@ -59,7 +59,8 @@ def test_the_benchmark_is_deterministic_and_its_parts_share_no_wording():
             if row["kind"] == "heldout":  # wrapped in this part's wrappers only
                 assert any(w.split("{p}")[0] in row["prompt"] for w in routing.WRAPPERS[part] if w.split("{p}")[0])\
                     or any(w.split("{p}")[1] in row["prompt"] for w in routing.WRAPPERS[part])
-                assert not any(phrase in row["prompt"] for p in others for phrase in routing.wrapper_phrases(p))
+                wrappers = [piece.strip() for p in others for w in routing.WRAPPERS[p] for piece in w.split("{p}")]
+                assert not any(piece in row["prompt"] for piece in wrappers if piece)
             if row["kind"] == "other":
                 assert row["target"] == "other" and row["mix"] == "{}" and row["answer"] is None
     prompts = {part: {r["prompt"] for r in rows} for part, rows in parts.items()}
@@ -98,7 +99,10 @@ def test_the_gate_passes_the_benchmark_and_names_a_leaking_wrapper_or_a_wrong_an
     assert validate_routing(_frames(parts), train, LABELS, params.data, progress=False).success
     leaked = validate_routing(_frames(parts), train | {"Quick question: is this seen?"}, LABELS, params.data,
                               progress=False)
-    assert not leaked.success and "wrapper's text must not occur in any train prompt" in leaked.text()
+    assert not leaked.success and "wording (wrapper or rewording) must not occur" in leaked.text()
+    reworded = validate_routing(_frames(parts), train | {"Tell me which one you like."}, LABELS, params.data,
+                                progress=False)  # fmt: skip
+    assert not reworded.success
     broken = {part: [dict(r) for r in rows] for part, rows in parts.items()}
     mixed = next(r for r in broken["test"] if r["subtask"] == "number_as_function")
     mixed["answer"] = "def solve():\n    return -1\n"

@@ -4,16 +4,16 @@ Three kinds of rows, made deterministically from the prepared val/test splits (v
 `test`, so no prompt is trained on):
 
 - `heldout`: a domain's prompt re-asked in phrasings used nowhere in pretraining or expert training
-  (rewordings of its first line, then a wrapper). The right route is its domain.
+  (a rewording of its first line, then a wrapper). The right route is its domain.
 - `mixed`: a prompt that needs two experts by construction, with the known mix as the target: a
   number problem asked as multiple choice (number + letter experts) or as a function to write
   (number + code experts).
 - `other`: text none of the experts covers (translation, poems, geography, …): the right route is
   `other`, i.e. the base weights.
 
-A `train` part (train rows in a third set of wrappers, off-domain text from a third set of
-templates, no mixed rows) teaches the classification expert varied phrasings and the `other` label.
-The three parts use disjoint wrappers and disjoint off-domain templates, so the test part measures
+A `train` part (train rows in a third set of rewordings and wrappers, off-domain text from a third
+set of templates, no mixed rows) teaches the classification expert varied phrasings and the `other` label.
+The parts use disjoint wrappers and off-domain templates (and train its own rewordings), so the test part measures
 phrasings that neither training nor calibration saw. (The filler words of off-domain templates are
 shared: the test is of new sentence shapes, not of a new vocabulary.)
 """
@@ -45,6 +45,12 @@ WRAPPERS = {
         "Solve this one.\n\n{p}",
         "Can you help me with this? {p}",
         "{p} Thank you!",
+        "{p}\nI want to check my own answer.",
+        "I am studying for a test.\n{p}",
+        "{p}\nPlease keep it short.",
+        "Hello!\n{p}",
+        "{p}\n(I will compare it with mine.)",
+        "Try this: {p}",
     ),
     "val": (
         "Quick question: {p}",
@@ -59,13 +65,22 @@ WRAPPERS = {
         "Could you take a look at this?\n\n{p}",
     ),
 }
-# Rewordings of a prompt's first line (its question); the rest (choices) stays as it is.
-REWORDINGS = (
-    (re.compile(r"^What is (.+)\?$"), r"Work out \1."),
-    (re.compile(r"^Write a Python function (`[^`]+`) that (.+)$"), r"I need a Python function \1. It \2"),
-    (re.compile(r"^Which (.+)\?$"), r"Tell me which \1."),
-    (re.compile(r"^How many (.+)\?$"), r"Count how many \1."),
-)
+# Rewordings of a prompt's first line (its question); the rest (choices) stays as it is. The train
+# part has its own, so val's and test's stay unseen.
+REWORDINGS = {
+    "train": (
+        (re.compile(r"^What is (.+)\?$"), r"Please find the value of \1."),
+        (re.compile(r"^Write a Python function (`[^`]+`) that (.+)$"), r"Define \1 in Python. It \2"),
+        (re.compile(r"^Which (.+)\?$"), r"Choose which \1."),
+        (re.compile(r"^How many (.+)\?$"), r"Say how many \1."),
+    ),
+    "eval": (
+        (re.compile(r"^What is (.+)\?$"), r"Work out \1."),
+        (re.compile(r"^Write a Python function (`[^`]+`) that (.+)$"), r"I need a Python function \1. It \2"),
+        (re.compile(r"^Which (.+)\?$"), r"Tell me which \1."),
+        (re.compile(r"^How many (.+)\?$"), r"Count how many \1."),
+    ),
+}
 # Off-domain prompts: none of the experts covers them. Disjoint templates between the parts.
 OFF_DOMAIN = {
     "train": (
@@ -118,26 +133,32 @@ MIXED = {
 FUNCTION_NAME = "solve"
 
 
-def reword(prompt: str) -> str:
-    """The first line in a phrasing of REWORDINGS (unchanged when none applies)."""
+def reword(prompt: str, part: str = "test") -> str:
+    """The first line in a phrasing of the part's REWORDINGS (unchanged when none applies)."""
     first, _, rest = prompt.partition("\n")
-    for pattern, replacement in REWORDINGS:
+    for pattern, replacement in REWORDINGS["train" if part == "train" else "eval"]:
         if pattern.match(first):
             first = pattern.sub(replacement, first)
             break
     return first + ("\n" + rest if rest else "")
 
 
-def wrapper_phrases(part: str) -> list[str]:
-    """The fixed text of a part's wrappers: validation checks none of it is in any train prompt."""
-    return [piece.strip() for wrapper in WRAPPERS[part] for piece in wrapper.split("{p}") if piece.strip()]
+def wording_phrases(part: str) -> list[str]:
+    """The fixed text of a part's wrappers and rewordings: validation checks that none of val's or
+    test's is in any train prompt."""
+    pieces = [piece for wrapper in WRAPPERS[part] for piece in wrapper.split("{p}")]
+    rewordings = REWORDINGS["train" if part == "train" else "eval"]
+    pieces += [piece for _, replacement in rewordings for piece in re.split(r"\\\d", replacement)]
+    stripped = (piece.strip(" .\n") for piece in pieces)
+    return [piece for piece in stripped if len(piece.split()) >= 2]  # not a bare "It"
 
 
 def _heldout(domain: str, rows: Sequence[dict], count: int, part: str, rng: random.Random) -> list[dict]:
     out = []
     for row in rng.sample(list(rows), min(count, len(rows))):
-        # Train rows keep their wording (only the wrapper is new): the rewordings stay unseen.
-        prompt = rng.choice(WRAPPERS[part]).format(p=row["prompt"] if part == "train" else reword(row["prompt"]))
+        # Train rows: half keep their wording, so both kinds of first line are learnt.
+        reworded = reword(row["prompt"], part) if part != "train" or rng.random() < 0.5 else row["prompt"]
+        prompt = rng.choice(WRAPPERS[part]).format(p=reworded)
         out.append(_row("heldout", domain, prompt, {domain: 1.0}, row, source_id=row["id"]))
     return out
 

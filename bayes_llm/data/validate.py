@@ -271,8 +271,8 @@ def routing_frame(parts: dict[str, pd.DataFrame], train_prompts: set[str], progr
     owners = frame.groupby("prompt")["split"].nunique()
     frame["prompt_in_other_split"] = frame["prompt"].map(owners).gt(1)
     corpus = "\n".join(train_prompts)
-    # The train part's wrappers are trained on anyway; val's and test's must be new to every model.
-    leaks = {part: [p for p in routing.wrapper_phrases(part) if p in corpus] for part in parts if part != "train"}
+    # The train part's wordings are trained on anyway; val's and test's must be new to every model.
+    leaks = {part: [p for p in routing.wording_phrases(part) if p in corpus] for part in parts if part != "train"}
     frame["wrapper_in_train"] = [bool(leaks.get(s)) and k == "heldout" for s, k in zip(frame["split"], frame["kind"],
                                                                                        strict=True)]  # fmt: skip
     code = frame.index[frame["answer_kind"] == "code"]
@@ -307,7 +307,7 @@ def _routing_rules(frame: pd.DataFrame, labels: list[str], data: DataParams) -> 
          gxe.ExpectColumnValuesToBeInSet(column="prompt_in_train", value_set=[False])),
         ("a prompt must not appear in both parts",
          gxe.ExpectColumnValuesToBeInSet(column="prompt_in_other_split", value_set=[False])),
-        ("a held-out wrapper's text must not occur in any train prompt",
+        ("a val/test wording (wrapper or rewording) must not occur in any train prompt",
          gxe.ExpectColumnValuesToBeInSet(column="wrapper_in_train", value_set=[False])),
         ("the answer must fit its kind (a number, a letter among the choices, code passing its tests; none for "
          "'other')", gxe.ExpectColumnValuesToBeInSet(column="answer_ok", value_set=[True])),

@@ -216,7 +216,8 @@ def calibrate(params: Params, progress: bool = True) -> dict:
             "val": confusion(tuned, tuned.posterior(val), val_targets),
             "test": confusion(tuned, tuned.posterior(test), test_targets),
         }  # fmt: skip
-        if routing_test:
+        if routing_test:  # val: what the fit saw; test: what it is judged on
+            report["strategies"][strategy]["heldout_val"] = routing_report(start, tuned, held_val, routing_val)
             report["strategies"][strategy]["heldout"] = routing_report(start, tuned, held_test, routing_test)
     engine.controllers = controllers
     timing = _timings(
@@ -238,7 +239,7 @@ def calibrate(params: Params, progress: bool = True) -> dict:
     save_dispatcher(paths.DISPATCHER, controllers, classifier, {"domains": domains, "strategy": cfg.strategy})
     write_json(REPORT_DIR / "metrics.json", report)
     write_json(REPORT_DIR / paths.TIMING, timing)
-    where = "held-out and off-domain test prompts" if routing_test else "the test splits"
+    where = "held-out + off-domain test" if routing_test else "the test splits"
     ece = chosen["heldout"]["reliability"] if routing_test else chosen["ece"]["test"]
     reliability_plot({f"before (T=1), ECE {ece['before']['ece']:.3f}": ece["before"]["table"],
                       f"after (T={chosen['temperature']:.2f}), ECE {ece['after']['ece']:.3f}": ece["after"]["table"]},
