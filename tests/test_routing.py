@@ -46,7 +46,7 @@ SIZES = RoutingBenchmark.model_validate({"train": {"heldout": 5, "other": 6}, "v
                                          "other": 5}, "test": {"heldout": 4, "mixed": 3, "other": 5}})
 
 
-def test_the_benchmark_is_deterministic_and_its_parts_share_no_wording():
+def test_the_benchmark_is_deterministic_and_its_parts_share_no_wrapper_or_prompt():
     parts = routing.build(_splits(), SIZES, seed=7)
     assert parts == routing.build(_splits(), SIZES, seed=7)
     assert parts != routing.build(_splits(), SIZES, seed=8)
@@ -57,8 +57,8 @@ def test_the_benchmark_is_deterministic_and_its_parts_share_no_wording():
         for row in parts[part]:
             others = [p for p in routing.PARTS if p != part]
             if row["kind"] == "heldout":  # wrapped in this part's wrappers only
-                assert any(w.split("{p}")[0] in row["prompt"] for w in routing.WRAPPERS[part] if w.split("{p}")[0])\
-                    or any(w.split("{p}")[1] in row["prompt"] for w in routing.WRAPPERS[part])
+                pieces = [piece for w in routing.WRAPPERS[part] for piece in w.split("{p}") if piece]
+                assert any(piece in row["prompt"] for piece in pieces)
                 wrappers = [piece.strip() for p in others for w in routing.WRAPPERS[p] for piece in w.split("{p}")]
                 assert not any(piece in row["prompt"] for piece in wrappers if piece)
             if row["kind"] == "other":
@@ -81,8 +81,10 @@ def test_mixed_prompts_know_their_mix_and_their_answer():
         assert row["mix"] == '{"code": 0.5, "math": 0.5}' and row["answer_kind"] == "code"
 
 
-def test_rewording_changes_only_the_question_line():
+def test_rewording_changes_only_the_question_line_and_differs_by_part():
     assert routing.reword("What is 3 + 4?") == "Work out 3 + 4."
+    assert routing.reword("Calculate 3 + 4.", "val") == "Give me the result of 3 + 4."
+    assert len({routing.reword("3 + 4 = ?", part) for part in routing.PARTS}) == 3
     choices = "\nA) 1, 2\nB) 2, 1"
     assert routing.reword("Which list is sorted?" + choices) == "Tell me which list is sorted." + choices
     assert routing.reword("Sol has 4 beads.") == "Sol has 4 beads."
@@ -92,22 +94,43 @@ def _frames(parts: dict) -> dict[str, pd.DataFrame]:
     return {part: pd.DataFrame(rows) for part, rows in parts.items()}
 
 
-def test_the_gate_passes_the_benchmark_and_names_a_leaking_wrapper_or_a_wrong_answer():
-    params = load_params()
+def test_the_gate_passes_the_benchmark_and_names_a_leaking_wording_or_a_wrong_answer():
+    data = load_params().data
     parts = routing.build(_splits(), SIZES, seed=3)
-    train = {r["prompt"] for _, splits in _splits().values() for r in splits["train"]}
-    assert validate_routing(_frames(parts), train, LABELS, params.data, progress=False).success
-    leaked = validate_routing(_frames(parts), train | {"Quick question: is this seen?"}, LABELS, params.data,
-                              progress=False)
-    assert not leaked.success and "wording (wrapper or rewording) must not occur" in leaked.text()
-    reworded = validate_routing(_frames(parts), train | {"Tell me which one you like."}, LABELS, params.data,
-                                progress=False)  # fmt: skip
-    assert not reworded.success
+    train = [r["prompt"] for _, splits in _splits().values() for r in splits["train"]]
+
+    def gate(frames, texts, mixed=True):
+        return validate_routing(frames, texts, LABELS, data, mixed, progress=False)
+
+    assert gate(_frames(parts), train).success
+    for seen in ("Quick question: is this seen?", "Tell me which one you like.", "Describe the smell of x."):
+        leaked = gate(_frames(parts), [*train, seen])  # a val/test wrapper, rewording or template trained on
+        assert not leaked.success and "must not occur in any training text" in leaked.text(), seen
     broken = {part: [dict(r) for r in rows] for part, rows in parts.items()}
     mixed = next(r for r in broken["test"] if r["subtask"] == "number_as_function")
     mixed["answer"] = "def solve():\n    return -1\n"
-    report = validate_routing(_frames(broken), train, LABELS, params.data, progress=False)
+    report = gate(_frames(broken), train)
     assert not report.success and "answer must fit its kind" in report.text() and mixed["id"] in report.text()
+    no_other = {part: [r for r in rows if r["kind"] != "other" or part != "val"] for part, rows in parts.items()}
+    report = gate(_frames(no_other), train)
+    assert not report.success and "val must have every kind" in report.text()
+
+
+def test_kinds_follow_the_domains_and_odd_answers_do_not_break_the_build():
+    only_math = {"math": _splits()["math"]}
+    parts = routing.build(only_math, SIZES, seed=3)
+    assert not routing.mixable({"number"}) and not any(r["kind"] == "mixed" for r in parts["test"])
+    frames = _frames(parts)
+    assert validate_routing(frames, [], ["math", "other"], load_params().data, False, progress=False).success
+    def negative_rows(part):
+        return [{"id": f"m{part}{i}", "prompt": f"What is 0 - {i + 3}?", "answer": str(-i - 3)} for i in range(12)]
+
+    negative = {"math": ("number", {p: negative_rows(p) for p in routing.PARTS}), "reasoning": _splits()["reasoning"]}
+    rows = [r for r in routing.build(negative, SIZES, seed=3)["test"] if r["subtask"] == "number_as_choice"]
+    assert rows and all(len(set(r["choices"])) == 4 for r in rows)
+    too_many = RoutingBenchmark.model_validate({"test": {"other": 2000}})
+    with pytest.raises(Exception, match="distinct off-domain prompts"):
+        routing.build(_splits(), too_many, seed=3)
 
 
 def test_read_gives_none_for_missing_answers(tmp_path):

@@ -11,11 +11,13 @@ Three kinds of rows, made deterministically from the prepared val/test splits (v
 - `other`: text none of the experts covers (translation, poems, geography, …): the right route is
   `other`, i.e. the base weights.
 
-A `train` part (train rows in a third set of rewordings and wrappers, off-domain text from a third
-set of templates, no mixed rows) teaches the classification expert varied phrasings and the `other` label.
-The parts use disjoint wrappers and off-domain templates (and train its own rewordings), so the test part measures
-phrasings that neither training nor calibration saw. (The filler words of off-domain templates are
-shared: the test is of new sentence shapes, not of a new vocabulary.)
+A `train` part (train rows in its own rewordings and wrappers, off-domain text from its own
+templates, no mixed rows) teaches the classification expert varied phrasings and the `other` label.
+Each part has its own rewordings, wrappers and off-domain templates, so the test part measures
+phrasings that neither training nor calibration saw (`prepare` checks that no val/test wording
+occurs in any training text). The filler words of the off-domain templates are shared: the test is
+of new sentence shapes, not of a new vocabulary. A mixed row's `target` is its number domain (the
+first of its mix); what it needs is in `mix`.
 """
 
 from __future__ import annotations
@@ -65,21 +67,41 @@ WRAPPERS = {
         "Could you take a look at this?\n\n{p}",
     ),
 }
-# Rewordings of a prompt's first line (its question); the rest (choices) stays as it is. The train
-# part has its own, so val's and test's stay unseen.
+# Rewordings of a prompt's first line (its question); the rest (choices) stays as it is. Each part
+# has its own, so the test part's are seen neither in training nor in calibration.
+_QUESTION = {
+    "what": re.compile(r"^What is (.+)\?$"),
+    "compute": re.compile(r"^(?:Compute|Calculate) (.+)\.$"),
+    "equals": re.compile(r"^(.+) = \?$"),
+    "function": re.compile(r"^Write a Python function (`[^`]+`) that (.+)$"),
+    "which": re.compile(r"^Which (.+)\?$"),
+    "count": re.compile(r"^How many (.+)\?$"),
+}
 REWORDINGS = {
-    "train": (
-        (re.compile(r"^What is (.+)\?$"), r"Please find the value of \1."),
-        (re.compile(r"^Write a Python function (`[^`]+`) that (.+)$"), r"Define \1 in Python. It \2"),
-        (re.compile(r"^Which (.+)\?$"), r"Choose which \1."),
-        (re.compile(r"^How many (.+)\?$"), r"Say how many \1."),
-    ),
-    "eval": (
-        (re.compile(r"^What is (.+)\?$"), r"Work out \1."),
-        (re.compile(r"^Write a Python function (`[^`]+`) that (.+)$"), r"I need a Python function \1. It \2"),
-        (re.compile(r"^Which (.+)\?$"), r"Tell me which \1."),
-        (re.compile(r"^How many (.+)\?$"), r"Count how many \1."),
-    ),
+    "train": {
+        "what": r"Please find the value of \1.",
+        "compute": r"Determine \1.",
+        "equals": r"Find \1.",
+        "function": r"Define \1 in Python. It \2",
+        "which": r"Choose which \1.",
+        "count": r"Say how many \1.",
+    },
+    "val": {
+        "what": r"Figure out \1.",
+        "compute": r"Give me the result of \1.",
+        "equals": r"What does \1 come to?",
+        "function": r"Please code \1 in Python: it \2",
+        "which": r"Point out which \1.",
+        "count": r"Find out how many \1.",
+    },
+    "test": {
+        "what": r"Work out \1.",
+        "compute": r"Evaluate \1 for me.",
+        "equals": r"How much is \1 altogether?",
+        "function": r"I need a Python function \1. It \2",
+        "which": r"Tell me which \1.",
+        "count": r"Count how many \1.",
+    },
 }
 # Off-domain prompts: none of the experts covers them. Disjoint templates between the parts.
 OFF_DOMAIN = {
@@ -136,20 +158,20 @@ FUNCTION_NAME = "solve"
 def reword(prompt: str, part: str = "test") -> str:
     """The first line in a phrasing of the part's REWORDINGS (unchanged when none applies)."""
     first, _, rest = prompt.partition("\n")
-    for pattern, replacement in REWORDINGS["train" if part == "train" else "eval"]:
+    for name, pattern in _QUESTION.items():
         if pattern.match(first):
-            first = pattern.sub(replacement, first)
+            first = pattern.sub(REWORDINGS[part][name], first)
             break
     return first + ("\n" + rest if rest else "")
 
 
 def wording_phrases(part: str) -> list[str]:
-    """The fixed text of a part's wrappers and rewordings: validation checks that none of val's or
-    test's is in any train prompt."""
+    """The fixed text of a part's wrappers, rewordings and off-domain templates: validation checks
+    that none of val's or test's occurs in any training text."""
     pieces = [piece for wrapper in WRAPPERS[part] for piece in wrapper.split("{p}")]
-    rewordings = REWORDINGS["train" if part == "train" else "eval"]
-    pieces += [piece for _, replacement in rewordings for piece in re.split(r"\\\d", replacement)]
-    stripped = (piece.strip(" .\n") for piece in pieces)
+    pieces += [piece for replacement in REWORDINGS[part].values() for piece in re.split(r"\\\d", replacement)]
+    pieces += [piece for template in OFF_DOMAIN[part] for piece in re.split(r"\{\w+\}", template)]
+    stripped = (piece.strip(" .,:;'?!\n") for piece in pieces)
     return [piece for piece in stripped if len(piece.split()) >= 2]  # not a bare "It"
 
 
@@ -186,7 +208,8 @@ def _row(kind: str, subtask: str, prompt: str, mix: dict[str, float], row: dict 
 
 def _as_choice(number: str, rng: random.Random) -> tuple[list[str], str]:
     value = int(float(number))
-    distractors = sorted({value + d for d in (-10, -2, -1, 1, 2, 10) if value + d >= 0} - {value})
+    # Near misses; negative ones only when the answer itself is negative.
+    distractors = sorted({value + d for d in (-10, -2, -1, 1, 2, 10) if value < 0 or value + d >= 0})
     options = [value, *rng.sample(distractors, 3)]
     rng.shuffle(options)
     return [str(o) for o in options], LETTERS[options.index(value)]
@@ -216,6 +239,11 @@ def _mixed(by_kind: dict[str, str], rows: Sequence[dict], count: int, rng: rando
     return out
 
 
+def mixable(kinds: set[str]) -> bool:
+    """Whether domains of these answer kinds make mixed rows (a number one, and a letter or code one)."""
+    return "number" in kinds and any(asked_as in kinds for asked_as in MIXED.values())
+
+
 def _off_domain(count: int, part: str, rng: random.Random) -> list[dict]:
     seen: dict[str, dict] = {}
     for _ in range(count * 50):
@@ -225,6 +253,9 @@ def _off_domain(count: int, part: str, rng: random.Random) -> list[dict]:
         fields = {name: rng.choice(values) for name, values in FILLERS.items() if "{" + name + "}" in template}
         prompt = template.format(**fields)
         seen.setdefault(prompt, _row(OTHER, "off_domain", prompt, {}, None, answer_kind=None))
+    if len(seen) < count:
+        raise UserError(f"routing benchmark, {part}: only {len(seen)} distinct off-domain prompts can be made, "
+                        f"{count} asked (params data.routing.{part}.other)")  # fmt: skip
     return list(seen.values())
 
 
@@ -242,7 +273,7 @@ def build(splits: dict[str, tuple[str, dict[str, list[dict]]]], cfg: RoutingBenc
         for domain, (kind, domain_splits) in splits.items():
             tagged = [r | {"answer_kind": kind} for r in domain_splits[part]]
             rows += _heldout(domain, tagged, sizes.heldout, part, rng)
-        if "number" in by_kind and part != "train":
+        if mixable(set(by_kind)) and part != "train":
             number = by_kind["number"]
             tagged = [r | {"answer_kind": "number"} for r in splits[number][1][part]]
             rows += _mixed(by_kind, tagged, sizes.mixed, rng)

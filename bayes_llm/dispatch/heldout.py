@@ -71,6 +71,10 @@ def fit_other_threshold(
     return None if best is None else replace(controller, threshold=float(best[1]))
 
 
+def _shares(controller: Controller, posterior: torch.Tensor, mix: dict[str, float]) -> list[float]:
+    return [float(posterior[controller.labels.index(d)]) for d in mix]
+
+
 def routing_report(before: Controller, after: Controller, logliks: torch.Tensor, rows: Sequence[dict]) -> dict:
     """The `heldout` block: routing on held-out phrasings, calibration on the single-label rows,
     `other` precision/recall on every row, and where mixed prompts' posterior mass goes."""
@@ -99,9 +103,13 @@ def routing_report(before: Controller, after: Controller, logliks: torch.Tensor,
         "nll_after": round(nll(after, logliks[index], gold), 5),
         "other_precision": other["precision"],
         "other_recall": other["recall"],
+        # Mixed rows: the posterior mass on the two experts they need, and the smaller one's share of
+        # it (0.5: the constructed half-and-half; 0: all on one, as hard routing would do).
         "mixed_mass_on_mix": None if not mixed else round(float(np.mean([
-            sum(float(p[after.labels.index(d)]) for d in rows[i]["mix"]) for i, p in zip(mixed, mixed_posterior,
-                                                                                         strict=True)])), 4),
+            sum(_shares(after, p, rows[i]["mix"])) for i, p in zip(mixed, mixed_posterior, strict=True)])), 4),
+        "mixed_minor_share": None if not mixed else round(float(np.mean([
+            min(_shares(after, p, rows[i]["mix"])) / max(sum(_shares(after, p, rows[i]["mix"])), 1e-12)
+            for i, p in zip(mixed, mixed_posterior, strict=True)])), 4),
         "items": {kind: sum(row["kind"] == kind for row in rows) for kind in ("heldout", "mixed", OTHER)},
         "confusion": {"labels": labels, "matrix": matrix.tolist()},  # rows: right label; columns: routed
         "reliability": {"before": reliability(post_before, gold), "after": reliability(post_after, gold)},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from typing import TYPE_CHECKING
@@ -52,8 +53,14 @@ def _train_classifier(engine: Engine, params: Params, domains: list[str], routin
 
     cfg = params.dispatch.classifier
     train = {d: [r["prompt"] for r in prepared.read_split(paths.DATA, d, "train")] for d in domains}
+    wrapped: dict[str, list[str]] = {}
     for row in routing_train:
-        train.setdefault(row["target"], []).append(row["prompt"])
+        wrapped.setdefault(row["target"], []).append(row["prompt"])
+    for label, prompts in wrapped.items():
+        # Repeated up to as many as the plain prompts, so half of a domain's draws are rephrased
+        # (400 among 30,000 math prompts would be 1 % of them).
+        plain = train.get(label, [])
+        train[label] = plain + prompts * max(1, math.ceil(len(plain) / len(prompts)))
     if OTHER in train:
         train = {d: train[d] for d in (*domains, OTHER)}  # the label order the draws follow
     engine.use_blend({})
@@ -181,7 +188,7 @@ def calibrate(params: Params, progress: bool = True) -> dict:
     if cfg.prior == "data":
         prior = {d: len(prepared.read_split(paths.DATA, d, "train")) for d in domains}
 
-    benchmark = routing.path(paths.ROUTING, "val").is_file()  # params data.routing.enabled
+    benchmark = params.data.routing.enabled
     routing_train, routing_val, routing_test = (routing.read(paths.ROUTING, part) if benchmark else []
                                                 for part in routing.PARTS)  # fmt: skip
     classifier = _train_classifier(engine, params, domains, routing_train, progress)

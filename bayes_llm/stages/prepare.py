@@ -40,7 +40,7 @@ def _write_split(path: Path, rows: list[dict]) -> None:
 
 
 def _routing(domains: list[Domain], built: dict, params: Params, staging: Path, progress: bool) -> dict | None:
-    """Build, write and gate the routing benchmark from the val/test splits of the expert domains;
+    """Build and write the routing benchmark from the train/val/test splits of the expert domains;
     → {part: frame read back}, or None when it is switched off."""
     cfg = params.data.routing
     if not cfg.enabled:
@@ -97,9 +97,14 @@ def prepare(
         report = validate(frames, params.data, progress=progress)
         routed = _routing(domains, built, params, routing_staging, progress)
         if routed is not None:
-            train = {row["prompt"] for splits in built.values() for row in splits.get("train", [])}
-            labels = [d.name for d in domains if not d.test_only] + [routing.OTHER]
-            report = report.merged(validate_routing(routed, train, labels, params.data, progress))
+            trained = [row.get(key) for splits in built.values() for row in splits.get("train", [])
+                       for key in ("prompt", "answer", "solution")]  # fmt: skip
+            experts = [d for d in domains if not d.test_only]
+            labels = [d.name for d in experts] + [routing.OTHER]
+            mixed = routing.mixable({d.answer_kind for d in experts})
+            gate = validate_routing(routed, [t for t in trained if isinstance(t, str)], labels, params.data, mixed,
+                                    progress)  # fmt: skip
+            report = report.merged(gate)
         summary = _summary(domains, frames, report, routed)
         write_json(report_dir / "validation.json", report.to_json())
         write_json(report_dir / "summary.json", summary)
