@@ -371,6 +371,16 @@ class FewShotParams(Strict):
         return self
 
 
+class DistributedParams(Strict):
+    """Data-parallel expert training (bayes_llm.experts.distributed): `processes` > 1 runs
+    `train_expert` under `accelerate launch`, each process on its share of every global batch."""
+
+    processes: Annotated[int, Field(ge=1, le=1024)] = 1
+    # gloo: CPU processes. NCCL (a GPU per process) waits for the trainer's GPU path: experts train
+    # on the CPU today.
+    backend: Literal["gloo"] = "gloo"
+
+
 class DispatchParams(Strict):
     """First pass, Bayesian controller and its calibration (the `calibrate` stage)."""
 
@@ -459,10 +469,27 @@ class Params(Strict):
     svf: SVFParams = SVFParams()
     # One expert per listed domain (a domain of `data` without an entry gets none).
     experts: dict[str, ExpertParams] = {}
+    distributed: DistributedParams = DistributedParams()
     dispatch: DispatchParams = DispatchParams()
     evaluate: EvaluateParams = EvaluateParams()
     bundle: BundleParams = BundleParams()
     sandbox: SandboxParams = SandboxParams()
+
+    @model_validator(mode="after")
+    def _shardable(self) -> Params:
+        """Every process needs rows of every batch; trl's trainers run their own accelerate."""
+        n = self.distributed.processes
+        for domain, cfg in self.experts.items() if n > 1 else ():
+            for key in ("sft_batch_size", "rl_batch_size", "val_items"):
+                if getattr(cfg, key) < n:
+                    raise ValueError(f"experts.{domain}.{key} ({getattr(cfg, key)}) < distributed.processes ({n}): "
+                                     "a process would get no rows")  # fmt: skip
+            if "rl" in cfg.objective and cfg.rl_algorithm != "reinforce":
+                raise ValueError(
+                    f"experts.{domain}: distributed.processes > 1 trains rl_algorithm reinforce only "
+                    f"(got {cfg.rl_algorithm}; trl's trainers are launched on their own)"
+                )
+        return self
 
 
 def _deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:

@@ -54,13 +54,18 @@ def sft_loss(model, batch: dict[str, torch.Tensor], drop_hardest: float = 0.0) -
     """
     if drop_hardest == 0:
         return model(**batch).loss
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    targets = batch["labels"][:, 1:]
-    mask = (targets != -100).float()
-    nll = F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none") * mask
+    nll, mask = token_nll(model, batch)
     per_sequence = nll.detach().sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
     keep = per_sequence.argsort()[: max(1, round(len(per_sequence) * (1 - drop_hardest)))]
     return nll[keep].sum() / mask[keep].sum().clamp_min(1.0)
+
+
+def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token loss of each target token, zero elsewhere; the target mask), B × (T − 1)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    mask = (targets != -100).float()
+    return F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none") * mask, mask
 
 
 @dataclass

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from bayes_llm.config import ExpertParams
 from bayes_llm.errors import UserError
+from bayes_llm.experts.distributed import Shards, sft_loss_share
 from bayes_llm.experts.objectives import completion_logprobs, reinforce_loss, rollouts, sft_batch, sft_loss
 from bayes_llm.experts.trl_rl import trl_phase
 from bayes_llm.io import staged_dir
@@ -154,10 +155,12 @@ class Trainer:
         eval_tokens: int,
         progress: bool = True,
         log: Callable[[str], None] = print,
+        shards: Shards | None = None,
     ) -> None:
         self.svf, self.model, self.tokenizer, self.kind = svf, svf.model, tokenizer, kind
         self.train_rows, self.val_rows = train_rows, list(val_rows)[: cfg.val_items]
-        self.cfg, self.seed, self.eval_tokens, self.progress, self.log = cfg, seed, eval_tokens, progress, log
+        self.cfg, self.seed, self.eval_tokens, self.shards = cfg, seed, eval_tokens, shards or Shards()
+        self.progress, self.log = progress and self.shards.main, log if self.shards.main else (lambda _: None)
         self.phases = phases_of(cfg)
         self.total = sum(steps for _, steps in self.phases)
         run_fingerprint = hashlib.sha256(f"{fingerprint}:{cfg.model_dump_json()}:{seed}".encode()).hexdigest()
@@ -167,8 +170,9 @@ class Trainer:
 
     # -- named steps ---------------------------------------------------------------------------
     def validate(self) -> float:
-        scores = greedy_scores(self.model, self.tokenizer, self.kind, self.val_rows, self.eval_tokens,
-                               self.cfg.eval_batch_size)  # fmt: skip
+        scores = greedy_scores(self.model, self.tokenizer, self.kind, self.shards.share(self.val_rows),
+                               self.eval_tokens, self.cfg.eval_batch_size)  # fmt: skip
+        scores = self.shards.gather(scores)
         return sum(scores) / max(len(scores), 1)
 
     def sft_step(self, step: int) -> tuple[torch.Tensor, dict]:
@@ -176,16 +180,20 @@ class Trainer:
         picks = torch.randint(len(self.train_rows), (self.cfg.sft_batch_size,), generator=generator).tolist()
         with self._autocast():
             batch = sft_batch(self.tokenizer, [self.train_rows[i] for i in picks])
-            loss = sft_loss(self.model, batch, self.cfg.sft_drop_hardest)
-        return loss, {"loss": float(loss.detach())}
+            if self.shards.world == 1:
+                loss = sft_loss(self.model, batch, self.cfg.sft_drop_hardest)
+            else:  # the global batch (one process's padding), this process's rows of it
+                loss = sft_loss_share(self.model, batch, self.cfg.sft_drop_hardest, self.shards)
+        return loss, {"loss": self.shards.sum(float(loss.detach()))}
 
     def rl_step(self, step: int) -> tuple[torch.Tensor, dict]:
         """Transformer²'s REINFORCE: ±1 reward (minus the group mean with `baseline`), KL to z = 1 with `beta`."""
         cfg = self.cfg
         generator = self._train_mode(step)
         picks = torch.randint(len(self.train_rows), (cfg.rl_batch_size,), generator=generator).tolist()
-        rows = [self.train_rows[i] for i in picks]
-        torch.manual_seed(self.seed * 1_000_003 + step)
+        rows = self.shards.share([self.train_rows[i] for i in picks])  # whole groups: baselines stay local
+        # Sampling seeded per step and process (greedy rollouts are the same in any split).
+        torch.manual_seed((self.seed * 1_000_003 + step) * self.shards.world + self.shards.rank)
         self.model.eval()  # rollouts as the policy acts at test time (no dropout either way)
         batch = rollouts(self.model, self.tokenizer, rows, cfg.num_generations, cfg.temperature, cfg.max_new_tokens)
         group_rows = [row for row in rows for _ in range(cfg.num_generations)]
@@ -199,7 +207,11 @@ class Trainer:
         with self._autocast():
             logprobs = completion_logprobs(self.model, batch)
         loss, kl = reinforce_loss(logprobs, batch.completion_mask, advantages, ref, cfg.beta)
-        return loss, {"loss": float(loss.detach()), "reward": float(reward.mean()), "kl": kl}
+        if self.shards.world > 1:  # this process's share of the global batch's mean
+            share = len(rows) / cfg.rl_batch_size
+            loss, kl, reward = loss * share, kl * share, reward * share
+        sums = self.shards.sum
+        return loss, {"loss": sums(float(loss.detach())), "reward": sums(float(reward.mean())), "kl": sums(kl)}
 
     def save_checkpoint(self, step: int, phase: str) -> None:
         self.checkpoint.save(step, phase, self.svf, self.optimizer, self.best, self.curve)
@@ -243,12 +255,14 @@ class Trainer:
             loss, record = self.sft_step(step) if phase == "sft" else self.rl_step(step)
             if math.isfinite(record["loss"]):  # a non-finite loss must not reach z: _finish() stops the run
                 loss.backward()
+                self.shards.sum_gradients(self.svf.parameters())
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             self._finish(step, record)
         if self.best.sft_z is None and self.cfg.objective == "sft":
             self.best.sft_z, self.best.sft_val = self.best.z, self.best.val
-        self.checkpoint.clear()
+        if self.shards.main:
+            self.checkpoint.clear()
         return TrainResult(best_z=self.best.z, best_val=self.best.val, sft_z=self.best.sft_z,
                            sft_val=self.best.sft_val, base_val=self.best.base_val, curve=self.curve, steps=self.total,
                            seconds=time.perf_counter() - started, resumed_from=start if restored else None,
@@ -271,7 +285,7 @@ class Trainer:
                 self.best.val, self.best.z = record["val_accuracy"], self.svf.z()
             self.bar.set_postfix(val=f"{record['val_accuracy']:.3f}", best=f"{self.best.val:.3f}")
         self.curve.append(record)
-        if (step + 1) % self.cfg.checkpoint_every == 0 and step + 1 < self.total:
+        if (step + 1) % self.cfg.checkpoint_every == 0 and step + 1 < self.total and self.shards.main:
             self.save_checkpoint(step + 1, phase)
 
     def _start_rl_from_sft(self) -> None:

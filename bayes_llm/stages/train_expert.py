@@ -37,8 +37,11 @@ def expert_domains(params: Params, domain: str) -> dict[str, dict]:
     return infos
 
 
-def train_expert(params: Params, domain: str, progress: bool = True) -> dict:
+def train_expert(params: Params, domain: str, progress: bool = True) -> dict | None:
+    """Train, evaluate and save `domain`'s expert; its report (None in a helper process of a
+    distributed run: process 0 evaluates and writes)."""
     from bayes_llm.evaluate.base_scores import base_test_scores
+    from bayes_llm.experts.distributed import Shards
     from bayes_llm.experts.trainer import Trainer
     from bayes_llm.model.greedy import greedy_scores
     from bayes_llm.model.load import load_base
@@ -50,6 +53,7 @@ def train_expert(params: Params, domain: str, progress: bool = True) -> dict:
     infos = expert_domains(params, domain)
     cfg = params.experts[domain]
     started = time.perf_counter()
+    shards = Shards.from_launcher()
     model, tokenizer = load_base()
     factors, manifest = load_factors(paths.SVD)
     check_base(model, manifest, paths.SVD)
@@ -65,8 +69,10 @@ def train_expert(params: Params, domain: str, progress: bool = True) -> dict:
 
     svf = SVF(model, factors, mode=params.svf.mode, max_mult=params.svf.max_mult)
     trainer = Trainer(svf, tokenizer, kind, train_rows, val_rows, cfg, params.seed, paths.expert_checkpoint(domain),
-                      manifest["svd_fingerprint"], tokens[kind], progress)  # fmt: skip
+                      manifest["svd_fingerprint"], tokens[kind], progress, shards=shards)  # fmt: skip
     result = trainer.run()
+    if not shards.main:
+        return None
     scales = {}
     for name, z in (("expert", result.best_z), ("sft", result.sft_z)):
         if z is not None:
@@ -159,7 +165,17 @@ def kept_step(curve: list[dict], best_val: float) -> int:
 
 
 def _command(args: argparse.Namespace) -> int:
-    report = train_expert(load_params(args.params), args.domain, progress=not args.quiet)
+    from bayes_llm.experts.distributed import launched, relaunch
+
+    params = load_params(args.params)
+    if params.distributed.processes > 1 and not launched():
+        expert_domains(params, args.domain)  # a bad domain fails here, not in every process
+        quiet = ["--quiet"] if args.quiet else []
+        processes = params.distributed.processes
+        return relaunch(processes, ["bayes_llm", "--params", str(args.params), "train-expert", args.domain, *quiet])
+    report = train_expert(params, args.domain, progress=not args.quiet)
+    if report is None:
+        return 0
     print(json.dumps({k: report[k] for k in ("domain", "objective", "test_accuracy", "gain", "kept_step",
                                              "train_seconds")}))  # fmt: skip
     return 0
@@ -177,12 +193,16 @@ STAGE = Stage(
     help="train one domain's SVF expert (DVC stage `train_expert@<domain>`)",
     description="Trains z for DOMAIN with params experts.DOMAIN (objective sft | rl | sft+rl), keeping the z with "
     "the best greedy val accuracy and checkpointing every experts.DOMAIN.checkpoint_every steps to "
-    "models/checkpoints/DOMAIN (a killed run resumes there). Then evaluates base and expert on every domain's test "
+    "models/checkpoints/DOMAIN (a killed run resumes there). With distributed.processes > 1 it runs as that many "
+    "processes under `accelerate launch`, each on its share of every batch (data parallel, gloo). "
+    "Then evaluates base and expert on every domain's test "
     "split and writes models/experts/DOMAIN.safetensors, reports/experts/DOMAIN.{json,png}, curve CSVs (SFT loss, "
     "RL reward, val accuracy) and DOMAIN_timing.json.",
     run=_command,
     arguments=_arguments,
     deps=(paths.BASE, paths.SVD, paths.DATA),
-    outs=(paths.expert_file("${key}"),
-          *(paths.expert_report("${key}", suffix) for suffix in (".png", *CURVES, ".json", "_" + paths.TIMING))),
+    outs=(
+        paths.expert_file("${key}"),
+        *(paths.expert_report("${key}", suffix) for suffix in (".png", *CURVES, ".json", "_" + paths.TIMING)),
+    ),
 )

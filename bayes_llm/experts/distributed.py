@@ -1,0 +1,128 @@
+"""Data-parallel training of z across CPU processes, through accelerate (torch.distributed, gloo).
+
+Every process draws the same global batch (the draw is seeded by the step) and works on its own
+contiguous share of the rows. Each share's loss is scaled so that the processes' losses, and so their
+gradients, sum to the one-process loss on the whole batch; one all-reduce per step sums the gradients
+of z. Every process then takes the same optimizer step, so N processes train the same z as one
+process with the same global batch, up to the order of float sums.
+
+`accelerate launch` (torch.distributed.run underneath) starts the processes; a stage asked for more
+than one process relaunches itself through it (`relaunch`), so `dvc.yaml` runs the same command for
+any number of processes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Shards:
+    """This process's place among `world` processes (rank 0 is the one that writes files)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_launcher(cls) -> Shards:
+        """The processes `accelerate launch` started (one process when it did not start this one)."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        from accelerate import PartialState
+
+        state = PartialState(cpu=True)  # gloo: the trainer runs on the CPU
+        return cls(state.process_index, state.num_processes)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        """[start, end) of this process's contiguous share of n items (the first n % world get one more)."""
+        size, extra = divmod(n, self.world)
+        start = self.rank * size + min(self.rank, extra)
+        return start, start + size + (self.rank < extra)
+
+    def share(self, items: Sequence[T]) -> list[T]:
+        start, end = self.bounds(len(items))
+        return list(items[start:end])
+
+    def sum(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        from accelerate.utils import reduce
+
+        return float(reduce(torch.tensor([value], dtype=torch.float64), reduction="sum"))
+
+    def gather(self, values: list[T]) -> list[T]:
+        """Every process's list, concatenated in rank order (the one-process order of the items)."""
+        if self.world == 1:
+            return values
+        from accelerate.utils import gather_object
+
+        return gather_object(values)
+
+    def sum_gradients(self, parameters: Sequence[torch.nn.Parameter]) -> None:
+        """Sum the gradients of z over the processes: one flat all-reduce."""
+        if self.world == 1:
+            return
+        from accelerate.utils import reduce
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        total = reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="sum")
+        for p, piece in zip(parameters, total.split([g.numel() for g in grads]), strict=True):
+            p.grad = piece.view_as(p).clone()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def sft_loss_share(model, batch: dict[str, torch.Tensor], drop_hardest: float, shards: Shards) -> torch.Tensor:
+    """This process's share of `objectives.sft_loss` on the global batch: the summed token loss of its
+    rows over the global count of kept target tokens. Loss truncation ranks the whole batch's
+    sequences, so their mean losses are gathered first."""
+    from bayes_llm.experts.objectives import token_nll
+
+    start, end = shards.bounds(len(batch["input_ids"]))
+    nll, mask = token_nll(model, {k: v[start:end] for k, v in batch.items()})
+    global_mask = (batch["labels"][:, 1:] != -100).float()
+    keep = torch.arange(len(global_mask))
+    if drop_hardest > 0:
+        mine = (nll.detach().sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)).tolist()
+        per_sequence = torch.tensor(shards.gather(mine), dtype=nll.dtype)
+        keep = per_sequence.argsort()[: max(1, round(len(per_sequence) * (1 - drop_hardest)))]
+    local = [int(i) - start for i in keep if start <= i < end]
+    return nll[local].sum() / global_mask[keep].sum().clamp_min(1.0)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launched() -> bool:
+    """Whether this process was started by a distributed launcher."""
+    return "WORLD_SIZE" in os.environ
+
+
+def relaunch(processes: int, module_args: Sequence[str]) -> int:
+    """Run `python -m <module_args>` as `processes` processes under `accelerate launch`; its exit
+    status (non-zero when any process failed)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", *module_args]  # fmt: skip
+    # One thread per process unless the user says otherwise: the processes share the machine's cores.
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes)), **os.environ}
+    return subprocess.run(command, env=env).returncode

@@ -1,0 +1,140 @@
+"""Data-parallel expert training: does N processes' z equal one process's, and how much faster is it?
+
+`python -m benchmarks.ddp` trains one domain's z twice from the pipeline's base, SVD and data (run
+`dvc repro decompose` first): once in one process (all cores), once as N processes under `accelerate
+launch` (gloo, the cores split between them), with the same params, seed and global batches. It
+writes `reports/scale/ddp.json`: `processes`, `backend`, `max_abs_z_diff` (final z, N processes
+against one), `steps`, `seconds_1proc`, `seconds_nproc` (the training loop, validation included),
+`speedup`, and what the two runs agree on besides (val accuracy, the last losses).
+
+Nothing here writes the pipeline's models or reports other than that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from bayes_llm import paths
+from bayes_llm.config import load_params
+from bayes_llm.errors import UserError
+from bayes_llm.experts.distributed import Shards, relaunch
+from bayes_llm.io import write_json
+
+REPORT = paths.REPORTS / "scale" / "ddp.json"
+
+
+def train_worker(params_file: Path, domain: str, sft_steps: int, rl_steps: int, out: Path) -> None:
+    """One run of the trainer (in every process of a distributed run); process 0 saves the final z."""
+    from bayes_llm.data import prepared
+    from bayes_llm.experts.trainer import Trainer
+    from bayes_llm.model.load import load_base
+    from bayes_llm.stages.train_expert import expert_domains
+    from bayes_llm.svf.decompose import check_base, load_factors
+    from bayes_llm.svf.scaling import SVF
+
+    params = load_params(params_file)
+    kind = expert_domains(params, domain)[domain]["answer_kind"]
+    steps = sft_steps + rl_steps
+    # The domain's own params with a short budget; validation only at the end of each phase.
+    own = params.experts[domain]
+    cfg = type(own).model_validate(own.model_dump() | {
+        "objective": "+".join(name for name, n in (("sft", sft_steps), ("rl", rl_steps)) if n),
+        "sft_steps": sft_steps, "rl_steps": rl_steps, "eval_every": steps, "checkpoint_every": steps,
+    })  # fmt: skip
+    shards = Shards.from_launcher()
+    model, tokenizer = load_base()
+    factors, manifest = load_factors(paths.SVD)
+    check_base(model, manifest, paths.SVD)
+    svf = SVF(model, factors, mode=params.svf.mode, max_mult=params.svf.max_mult)
+    rows = {split: prepared.read_split(paths.DATA, domain, split) for split in ("train", "val")}
+    with tempfile.TemporaryDirectory() as checkpoints:
+        trainer = Trainer(svf, tokenizer, kind, rows["train"], rows["val"], cfg, params.seed, Path(checkpoints),
+                          manifest["svd_fingerprint"], params.base_eval.max_new_tokens[kind], progress=shards.main,
+                          shards=shards)  # fmt: skip
+        result = trainer.run()
+    if shards.main:
+        save_file(svf.z(), out / "z.safetensors")
+        last = {phase: next(r["loss"] for r in reversed(result.curve) if r["phase"] == phase and "loss" in r)
+                for phase, _ in result.phases}  # fmt: skip
+        summary = {"seconds": result.seconds, "val": [r["val_accuracy"] for r in result.curve if "val_accuracy" in r],
+                   "last_loss": last, "threads": torch.get_num_threads(), "batch": {
+                       "sft": cfg.sft_batch_size, "rl": cfg.rl_batch_size}}  # fmt: skip
+        (out / "run.json").write_text(json.dumps(summary))
+
+
+def _run(processes: int, args: argparse.Namespace, out: Path) -> dict:
+    out.mkdir(parents=True)
+    worker = ["benchmarks.ddp", "--params", str(args.params), "--domain", args.domain, "--sft-steps",
+              str(args.sft_steps), "--rl-steps", str(args.rl_steps), "--worker", str(out)]  # fmt: skip
+    if processes == 1:
+        code = subprocess.run([sys.executable, "-m", *worker], env=os.environ).returncode
+    else:
+        code = relaunch(processes, worker)
+    if code != 0:
+        raise UserError(f"the {processes}-process run failed (exit status {code})")
+    return {**json.loads((out / "run.json").read_text()), "z": load_file(out / "z.safetensors")}
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    if args.processes < 2:
+        raise UserError(f"--processes must be at least 2 (got {args.processes})")
+    if args.sft_steps < 0 or args.rl_steps < 0 or args.sft_steps + args.rl_steps == 0:
+        raise UserError("--sft-steps and --rl-steps must be >= 0, and not both 0")
+    with tempfile.TemporaryDirectory() as scratch:
+        one = _run(1, args, Path(scratch, "one"))
+        many = _run(args.processes, args, Path(scratch, "many"))
+    diff = max(float((one["z"][n] - many["z"][n]).abs().max()) for n in one["z"])
+    report = {
+        "processes": args.processes,
+        "backend": "gloo",
+        "max_abs_z_diff": diff,
+        "steps": args.sft_steps + args.rl_steps,
+        "seconds_1proc": round(one["seconds"], 2),
+        "seconds_nproc": round(many["seconds"], 2),
+        "speedup": round(one["seconds"] / many["seconds"], 3),
+        "domain": args.domain,
+        "phases": {"sft": args.sft_steps, "rl": args.rl_steps},
+        "global_batch": one["batch"],
+        "threads": {"1proc": one["threads"], "per_process": many["threads"]},
+        "z_values": sum(z.numel() for z in one["z"].values()),
+        "val_accuracy": {"1proc": one["val"], "nproc": many["val"]},
+        "last_loss": {"1proc": one["last_loss"], "nproc": many["last_loss"]},
+        "cpu_count": os.cpu_count(),
+    }
+    write_json(args.out, report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ddp", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--domain", default="math", help="a domain with an experts entry (default: %(default)s)")
+    parser.add_argument("--processes", type=int, default=2, help="processes of the data-parallel run (default: 2)")
+    parser.add_argument("--sft-steps", type=int, default=20, help="SFT steps (default: %(default)s)")
+    parser.add_argument("--rl-steps", type=int, default=5, help="RL steps after SFT (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=REPORT, help="report file (default: %(default)s)")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        if args.worker:
+            train_worker(args.params, args.domain, args.sft_steps, args.rl_steps, args.worker)
+            return 0
+        print(json.dumps(benchmark(args), indent=2))
+        return 0
+    except UserError as error:
+        print(f"benchmarks.ddp: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
