@@ -5,7 +5,9 @@
 launch` (gloo, the cores split between them), with the same params, seed and global batches. It
 writes `reports/scale/ddp.json`: `processes`, `backend`, `max_abs_z_diff` (final z, N processes
 against one), `steps`, `seconds_1proc`, `seconds_nproc` (the training loop, validation included),
-`speedup`, and what the two runs agree on besides (val accuracy, the last losses).
+`speedup`, how the difference grows with the steps (`max_abs_z_diff_by_step`), how far training moved
+z (`max_abs_z_change`, the scale of that difference) and what the two runs agree on besides (val
+accuracy, the last losses).
 
 Nothing here writes the pipeline's models or reports other than that file.
 """
@@ -30,6 +32,7 @@ from bayes_llm.experts.distributed import Shards, relaunch
 from bayes_llm.io import write_json
 
 REPORT = paths.REPORTS / "scale" / "ddp.json"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def train_worker(params_file: Path, domain: str, sft_steps: int, rl_steps: int, out: Path) -> None:
@@ -56,29 +59,53 @@ def train_worker(params_file: Path, domain: str, sft_steps: int, rl_steps: int, 
     check_base(model, manifest, paths.SVD)
     svf = SVF(model, factors, mode=params.svf.mode, max_mult=params.svf.max_mult)
     rows = {split: prepared.read_split(paths.DATA, domain, split) for split in ("train", "val")}
+    start = svf.z()
     with tempfile.TemporaryDirectory() as checkpoints:
         trainer = Trainer(svf, tokenizer, kind, rows["train"], rows["val"], cfg, params.seed, Path(checkpoints),
                           manifest["svd_fingerprint"], params.base_eval.max_new_tokens[kind], progress=shards.main,
                           shards=shards)  # fmt: skip
+        snapshots = _snapshot_z(trainer, svf, steps)
         result = trainer.run()
     if shards.main:
-        save_file(svf.z(), out / "z.safetensors")
+        save_file(snapshots, out / "z.safetensors")
         last = {phase: next(r["loss"] for r in reversed(result.curve) if r["phase"] == phase and "loss" in r)
                 for phase, _ in result.phases}  # fmt: skip
-        summary = {"seconds": result.seconds, "val": [r["val_accuracy"] for r in result.curve if "val_accuracy" in r],
-                   "last_loss": last, "threads": torch.get_num_threads(), "batch": {
-                       "sft": cfg.sft_batch_size, "rl": cfg.rl_batch_size}}  # fmt: skip
+        change = max(float((svf.z()[n] - z).abs().max()) for n, z in start.items())
+        summary = {"seconds": result.seconds, "z_change": change, "last_loss": last,
+                   "val": [r["val_accuracy"] for r in result.curve if "val_accuracy" in r],
+                   "threads": torch.get_num_threads(), "batch": {"sft": cfg.sft_batch_size, "rl": cfg.rl_batch_size}}
         (out / "run.json").write_text(json.dumps(summary))
+
+
+def checkpoints_of(steps: int) -> list[int]:
+    """The steps whose z both runs keep: 1, 2, 4, … and the last."""
+    return sorted({2**i for i in range(steps.bit_length()) if 2**i <= steps} | {steps})
+
+
+def _snapshot_z(trainer, svf, steps: int) -> dict:
+    """z after each of checkpoints_of(steps), keyed `<step>/<matrix>` (filled while the trainer runs)."""
+    snapshots: dict = {}
+    finish = trainer._finish
+
+    def finish_and_keep(step: int, record: dict) -> None:
+        finish(step, record)
+        if step + 1 in checkpoints_of(steps):
+            snapshots.update({f"{step + 1}/{n}": z for n, z in svf.z().items()})
+
+    trainer._finish = finish_and_keep
+    return snapshots
 
 
 def _run(processes: int, args: argparse.Namespace, out: Path) -> dict:
     out.mkdir(parents=True)
     worker = ["benchmarks.ddp", "--params", str(args.params), "--domain", args.domain, "--sft-steps",
               str(args.sft_steps), "--rl-steps", str(args.rl_steps), "--worker", str(out)]  # fmt: skip
+    # The workers import this module from wherever the project (the working directory) is.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if processes == 1:
-        code = subprocess.run([sys.executable, "-m", *worker], env=os.environ).returncode
+        code = subprocess.run([sys.executable, "-m", *worker], env=env).returncode
     else:
-        code = relaunch(processes, worker)
+        code = relaunch(processes, worker, env)
     if code != 0:
         raise UserError(f"the {processes}-process run failed (exit status {code})")
     return {**json.loads((out / "run.json").read_text()), "z": load_file(out / "z.safetensors")}
@@ -92,20 +119,24 @@ def benchmark(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         one = _run(1, args, Path(scratch, "one"))
         many = _run(args.processes, args, Path(scratch, "many"))
-    diff = max(float((one["z"][n] - many["z"][n]).abs().max()) for n in one["z"])
+    by_step = {step: max(float((one["z"][n] - many["z"][n]).abs().max()) for n in one["z"] if n.startswith(f"{step}/"))
+               for step in checkpoints_of(args.sft_steps + args.rl_steps)}  # fmt: skip
+    diff = by_step[args.sft_steps + args.rl_steps]
     report = {
         "processes": args.processes,
         "backend": "gloo",
         "max_abs_z_diff": diff,
+        "max_abs_z_change": one["z_change"],  # how far training moved z: the scale the diff is measured against
+        "max_abs_z_diff_by_step": by_step,
         "steps": args.sft_steps + args.rl_steps,
-        "seconds_1proc": round(one["seconds"], 2),
-        "seconds_nproc": round(many["seconds"], 2),
+        "seconds_1proc": round(one["seconds"], 3),
+        "seconds_nproc": round(many["seconds"], 3),
         "speedup": round(one["seconds"] / many["seconds"], 3),
         "domain": args.domain,
         "phases": {"sft": args.sft_steps, "rl": args.rl_steps},
         "global_batch": one["batch"],
         "threads": {"1proc": one["threads"], "per_process": many["threads"]},
-        "z_values": sum(z.numel() for z in one["z"].values()),
+        "z_values": sum(z.numel() for n, z in one["z"].items() if n.startswith(f"{args.sft_steps + args.rl_steps}/")),
         "val_accuracy": {"1proc": one["val"], "nproc": many["val"]},
         "last_loss": {"1proc": one["last_loss"], "nproc": many["last_loss"]},
         "cpu_count": os.cpu_count(),
@@ -120,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--domain", default="math", help="a domain with an experts entry (default: %(default)s)")
     parser.add_argument("--processes", type=int, default=2, help="processes of the data-parallel run (default: 2)")
-    parser.add_argument("--sft-steps", type=int, default=20, help="SFT steps (default: %(default)s)")
-    parser.add_argument("--rl-steps", type=int, default=5, help="RL steps after SFT (default: %(default)s)")
+    parser.add_argument("--sft-steps", type=int, default=40, help="SFT steps (default: %(default)s)")
+    parser.add_argument("--rl-steps", type=int, default=10, help="RL steps after SFT (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=REPORT, help="report file (default: %(default)s)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -14,6 +14,7 @@ any number of processes.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +41,7 @@ class Shards:
             return cls()
         from accelerate import PartialState
 
+        die_with_parent()  # torch.distributed.run starts each process in its own session
         state = PartialState(cpu=True)  # gloo: the trainer runs on the CPU
         return cls(state.process_index, state.num_processes)
 
@@ -89,21 +91,30 @@ class Shards:
 
 
 def sft_loss_share(model, batch: dict[str, torch.Tensor], drop_hardest: float, shards: Shards) -> torch.Tensor:
-    """This process's share of `objectives.sft_loss` on the global batch: the summed token loss of its
-    rows over the global count of kept target tokens. Loss truncation ranks the whole batch's
-    sequences, so their mean losses are gathered first."""
+    """This process's share of `objectives.sft_loss` on the global batch: its rows' token loss over
+    the global count of (kept) target tokens, computed the way `sft_loss` computes it. Loss truncation
+    ranks the whole batch's sequences, so their mean losses are gathered first."""
     from bayes_llm.experts.objectives import token_nll
 
     start, end = shards.bounds(len(batch["input_ids"]))
-    nll, mask = token_nll(model, {k: v[start:end] for k, v in batch.items()})
-    global_mask = (batch["labels"][:, 1:] != -100).float()
-    keep = torch.arange(len(global_mask))
-    if drop_hardest > 0:
-        mine = (nll.detach().sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)).tolist()
-        per_sequence = torch.tensor(shards.gather(mine), dtype=nll.dtype)
-        keep = per_sequence.argsort()[: max(1, round(len(per_sequence) * (1 - drop_hardest)))]
-    local = [int(i) - start for i in keep if start <= i < end]
-    return nll[local].sum() / global_mask[keep].sum().clamp_min(1.0)
+    local = {k: v[start:end] for k, v in batch.items()}
+    targets = (batch["labels"][:, 1:] != -100).float()
+    if drop_hardest == 0:  # transformers' own loss (its mean over our tokens), as one process takes it
+        return model(**local).loss * (targets[start:end].sum() / targets.sum())
+    nll, mask = token_nll(model, local)
+    mine = (nll.detach().sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)).tolist()
+    per_sequence = torch.tensor(shards.gather(mine), dtype=nll.dtype)
+    keep = per_sequence.argsort()[: max(1, round(len(per_sequence) * (1 - drop_hardest)))]
+    return nll[[int(i) - start for i in keep if start <= i < end]].sum() / targets[keep].sum().clamp_min(1.0)
+
+
+def die_with_parent() -> None:
+    """Have Linux kill this process when its parent dies (a killed launcher leaves no process training
+    on, and no orphan to finish and clear a checkpoint a rerun would resume from)."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -117,12 +128,12 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
-def relaunch(processes: int, module_args: Sequence[str]) -> int:
+def relaunch(processes: int, module_args: Sequence[str], env: dict[str, str] | None = None) -> int:
     """Run `python -m <module_args>` as `processes` processes under `accelerate launch`; its exit
     status (non-zero when any process failed)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), "-m", *module_args]  # fmt: skip
     # One thread per process unless the user says otherwise: the processes share the machine's cores.
-    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes)), **os.environ}
-    return subprocess.run(command, env=env).returncode
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes)), **(env or os.environ)}
+    return subprocess.run(command, env=env, preexec_fn=die_with_parent).returncode
