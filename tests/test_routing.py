@@ -142,6 +142,9 @@ def test_read_gives_none_for_missing_answers(tmp_path):
     assert next(r for r in back if r["answer_kind"] == "code")["tests"][0].startswith("assert")
     with pytest.raises(Exception, match="dvc repro prepare"):
         routing.read(tmp_path, "test")
+    routing.path(tmp_path, "test").write_text("not parquet")
+    with pytest.raises(Exception, match=r"test\.parquet: cannot read it .*dvc checkout"):
+        routing.read(tmp_path, "test")
 
 
 def _controller() -> Controller:

@@ -291,7 +291,11 @@ def read(root: Path, part: str) -> list[dict]:
     file = path(root, part)
     if not file.is_file():
         raise UserError(f"{file} not found: run `dvc repro prepare` (params data.routing.enabled: true)")
-    rows = pd.read_parquet(file).to_dict(orient="records")
+    try:
+        rows = pd.read_parquet(file).to_dict(orient="records")
+    except Exception as error:  # truncated or overwritten file
+        raise UserError(f"{file}: cannot read it ({type(error).__name__}); restore it with `dvc checkout "
+                        f"{Path(root)}` or re-run `dvc repro prepare`") from None  # fmt: skip
     for row in rows:
         row["mix"] = json.loads(row["mix"])
         for key in ("answer_kind", "answer"):  # parquet gives NaN for a missing string

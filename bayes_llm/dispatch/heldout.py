@@ -82,14 +82,16 @@ def routing_report(before: Controller, after: Controller, logliks: torch.Tensor,
     picked = [rows[i] for i in index]
     gold = targets(after, picked)
     post_before, post_after = before.posterior(logliks[index]), after.posterior(logliks[index])
+    calibration = {"before": reliability(post_before, gold), "after": reliability(post_after, gold)}
     heldout = [i for i, row in enumerate(rows) if row["kind"] == "heldout"]
-    routes = [after.route(row) for row in after.posterior(logliks)]
+    posterior = after.posterior(logliks)
+    routes = [after.route(row) for row in posterior]
     per_domain: dict[str, list[bool]] = {}
     for i in heldout:
         per_domain.setdefault(rows[i]["target"], []).append(routes[i] == rows[i]["target"])
     mixed = [i for i, row in enumerate(rows) if row["kind"] == "mixed"]
-    mixed_posterior = after.posterior(logliks[mixed]) if mixed else None
-    other = other_scores(after, after.posterior(logliks), [row["kind"] == OTHER for row in rows])
+    mixed_posterior = posterior[mixed] if mixed else None
+    other = other_scores(after, posterior, [row["kind"] == OTHER for row in rows])
     labels = list(after.labels)
     matrix = np.zeros((len(labels), len(labels)), dtype=int)
     for i in index:
@@ -97,8 +99,8 @@ def routing_report(before: Controller, after: Controller, logliks: torch.Tensor,
     return {
         "routing_accuracy": round(float(np.mean([routes[i] == rows[i]["target"] for i in heldout])), 4),
         "routing_accuracy_per_domain": {d: round(float(np.mean(v)), 4) for d, v in sorted(per_domain.items())},
-        "ece_before": reliability(post_before, gold)["ece"],
-        "ece_after": reliability(post_after, gold)["ece"],
+        "ece_before": calibration["before"]["ece"],
+        "ece_after": calibration["after"]["ece"],
         "nll_before": round(nll(before, logliks[index], gold), 5),
         "nll_after": round(nll(after, logliks[index], gold), 5),
         "other_precision": other["precision"],
@@ -112,7 +114,7 @@ def routing_report(before: Controller, after: Controller, logliks: torch.Tensor,
             for i, p in zip(mixed, mixed_posterior, strict=True)])), 4),
         "items": {kind: sum(row["kind"] == kind for row in rows) for kind in ("heldout", "mixed", OTHER)},
         "confusion": {"labels": labels, "matrix": matrix.tolist()},  # rows: right label; columns: routed
-        "reliability": {"before": reliability(post_before, gold), "after": reliability(post_after, gold)},
+        "reliability": calibration,
     }  # fmt: skip
 
 
