@@ -167,6 +167,20 @@ class Workspace:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+CHECKOUT_ENV = "BAYES_LLM_CHECKOUT"
+
+
+def enter_checkout() -> dict[str, str]:
+    """A Prefect pull step: run the flow in this worker's own checkout of the project, named by
+    $BAYES_LLM_CHECKOUT (each host has its own clone, venv and DVC cache; they share the remote)."""
+    directory = os.environ.get(CHECKOUT_ENV)
+    if not directory:
+        raise UserError(f"${CHECKOUT_ENV} is not set: start the worker with {CHECKOUT_ENV}=<its clone of the project>")
+    workspace = Workspace(directory)  # a clear error when it is not a checkout of this project
+    os.chdir(workspace.root)
+    return {"directory": str(workspace.root)}
+
+
 def train_expert_isolated(workspace: Workspace, domain: str, snapshot: Snapshot, force: bool = False) -> None:
     """Train one expert in a scratch copy and push it (and its run-cache entry) to the DVC remote.
 

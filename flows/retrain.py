@@ -66,10 +66,15 @@ def train_expert_here(domain: str, snapshot: dict, force: bool) -> None:
     train_expert_isolated(_workspace(), domain, Snapshot(**snapshot), force)
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=_transient_only)
 def train_expert_on_worker(deployment: str, domain: str, snapshot: dict, force: bool) -> None:
     run = run_deployment(deployment, parameters={"domain": domain, "snapshot": snapshot, "force": force},
                          flow_run_name=f"train-expert-{domain}")  # fmt: skip
+    if run.state and run.state.is_crashed():
+        # A lost worker (its host died: no heartbeats, see flows/lost-runs.yaml) or a killed process:
+        # nothing of it reached the remote, so another worker can take the expert from the start.
+        raise TransientFailure(f"expert {domain}: flow run {run.name} crashed ({run.state.message}); "
+                               "retrying it on another worker")  # fmt: skip
     if not run.state or not run.state.is_completed():
         message = run.state.message if run.state else "no state"
         raise StageFailed(f"expert {domain}: flow run {run.name} ended {run.state_name}: {message}")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from bayes_llm.config import ParamsError, parse_params
-from bayes_llm.experts.distributed import Shards
+from bayes_llm.experts.distributed import Shards, threads_per_process
 from bayes_llm.svf.expert import read_expert
 from benchmarks.ddp import main as ddp_benchmark
 from tests.conftest import ROOT, build_smoke_project, raw_params
@@ -80,8 +80,7 @@ def test_two_processes_train_the_same_z_as_one(project, tmp_path, monkeypatch):
     # divides near-zero gradients by their own size (reports/scale/ddp.json: 4e-5 on the default run)
     assert report["max_abs_z_diff"] <= 1e-4
     assert report["val_accuracy"]["1proc"] == report["val_accuracy"]["nproc"]
-    assert report["threads"]["per_process"] == 1
-    assert report["speedup"] == pytest.approx(report["seconds_1proc"] / report["seconds_nproc"], rel=0.05)
+    assert report["threads"]["per_process"] == threads_per_process(2)  # the cores split, not oversubscribed
 
 
 def test_the_stage_relaunches_itself_and_a_killed_run_resumes(project, tmp_path):
@@ -105,8 +104,15 @@ def test_the_stage_relaunches_itself_and_a_killed_run_resumes(project, tmp_path)
     process = subprocess.Popen(command, cwd=runs["killed"], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     state = runs["killed"] / "models/checkpoints/math/state.json"
+
+    def saved_step() -> int:
+        try:
+            return json.loads(state.read_text())["step"]
+        except (FileNotFoundError, json.JSONDecodeError):  # not yet, or being replaced
+            return 0
+
     deadline = time.monotonic() + 180
-    while not (state.is_file() and json.loads(state.read_text())["step"] >= 4) and time.monotonic() < deadline:
+    while saved_step() < 4 and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()

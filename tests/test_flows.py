@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -91,14 +93,17 @@ class Prefect:
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "INFO",
                     "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "results"),
                     "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
-        self.processes: list[subprocess.Popen] = []
+        self.processes: dict[str, subprocess.Popen] = {}
         self.logs = home / "logs"
         self.logs.mkdir(parents=True)
 
-    def start(self, name: str, *args: str) -> None:
+    def start(self, name: str, *args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+        """A Prefect command in the background, in its own session (killing its group = losing a host)."""
         log = (self.logs / f"{name}.log").open("w")
-        self.processes.append(subprocess.Popen([str(BIN / "prefect"), *args], cwd=self.project, env=self.env,
-                                               stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
+        self.processes[name] = subprocess.Popen([str(BIN / "prefect"), *args], cwd=cwd or self.project,
+                                                env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True)  # fmt: skip
+        return self.processes[name]
 
     def cli(self, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "prefect"), *args], cwd=self.project, env=self.env, capture_output=True,
@@ -116,13 +121,13 @@ class Prefect:
         raise AssertionError(f"Prefect server not healthy in {seconds} s:\n{(self.logs / 'server.log').read_text()}")
 
     def stop(self) -> None:
-        for process in reversed(self.processes):
+        for process in reversed(self.processes.values()):
             process.terminate()
-        for process in self.processes:
+        for process in self.processes.values():
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
 
     def api(self, path: str, body: dict) -> list[dict]:
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}/api/{path}", data=json.dumps(body).encode(),
@@ -131,8 +136,40 @@ class Prefect:
             return json.loads(response.read())
 
 
+def _host_of(run: dict, workers: dict[str, subprocess.Popen]) -> str | None:
+    """Which worker's process group runs a flow run (its infrastructure_pid is `host:pid`)."""
+    pid = int(str(run.get("infrastructure_pid") or ":0").rsplit(":", 1)[-1] or 0)
+    try:
+        group = os.getpgid(pid) if pid else None
+    except ProcessLookupError:
+        return None
+    return next((name for name, worker in workers.items() if worker.pid == group), None)
+
+
+def _log_messages(prefect: Prefect, flow_run_id: str) -> list[str]:
+    """Every log line of a flow run (the API pages them 200 at a time)."""
+    messages: list[str] = []
+    while page := prefect.api("logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                                              "offset": len(messages), "limit": 200}):  # fmt: skip
+        messages += [log["message"] for log in page]
+    return messages
+
+
+def _remote_objects_are_whole(remote: Path) -> int:
+    """Every object in a DVC remote is complete: its md5 is its name. Returns how many there are."""
+    objects = [p for p in (remote / "files/md5").rglob("*") if p.is_file()]
+    for path in objects:
+        name = path.parent.name + path.name.removesuffix(".dir")
+        assert hashlib.md5(path.read_bytes()).hexdigest() == name, f"half-written object in the remote: {path}"
+    return len(objects)
+
+
 @pytest.mark.slow
 def test_deployment_run_on_gpu_pool_publishes_a_fetchable_version(tmp_path):
+    """Expert workers on two "hosts": each its own clone, DVC cache and session, sharing only the DVC
+    remote with the retrain run. One host is killed mid-expert: that run crashes (no heartbeats),
+    the retrain run retries the expert on the other host, publishes, and the remote holds only whole
+    objects."""
     remote = tmp_path / "remote"
     project = copy_project(tmp_path / "project", smoke=True, remote=remote)
     prefect = Prefect(tmp_path / "prefect-home", project)
@@ -140,28 +177,64 @@ def test_deployment_run_on_gpu_pool_publishes_a_fetchable_version(tmp_path):
         prefect.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(prefect.port))
         prefect.wait_healthy()
         assert prefect.cli("work-pool", "create", "gpu", "--type", "process").returncode == 0
+        automation = prefect.cli("automation", "create", "--from-file", "flows/lost-runs.yaml")
+        assert automation.returncode == 0, automation.stdout + automation.stderr
         deployed = prefect.cli("--no-prompt", "deploy", "--all")
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         prefect.start("worker-main", "worker", "start", "--pool", "gpu", "--work-queue", "default", "--limit", "1")
-        for index in (1, 2):  # two GPU workers for the experts, one expert each at a time
-            prefect.start(f"worker-expert-{index}", "worker", "start", "--pool", "gpu", "--work-queue", "experts",
-                          "--limit", "1", "--name", f"expert-worker-{index}")  # fmt: skip
+        hosts = {}
+        for index in (1, 2):  # two expert hosts, one expert each at a time
+            clone = tmp_path / f"host-{index}" / "bayes-llm"
+            subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
+            assert not (clone / ".dvc/cache").exists()  # its own cache, filled from the remote only
+            name = f"worker-expert-{index}"
+            hosts[name] = prefect.start(name, "worker", "start", "--pool", "gpu", "--work-queue", "experts",
+                                        "--limit", "1", "--name", name, cwd=clone,
+                                        env={"BAYES_LLM_CHECKOUT": str(clone)})  # fmt: skip
 
         started = time.monotonic()
-        run = prefect.cli("deployment", "run", "retrain/retrain", "--watch", timeout=900)
+        retrain = subprocess.Popen([str(BIN / "prefect"), "deployment", "run", "retrain/retrain", "--watch"],
+                                   cwd=project, env=prefect.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True)  # fmt: skip
+        # Lose the host of the first expert that starts, a few seconds into it (after its first heartbeat).
+        killed, deadline = None, time.monotonic() + 600
+        while killed is None and time.monotonic() < deadline and retrain.poll() is None:
+            runs = [r for r in prefect.api("flow_runs/filter", {}) if r["name"].startswith("train-expert-")]
+            candidate = next(((r, h) for r in runs if r["state_type"] == "RUNNING" and (h := _host_of(r, hosts))), None)
+            if candidate:
+                time.sleep(3)
+                run, host = candidate
+                now = next(r for r in prefect.api("flow_runs/filter", {}) if r["id"] == run["id"])
+                if now["state_type"] == "RUNNING":  # still mid-expert
+                    lost_run, killed = run, host
+                    os.killpg(hosts[host].pid, signal.SIGKILL)
+            time.sleep(0.5)
+        assert killed, "no expert run started on an expert host"
+        output, _ = retrain.communicate(timeout=1200)
         seconds = time.monotonic() - started
-        print(f"prefect deployment run retrain/retrain --watch: {seconds:.0f} s")
-        assert run.returncode == 0, (
-            run.stdout
-            + run.stderr
-            + "\n".join(p.read_text()[-3000:] for p in sorted(prefect.logs.glob("worker-*.log")))
+        print(f"prefect deployment run retrain/retrain --watch, one host lost: {seconds:.0f} s")
+        assert retrain.returncode == 0, (
+            output + "\n".join(p.read_text()[-3000:] for p in sorted(prefect.logs.glob("worker-*.log")))
         )
 
-        # Two experts ran at the same time, each on its own worker.
+        # The lost run crashed; every expert completed, the lost one on the surviving host.
         expert_runs = [r for r in prefect.api("flow_runs/filter", {}) if r["name"].startswith("train-expert-")]
-        assert len(expert_runs) == 3 and all(r["state_type"] == "COMPLETED" for r in expert_runs)
-        spans = sorted((r["start_time"], r["end_time"]) for r in expert_runs)
+        states = sorted((r["name"], r["state_type"]) for r in expert_runs)
+        lost = next(r for r in expert_runs if r["id"] == lost_run["id"])
+        assert lost["state_type"] == "CRASHED" and "heartbeat" in lost["state"]["message"], states
+        completed = [r for r in expert_runs if r["state_type"] == "COMPLETED"]
+        assert sorted(r["name"] for r in completed) == ["train-expert-code", "train-expert-math",
+                                                         "train-expert-reasoning"], states  # fmt: skip
+        # Two experts ran at the same time, each on its own host (the lost one before it was lost).
+        spans = sorted((r["start_time"], r["end_time"] or lost["state"]["timestamp"]) for r in [*completed, lost])
         assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans)), spans
+        retrain_run = next(r for r in prefect.api("flow_runs/filter", {}) if r["deployment_id"] and
+                           not r["name"].startswith("train-expert-") and r["state_type"] == "COMPLETED")  # fmt: skip
+        messages = _log_messages(prefect, retrain_run["id"])
+        retried = [m for m in messages if f"flow run {lost['name']} crashed" in m and "on another worker" in m]
+        assert retried, "the retrain run did not say which expert it retried"
+        assert _remote_objects_are_whole(remote) > 0
+
         # The Prefect artifacts say which version and where.
         keys = {a["key"] for a in prefect.api("artifacts/filter", {})}
         assert {"bayes-llm-bundle", "bayes-llm-metrics"} <= keys

@@ -4,7 +4,8 @@ Every process draws the same global batch (the draw is seeded by the step) and w
 contiguous share of the rows. Each share's loss is scaled so that the processes' losses, and so their
 gradients, sum to the one-process loss on the whole batch; one all-reduce per step sums the gradients
 of z. Every process then takes the same optimizer step, so N processes train the same z as one
-process with the same global batch, up to the order of float sums.
+process with the same global batch, up to the order of float sums (sampled RL rollouts are seeded
+per process, so those draw other samples than one process would).
 
 `accelerate launch` (torch.distributed.run underneath) starts the processes; a stage asked for more
 than one process relaunches itself through it (`relaunch`), so `dvc.yaml` runs the same command for
@@ -13,6 +14,7 @@ any number of processes.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -25,6 +27,13 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
+# prctl, looked up before any fork: a preexec_fn must not load libraries.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def world_size() -> int:
+    """The number of processes a launcher (torch.distributed.run) started this one among; 1 if none."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 @dataclass(frozen=True)
@@ -37,12 +46,12 @@ class Shards:
     @classmethod
     def from_launcher(cls) -> Shards:
         """The processes `accelerate launch` started (one process when it did not start this one)."""
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if world_size() <= 1:
             return cls()
         from accelerate import PartialState
 
         die_with_parent()  # torch.distributed.run starts each process in its own session
-        state = PartialState(cpu=True)  # gloo: the trainer runs on the CPU
+        state = PartialState(cpu=True, backend="gloo")  # the trainer runs on the CPU
         return cls(state.process_index, state.num_processes)
 
     @property
@@ -85,10 +94,6 @@ class Shards:
         for p, piece in zip(parameters, total.split([g.numel() for g in grads]), strict=True):
             p.grad = piece.view_as(p).clone()
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
 
 def sft_loss_share(model, batch: dict[str, torch.Tensor], drop_hardest: float, shards: Shards) -> torch.Tensor:
     """This process's share of `objectives.sft_loss` on the global batch: its rows' token loss over
@@ -111,10 +116,8 @@ def sft_loss_share(model, batch: dict[str, torch.Tensor], drop_hardest: float, s
 def die_with_parent() -> None:
     """Have Linux kill this process when its parent dies (a killed launcher leaves no process training
     on, and no orphan to finish and clear a checkpoint a rerun would resume from)."""
-    if sys.platform == "linux":
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -124,8 +127,14 @@ def free_port() -> int:
 
 
 def launched() -> bool:
-    """Whether this process was started by a distributed launcher."""
-    return "WORLD_SIZE" in os.environ
+    """Whether a launcher started this process among others (then it trains, not relaunches)."""
+    return world_size() > 1
+
+
+def threads_per_process(processes: int) -> int:
+    """The cores this process may use (its affinity, e.g. a container's limit), split evenly."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // processes)
 
 
 def relaunch(processes: int, module_args: Sequence[str], env: dict[str, str] | None = None) -> int:
@@ -135,5 +144,5 @@ def relaunch(processes: int, module_args: Sequence[str], env: dict[str, str] | N
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), "-m", *module_args]  # fmt: skip
     # One thread per process unless the user says otherwise: the processes share the machine's cores.
-    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes)), **(env or os.environ)}
+    env = {"OMP_NUM_THREADS": str(threads_per_process(processes)), **(env or os.environ)}
     return subprocess.run(command, env=env, preexec_fn=die_with_parent).returncode

@@ -163,7 +163,10 @@ class Trainer:
         self.progress, self.log = progress and self.shards.main, log if self.shards.main else (lambda _: None)
         self.phases = phases_of(cfg)
         self.total = sum(steps for _, steps in self.phases)
-        run_fingerprint = hashlib.sha256(f"{fingerprint}:{cfg.model_dump_json()}:{seed}".encode()).hexdigest()
+        # A run with N processes resumes only its own kind of checkpoint (its z differs by rounding).
+        processes = f":{self.shards.world}" if self.shards.world > 1 else ""
+        run = f"{fingerprint}:{cfg.model_dump_json()}:{seed}{processes}"
+        run_fingerprint = hashlib.sha256(run.encode()).hexdigest()
         self.checkpoint = _Checkpoint(checkpoint_dir, run_fingerprint)
         self.curve: list[dict] = []
         self.best: Best
@@ -235,6 +238,9 @@ class Trainer:
         started = time.perf_counter()
         restored = self.resume()
         start = restored[0]["step"] if restored else 0
+        if len(set(self.shards.gather([start]))) > 1:  # each process reads the checkpoint itself
+            raise TrainingError(f"the processes restored different steps from {self.checkpoint.directory}: "
+                                "remove it and rerun")  # fmt: skip
         if not restored:
             base_val = self.validate()
             self.best = Best(z=self.svf.z(), val=base_val, base_val=base_val)
