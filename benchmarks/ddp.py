@@ -5,9 +5,10 @@
 launch` (gloo, the cores split between them), with the same params, seed and global batches. It
 writes `reports/scale/ddp.json`: `processes`, `backend`, `max_abs_z_diff` (final z, N processes
 against one), `steps`, `seconds_1proc`, `seconds_nproc` (the training loop, validation included),
-`speedup`, how the difference grows with the steps (`max_abs_z_diff_by_step`), how far training moved
-z (`max_abs_z_change`, the scale of that difference) and what the two runs agree on besides (val
-accuracy, the last losses).
+`speedup`, how the difference grows with the steps (`max_abs_z_diff_by_step`), where it comes from
+(`first_step_rounding`: step 1's gradient, whole batch against the shares' sum, and what Adam's first
+step makes of that), how far training moved z (`max_abs_z_change`, the scale of that difference) and
+what the two runs agree on besides (val accuracy, the last losses).
 
 Nothing here writes the pipeline's models or reports other than that file.
 """
@@ -35,7 +36,43 @@ REPORT = paths.REPORTS / "scale" / "ddp.json"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_worker(params_file: Path, domain: str, sft_steps: int, rl_steps: int, out: Path) -> None:
+def split_rounding(svf, tokenizer, rows: list[dict], cfg, seed: int, processes: int) -> dict | None:
+    """Where the N-process z departs from one process's, measured in one process: step 1's SFT
+    gradient on the whole batch against the sum of the `processes` shares' gradients (what the
+    all-reduce adds up), and the difference Adam's first step (lr · g/|g|) makes of it."""
+    from bayes_llm.experts.distributed import sft_loss_share
+    from bayes_llm.experts.objectives import sft_batch, sft_loss
+
+    if cfg.sft_drop_hardest > 0 or cfg.sft_steps == 0:
+        return None  # the shares would gather across processes; there are none here
+    picks = torch.randint(len(rows), (cfg.sft_batch_size,), generator=torch.Generator().manual_seed(seed * 1_000_003))
+    batch = sft_batch(tokenizer, [rows[i] for i in picks.tolist()])
+    parameters = svf.parameters()
+    svf.model.train()
+
+    def gradient(losses) -> torch.Tensor:
+        for p in parameters:
+            p.grad = None
+        for loss in losses:
+            loss.backward()  # accumulates: the shares' gradients add up as the all-reduce adds them
+        g = torch.cat([p.grad.reshape(-1) for p in parameters]).clone()
+        for p in parameters:
+            p.grad = None
+        return g
+
+    whole = gradient([sft_loss(svf.model, batch)])
+    split = gradient([sft_loss_share(svf.model, batch, 0.0, Shards(rank, processes)) for rank in range(processes)])
+    eps = 1e-8  # AdamW's default, as the trainer uses it
+    step = (cfg.sft_learning_rate * (whole / (whole.abs() + eps) - split / (split.abs() + eps))).abs()
+    worst = int(step.argmax())
+    return {"max_abs_grad_diff": float((whole - split).abs().max()), "max_abs_grad": float(whole.abs().max()),
+            "share_abs_grad_below_1e-7": round(float((whole.abs() < 1e-7).float().mean()), 5),
+            "max_abs_first_adam_step_diff": float(step.max()), "abs_grad_there": float(whole[worst].abs()),
+            "abs_grad_diff_there": float((whole - split)[worst].abs())}  # fmt: skip
+
+
+def train_worker(params_file: Path, domain: str, sft_steps: int, rl_steps: int, out: Path,
+                 processes: int = 2) -> None:  # fmt: skip
     """One run of the trainer (in every process of a distributed run); process 0 saves the final z."""
     from bayes_llm.data import prepared
     from bayes_llm.experts.trainer import Trainer
@@ -60,6 +97,7 @@ def train_worker(params_file: Path, domain: str, sft_steps: int, rl_steps: int, 
     svf = SVF(model, factors, mode=params.svf.mode, max_mult=params.svf.max_mult)
     rows = {split: prepared.read_split(paths.DATA, domain, split) for split in ("train", "val")}
     start = svf.z()
+    rounding = None if shards.world > 1 else split_rounding(svf, tokenizer, rows["train"], cfg, params.seed, processes)
     with tempfile.TemporaryDirectory() as checkpoints:
         trainer = Trainer(svf, tokenizer, kind, rows["train"], rows["val"], cfg, params.seed, Path(checkpoints),
                           manifest["svd_fingerprint"], params.base_eval.max_new_tokens[kind], progress=shards.main,
@@ -71,7 +109,7 @@ def train_worker(params_file: Path, domain: str, sft_steps: int, rl_steps: int, 
         last = {phase: next(r["loss"] for r in reversed(result.curve) if r["phase"] == phase and "loss" in r)
                 for phase, _ in result.phases}  # fmt: skip
         change = max(float((svf.z()[n] - z).abs().max()) for n, z in start.items())
-        summary = {"seconds": result.seconds, "z_change": change, "last_loss": last,
+        summary = {"seconds": result.seconds, "z_change": change, "last_loss": last, "rounding": rounding,
                    "val": [r["val_accuracy"] for r in result.curve if "val_accuracy" in r],
                    "threads": torch.get_num_threads(), "batch": {"sft": cfg.sft_batch_size, "rl": cfg.rl_batch_size}}
         (out / "run.json").write_text(json.dumps(summary))
@@ -99,7 +137,8 @@ def _snapshot_z(trainer, svf, steps: int) -> dict:
 def _run(processes: int, args: argparse.Namespace, out: Path) -> dict:
     out.mkdir(parents=True)
     worker = ["benchmarks.ddp", "--params", str(args.params), "--domain", args.domain, "--sft-steps",
-              str(args.sft_steps), "--rl-steps", str(args.rl_steps), "--worker", str(out)]  # fmt: skip
+              str(args.sft_steps), "--rl-steps", str(args.rl_steps), "--processes", str(args.processes),
+              "--worker", str(out)]  # fmt: skip
     # The workers import this module from wherever the project (the working directory) is.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if processes == 1:
@@ -128,6 +167,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         "max_abs_z_diff": diff,
         "max_abs_z_change": one["z_change"],  # how far training moved z: the scale the diff is measured against
         "max_abs_z_diff_by_step": by_step,
+        "first_step_rounding": one["rounding"],
         "steps": args.sft_steps + args.rl_steps,
         "seconds_1proc": round(one["seconds"], 3),
         "seconds_nproc": round(many["seconds"], 3),
@@ -158,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.worker:
-            train_worker(args.params, args.domain, args.sft_steps, args.rl_steps, args.worker)
+            train_worker(args.params, args.domain, args.sft_steps, args.rl_steps, args.worker, args.processes)
             return 0
         print(json.dumps(benchmark(args), indent=2))
         return 0
