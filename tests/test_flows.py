@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -98,7 +99,7 @@ class Prefect:
         self.logs.mkdir(parents=True)
 
     def start(self, name: str, *args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
-        """A Prefect command in the background, in its own session (killing its group = losing a host)."""
+        """A Prefect command in the background, in its own session."""
         log = (self.logs / f"{name}.log").open("w")
         self.processes[name] = subprocess.Popen([str(BIN / "prefect"), *args], cwd=cwd or self.project,
                                                 env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
@@ -136,14 +137,32 @@ class Prefect:
             return json.loads(response.read())
 
 
-def _host_of(run: dict, workers: dict[str, subprocess.Popen]) -> str | None:
-    """Which worker's process group runs a flow run (its infrastructure_pid is `host:pid`)."""
-    pid = int(str(run.get("infrastructure_pid") or ":0").rsplit(":", 1)[-1] or 0)
+def _parent(pid: int) -> int:
     try:
-        group = os.getpgid(pid) if pid else None
-    except ProcessLookupError:
-        return None
-    return next((name for name, worker in workers.items() if worker.pid == group), None)
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return 0
+
+
+def _host_of(run: dict, workers: dict[str, subprocess.Popen]) -> str | None:
+    """Which worker started a flow run's process (its infrastructure_pid, `[host:]pid`)."""
+    pid = int(str(run.get("infrastructure_pid") or "0").rsplit(":", 1)[-1] or 0)
+    by_pid = {worker.pid: name for name, worker in workers.items()}
+    while pid > 1 and pid not in by_pid:
+        pid = _parent(pid)
+    return by_pid.get(pid)
+
+
+def _lose_host(worker: subprocess.Popen) -> None:
+    """SIGKILL a worker and every process under it, at once: its host is gone."""
+    tree, grew = {worker.pid}, True
+    while grew:
+        children = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(int(p.name)) in tree}
+        grew = not children <= tree
+        tree |= children
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _log_messages(prefect: Prefect, flow_run_id: str) -> list[str]:
@@ -207,9 +226,13 @@ def test_deployment_run_on_gpu_pool_publishes_a_fetchable_version(tmp_path):
                 now = next(r for r in prefect.api("flow_runs/filter", {}) if r["id"] == run["id"])
                 if now["state_type"] == "RUNNING":  # still mid-expert
                     lost_run, killed = run, host
-                    os.killpg(hosts[host].pid, signal.SIGKILL)
+                    _lose_host(hosts[host])
             time.sleep(0.5)
-        assert killed, "no expert run started on an expert host"
+        if not killed:
+            retrain.kill()
+            runs = [(r["name"], r["state_type"], r["infrastructure_pid"]) for r in prefect.api("flow_runs/filter", {})]
+            logs = "\n".join(p.read_text()[-3000:] for p in sorted(prefect.logs.glob("worker-*.log")))
+            raise AssertionError(f"no expert run started on an expert host: {runs}\n{retrain.communicate()[0]}\n{logs}")
         output, _ = retrain.communicate(timeout=1200)
         seconds = time.monotonic() - started
         print(f"prefect deployment run retrain/retrain --watch, one host lost: {seconds:.0f} s")
