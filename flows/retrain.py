@@ -71,8 +71,9 @@ def train_expert_on_worker(deployment: str, domain: str, snapshot: dict, force: 
     run = run_deployment(deployment, parameters={"domain": domain, "snapshot": snapshot, "force": force},
                          flow_run_name=f"train-expert-{domain}")  # fmt: skip
     if run.state and run.state.is_crashed():
-        # A lost worker (its host died: no heartbeats, see flows/lost-runs.yaml) or a killed process:
-        # nothing of it reached the remote, so another worker can take the expert from the start.
+        # A lost worker (its host died: no heartbeats, see flows/lost-runs.yaml) or a killed process.
+        # Whatever it pushed is whole (remote objects are named by their md5), so another worker can
+        # take the expert from the start.
         raise TransientFailure(f"expert {domain}: flow run {run.name} crashed ({run.state.message}); "
                                "retrying it on another worker")  # fmt: skip
     if not run.state or not run.state.is_completed():

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -20,6 +19,7 @@ import pytest
 
 from bayes_llm.bundle.publish import PublishError, next_version, set_bundle_version
 from bayes_llm.config import load_params
+from bayes_llm.experts.distributed import free_port
 from bayes_llm.pipeline import Snapshot, StageFailed, TransientFailure, Workspace
 from tests.conftest import BIN, ROOT, copy_project
 
@@ -79,17 +79,11 @@ def test_scratch_copy_takes_the_snapshot_and_refuses_another_revision(tmp_path):
 # -- end to end: a real Prefect server, work pool, deployments and workers --------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Prefect:
     """A Prefect server on 127.0.0.1 and workers, started and stopped by the test."""
 
     def __init__(self, home: Path, project: Path) -> None:
-        self.project, self.port = project, _free_port()
+        self.project, self.port = project, free_port()
         self.env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{self.port}/api",
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "INFO",
                     "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "results"),

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from PIL import Image
 from transformers import AutoModelForCausalLM
 
 from bayes_llm.bundle.manifest import BundleError, verify
+from bayes_llm.experts.distributed import free_port
 from bayes_llm.model.load import load_checkpoint
 from bayes_llm.serve.rowwise import RowwiseSVF
 from bayes_llm.serve.scheduler import Job, Routing, Sampling, Scheduler
@@ -196,16 +196,10 @@ def test_one_broken_row_fails_alone_and_the_rest_of_its_batch_answers(tiny, tmp_
 # --- a real server on the smoke bundle -------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(full_smoke_project: Path, tmp_path_factory):
     bundle = next((full_smoke_project / "bundles").iterdir())
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     with log.open("w") as out:
@@ -391,7 +385,7 @@ def test_a_bundle_for_another_base_is_refused_before_serving(server, tmp_path):
     with pytest.raises(BundleError, match="refused: made for base"):
         verify(server["bundle"], other)
     done = subprocess.run([str(BIN / "bayes-llm"), "serve", "--bundle", str(server["bundle"]), "--base", str(other),
-                           "--svd", str(tmp_path), "--port", str(_free_port())], capture_output=True, text=True,
+                           "--svd", str(tmp_path), "--port", str(free_port())], capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     assert done.returncode != 0 and "refused" in done.stderr
 
