@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from bayes_llm.prompts import classify_prompt
+from bayes_llm.prompts import classify_prompt, model_context, reply_separator
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -42,16 +42,16 @@ def label_logprobs(
 ) -> torch.Tensor:
     """[len(prompts), len(labels)] log p(label | classification prompt), float64."""
     model.eval()
-    label_ids = [[*_encode(tokenizer, " " + label), tokenizer.eos_token_id] for label in labels]
+    separator = reply_separator(tokenizer)
+    label_ids = [[*_encode(tokenizer, separator + label), tokenizer.eos_token_id] for label in labels]
     firsts = [ids[0] for ids in label_ids]
     first_token_only = len(set(firsts)) == len(firsts)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     out = torch.empty(len(prompts), len(labels), dtype=torch.float64)
     per_batch = batch_size if first_token_only else max(1, batch_size // len(labels))
     starts = range(0, len(prompts), per_batch)
     for start in tqdm(starts, desc="pass 1", unit="batch", disable=not progress):
         chunk = prompts[start : start + per_batch]
-        contexts = [bos + _encode(tokenizer, classify_prompt(prompt)) for prompt in chunk]
+        contexts = [_encode(tokenizer, model_context(tokenizer, classify_prompt(prompt))) for prompt in chunk]
         if first_token_only:
             input_ids, attention_mask = _right_padded(contexts, tokenizer.pad_token_id)
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits

@@ -34,6 +34,7 @@ from bayes_llm.data import prepared
 from bayes_llm.errors import UserError
 from bayes_llm.evaluate import WRITTEN_SUFFIX
 from bayes_llm.inference.engine import Engine, blend_key
+from bayes_llm.prompts import is_chat
 
 TASK_PREFIX = "bayes_llm_"
 Weights = tuple[tuple, Callable[[], None]]  # (key, load the weights)
@@ -148,14 +149,17 @@ class BayesLLM(HFLM):
         run = lambda group: HFLM.loglikelihood_rolling(self, group, True)  # noqa: E731
         return self._grouped(requests, "loglikelihood_rolling", run)
 
-    # --- our tokenizer adds no BOS itself; the base was trained with one ---------------------------
+    # --- our tokenizer adds no BOS itself; the base was trained with one (a chat template has its own) ----
+
+    def _bos(self) -> str:
+        return "" if is_chat(self.tokenizer) else self.tokenizer.bos_token or ""
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None, **kwargs):
-        return super().tok_encode(self.tokenizer.bos_token + string, None, left_truncate_len, **kwargs)
+        return super().tok_encode(self._bos() + string, None, left_truncate_len, **kwargs)
 
     def tok_batch_encode(self, strings: list[str], padding_side: str = "left", left_truncate_len=None,
                          truncation: bool = False):  # fmt: skip
-        bos = self.tokenizer.bos_token
+        bos = self._bos()
         return super().tok_batch_encode([bos + s for s in strings], padding_side, left_truncate_len, truncation)
 
 

@@ -8,12 +8,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bayes_llm.prompts import answer_prompt
+from bayes_llm.prompts import answer_prompt, model_context, reply_separator
 
 
 def _prompt_ids(tokenizer, prompt: str, template: Callable[[str], str] = answer_prompt) -> list[int]:
-    text = (tokenizer.bos_token or "") + template(prompt)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(model_context(tokenizer, template(prompt)), add_special_tokens=False)["input_ids"]
 
 
 def _left_pad(sequences: list[list[int]], value: int) -> torch.Tensor:
@@ -29,11 +28,13 @@ def sft_target(row: dict) -> str:
 def sft_batch(
     tokenizer, rows: Sequence[dict], template: Callable[[str], str] = answer_prompt
 ) -> dict[str, torch.Tensor]:
-    """template(prompt) + ' target' + EOS, left-padded; the loss sees the target tokens only."""
+    """The model's context for template(prompt), then the target and EOS, left-padded; the loss sees the
+    target tokens only."""
     ids, labels = [], []
+    separator = reply_separator(tokenizer)
     for row in rows:
         prompt = _prompt_ids(tokenizer, row["prompt"], template)
-        answer = tokenizer(" " + sft_target(row), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(separator + sft_target(row), add_special_tokens=False)["input_ids"]
         answer = [*answer, tokenizer.eos_token_id]
         ids.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)

@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from bayes_llm.config import ExpertParams
-from bayes_llm.prompts import answer_prompt
+from bayes_llm.prompts import answer_prompt, model_context
 from bayes_llm.rewards.correctness import correctness
 
 
@@ -53,8 +53,9 @@ def trl_phase(
     config_class, trainer_class = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}[
         cfg.rl_algorithm
     ]
-    bos = tokenizer.bos_token or ""  # as greedy evaluation writes it; the tokenizer adds no special tokens
-    rows = [{"prompt": bos + answer_prompt(row["prompt"]), "row": i} for i, row in enumerate(train_rows)]
+    # As greedy evaluation writes it (BOS or chat turns included): trl adds no special tokens to a plain prompt.
+    rows = [{"prompt": model_context(tokenizer, answer_prompt(row["prompt"])), "row": i}
+            for i, row in enumerate(train_rows)]  # fmt: skip
     prompts = Dataset.from_list(rows)
 
     def reward(prompts: list[str], completions: list[str], row: list[int], **_) -> list[float]:

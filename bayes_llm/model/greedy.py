@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from bayes_llm.prompts import answer_prompt
+from bayes_llm.prompts import answer_prompt, model_context
 from bayes_llm.rewards.correctness import correctness
 
 
@@ -28,7 +28,7 @@ def greedy_completions(
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
         index = order[start : start + batch_size]
-        texts = [tokenizer.bos_token + prompts[i] if tokenizer.bos_token else prompts[i] for i in index]
+        texts = [model_context(tokenizer, prompts[i]) for i in index]
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         generated = model.generate(
             **batch,

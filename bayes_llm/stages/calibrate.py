@@ -88,6 +88,8 @@ def _timings(engine: Engine, params: Params, prompts: list[str]) -> dict:
     """Medians per prompt (batch 1): pass 1 (default strategy), composing one blend, pass 2 at N tokens."""
     import torch
 
+    from bayes_llm.prompts import answer_prompt, model_context
+
     cfg = params.dispatch
     pass1, compose, pass2 = [], [], []
     blend = dict.fromkeys(engine.domains, 1.0 / len(engine.domains))
@@ -101,7 +103,8 @@ def _timings(engine: Engine, params: Params, prompts: list[str]) -> dict:
         engine.use_blend(blend)
         compose.append(time.perf_counter() - started)
         started = time.perf_counter()
-        batch = engine.tokenizer([engine.tokenizer.bos_token + prompt], return_tensors="pt", add_special_tokens=False)
+        context = model_context(engine.tokenizer, answer_prompt(prompt))
+        batch = engine.tokenizer([context], return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
             engine.model.generate(**batch, max_new_tokens=cfg.timing_new_tokens, min_new_tokens=cfg.timing_new_tokens,
                                   do_sample=False, pad_token_id=engine.tokenizer.pad_token_id)  # fmt: skip

@@ -133,6 +133,7 @@ def _evaluate(params: Params, scratch: Path, progress: bool) -> dict:
     from bayes_llm.evaluate.lm import BayesLLM, FewShotSearch
     from bayes_llm.evaluate.report import write_reports
     from bayes_llm.inference.engine import Engine
+    from bayes_llm.prompts import is_chat
 
     started = time.perf_counter()
     cfg = params.evaluate
@@ -164,6 +165,7 @@ def _evaluate(params: Params, scratch: Path, progress: bool) -> dict:
             model=model, tasks=list(tasks.values()), task_manager=manager, bootstrap_iters=0, log_samples=True,
             random_seed=params.seed, numpy_random_seed=params.seed, torch_random_seed=params.seed,
             fewshot_random_seed=params.seed, verbosity="ERROR",
+            apply_chat_template=is_chat(engine.tokenizer),  # an instruct checkpoint is asked in its chat turns
         )  # fmt: skip
         scores[system], items[system] = {}, {}
         for domain, task in tasks.items():
