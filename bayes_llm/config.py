@@ -1,8 +1,9 @@
 """The typed schema of `params.yaml`: its bounds, and defaults equal to the values params.yaml sets.
 
 Every stage reads its params through `load_params`, which fails before any work with the key
-path and what was expected. `profile: smoke` overlays the `smoke:` block of the same file, so a
-tiny end-to-end run needs no hand edit (`dvc exp run -S profile=smoke`) and DVC still tracks it.
+path and what was expected. `profile: smoke` (or `real`) overlays the `smoke:` (`real:`) block of the
+same file, so a tiny end-to-end run, or the real checkpoint on real benchmarks, needs no hand edit
+(`dvc exp run -S profile=smoke`) and DVC still tracks it.
 """
 
 from __future__ import annotations
@@ -152,7 +153,10 @@ class LocalSource(Strict):
     answer_kind: AnswerKind
     files: SplitFiles
     fields: FieldMap = FieldMap()
-    max_rows: PositiveInt | None = None
+    max_rows: PositiveInt | None = None  # per split, the first ones (after skip_ids)
+    # Rows left out by their `fields.id` value: items the data gate rightly refuses (e.g. MBPP's that pass
+    # objects or exceed the time limit), so a real benchmark goes through without editing its files.
+    skip_ids: list[str] = []
     # `field`: the answer column is the answer. `after_marker`: the answer is what follows the last
     # `answer_marker` in it (GSM8K: a worked solution ending '#### 1,234'), and the whole text becomes
     # the row's worked solution. Number answers drop thousands commas, `$` and a trailing period.
@@ -163,6 +167,12 @@ class LocalSource(Strict):
     # Code: the answer column continues the prompt (HumanEval's `canonical_solution` is the body under
     # the prompt's signature), so the reference program is prompt + answer.
     answer_continues_prompt: bool = False
+
+    @model_validator(mode="after")
+    def _skip_by_id(self) -> LocalSource:
+        if self.skip_ids and self.fields.id is None:
+            raise ValueError("skip_ids needs fields.id: the column the ids are read from")
+        return self
 
 
 class HubSource(Strict):
@@ -458,9 +468,10 @@ class SandboxParams(Strict):
 
 class Params(Strict):
     seed: NonNegativeInt = 0
-    profile: Literal["full", "smoke"] = "full"
-    # The overlay applied when profile == "smoke"; validated as part of the merged result.
+    profile: Literal["full", "smoke", "real"] = "full"
+    # The overlays applied when profile is "smoke" or "real"; validated as part of the merged result.
     smoke: dict[str, Any] = {}
+    real: dict[str, Any] = {}
     data: DataParams
     model: ModelParams = ModelParams()
     tokenizer: TokenizerParams = TokenizerParams()
@@ -492,6 +503,9 @@ class Params(Strict):
         return self
 
 
+OVERLAID_PROFILES = ("smoke", "real")
+
+
 def _deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     merged = copy.deepcopy(base)
     for key, value in overlay.items():
@@ -514,13 +528,14 @@ def _format_errors(error: ValidationError, source: str) -> str:
 
 
 def parse_params(raw: Any, source: str = "params") -> Params:
-    """Validate a params mapping, applying the smoke overlay when `profile: smoke`."""
+    """Validate a params mapping, applying the profile's overlay when `profile` is smoke or real."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
-    if raw.get("profile") == "smoke":
-        overlay = raw.get("smoke") or {}
+    profile = raw.get("profile")
+    if profile in OVERLAID_PROFILES:
+        overlay = raw.get(profile) or {}
         if not isinstance(overlay, dict):
-            raise ParamsError(f"{source}: smoke: expected a mapping, got {type(overlay).__name__}")
+            raise ParamsError(f"{source}: {profile}: expected a mapping, got {type(overlay).__name__}")
         raw = _deep_merge(raw, overlay)
     try:
         return Params.model_validate(raw)

@@ -38,7 +38,7 @@ def test_project_params_are_valid_and_smoke_overlays_sizes():
             "data.domains.math.operands",
             "min (4) must be <= max (2)",
         ),
-        (lambda r: r.update(profile="huge"), "profile", "'full' or 'smoke'"),
+        (lambda r: r.update(profile="huge"), "profile", "'full', 'smoke' or 'real'"),
         (
             lambda r: r["data"].update(sources={"qa": {"type": "local", "answer_kind": "letter"}}),
             "data.sources.qa.local.files",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bayes_llm.config import FieldMap, HubSource, LocalSource
+from bayes_llm.data.fetch import RAW
 from bayes_llm.data.rows import LETTERS, SPLITS, format_choices, make_id
 from bayes_llm.errors import UserError
 from bayes_llm.prompts import FINAL_MARK
@@ -125,7 +126,9 @@ def load_local(domain: str, source: LocalSource) -> dict[str, list[dict]]:
     for split, file in source.files.model_dump().items():
         path = Path(file)
         if not path.is_file():
-            raise SourceError(f"data.sources.{domain}.files.{split}: file not found: {path}")
+            fetched = path.parent.parent == RAW  # a file `bayes-llm fetch NAME` writes
+            hint = f" (run `bayes-llm fetch {path.parent.name}` first)" if fetched else ""
+            raise SourceError(f"data.sources.{domain}.files.{split}: file not found: {path}{hint}")
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
         if kind is None:
             raise SourceError(f"data.sources.{domain}.files.{split}: {path} must be .jsonl, .json or .parquet")
@@ -134,7 +137,10 @@ def load_local(domain: str, source: LocalSource) -> dict[str, list[dict]]:
         except Exception as error:
             raise SourceError(f"data.sources.{domain}.files.{split}: cannot read {path}: {error}") from None
         _check_fields(domain, split, data.column_names, source.fields)
-        rows = data.to_list()[: source.max_rows]
+        rows = data.to_list()
+        if source.skip_ids:
+            rows = [row for row in rows if str(row[source.fields.id]) not in source.skip_ids]
+        rows = rows[: source.max_rows]
         out[split] = [map_row(domain, raw, source.fields, source.answer_kind, "local", source) for raw in rows]
     return out
 
