@@ -8,6 +8,8 @@ and its reply starts right after the template's assistant header, so it follows 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 # A worked solution (GSM8K's shape) ends '#### <answer>': data, pretraining and rewards all read it there.
 FINAL_MARK = "####"
 
@@ -27,6 +29,15 @@ def classify_prompt(prompt: str) -> str:
 
 def classify_document(prompt: str, domain: str) -> str:
     return f"{classify_prompt(prompt)} {domain}"
+
+
+def classify_question(tokenizer, prompt: str, labels: Sequence[str]) -> str:
+    """The first-pass question as `tokenizer`'s model is asked it: a chat model, never trained on the
+    classification format, is also told the labels to choose from (Transformer²'s self-classification)."""
+    if not is_chat(tokenizer):
+        return classify_prompt(prompt)
+    ask = f"Which of these is the task below: {', '.join(labels)}? Reply with that word only."
+    return f"{ask}\n\n{classify_prompt(prompt)}"
 
 
 def is_chat(tokenizer) -> bool:

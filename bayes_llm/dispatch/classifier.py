@@ -14,9 +14,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from bayes_llm.dispatch.controller import OTHER
 from bayes_llm.errors import UserError
 from bayes_llm.experts.objectives import sft_batch, sft_loss
-from bayes_llm.prompts import classify_prompt
+from bayes_llm.prompts import classify_question
 from bayes_llm.svf.scaling import SVF
 
 
@@ -34,6 +35,11 @@ def train_classifier(
     domains = [d for d in train_prompts if train_prompts[d]]
     if not domains:
         raise UserError("the classification expert needs train prompts of at least one domain")
+    labels = [d for d in train_prompts if d != OTHER] + [OTHER]  # the controller's label order, as pass 1 asks
+
+    def question(prompt: str) -> str:
+        return classify_question(tokenizer, prompt, labels)
+
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(svf.parameters(), lr=learning_rate, weight_decay=0.0)
     svf.model.train()
@@ -43,7 +49,7 @@ def train_classifier(
         for _ in range(batch_size):
             domain = rng.choice(domains)
             rows.append({"prompt": rng.choice(train_prompts[domain]), "answer": domain})
-        loss = sft_loss(svf.model, sft_batch(tokenizer, rows, template=classify_prompt))
+        loss = sft_loss(svf.model, sft_batch(tokenizer, rows, template=question))
         if not math.isfinite(loss.item()):
             raise UserError(f"classification expert: loss became {loss.item()} at step {len(losses) + 1}")
         optimizer.zero_grad()

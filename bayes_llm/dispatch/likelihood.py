@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from bayes_llm.prompts import classify_prompt, model_context, reply_separator
+from bayes_llm.prompts import classify_question, model_context, reply_separator
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -51,7 +51,8 @@ def label_logprobs(
     starts = range(0, len(prompts), per_batch)
     for start in tqdm(starts, desc="pass 1", unit="batch", disable=not progress):
         chunk = prompts[start : start + per_batch]
-        contexts = [_encode(tokenizer, model_context(tokenizer, classify_prompt(prompt))) for prompt in chunk]
+        contexts = [_encode(tokenizer, model_context(tokenizer, classify_question(tokenizer, prompt, labels)))
+                    for prompt in chunk]
         if first_token_only:
             input_ids, attention_mask = _right_padded(contexts, tokenizer.pad_token_id)
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits

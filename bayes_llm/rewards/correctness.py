@@ -7,15 +7,21 @@ sandbox — the same check evaluation uses for pass@1.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from bayes_llm.rewards.answers import exact_match
 from bayes_llm.rewards.code import check_solutions
 
 _NEW_DOCUMENT = ("\nQuestion:", "\nTask:")
+# An instruct model answers in a Markdown code block: its program is what the first block holds.
+_FENCED = re.compile(r"```[\w+-]*[^\S\n]*\n(.*?)(?:```|$)", re.DOTALL)
 
 
 def code_of(completion: str) -> str:
+    fenced = _FENCED.search(completion)
+    if fenced:
+        completion = fenced.group(1)
     for marker in _NEW_DOCUMENT:
         completion = completion.split(marker, 1)[0]
     return completion.strip("\n ") + "\n"

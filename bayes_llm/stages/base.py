@@ -66,11 +66,12 @@ def _val_accuracy(
 def _routing_accuracy(model, tokenizer, params: Params, val: dict[str, list[dict]]) -> float:
     """Greedy `Task: <prompt> / Domain:` → the true label, over every domain's val rows."""
     from bayes_llm.model.greedy import greedy_completions
-    from bayes_llm.prompts import classify_prompt
+    from bayes_llm.prompts import classify_question
 
     rows = [(name, row) for name, domain_rows in val.items() for row in domain_rows]
     completions = greedy_completions(
-        model, tokenizer, [classify_prompt(r["prompt"]) for _, r in rows], 4, params.base_eval.batch_size
+        model, tokenizer, [classify_question(tokenizer, r["prompt"], list(val)) for _, r in rows], 4,
+        params.base_eval.batch_size,
     )
     hits = [(c.split() or [""])[0] == name for (name, _), c in zip(rows, completions, strict=True)]
     return sum(hits) / max(len(hits), 1)
