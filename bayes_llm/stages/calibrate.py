@@ -194,6 +194,16 @@ def calibrate(params: Params, progress: bool = True) -> dict:
     benchmark = params.data.routing.enabled
     routing_train, routing_val, routing_test = (routing.read(paths.ROUTING, part) if benchmark else []
                                                 for part in routing.PARTS)  # fmt: skip
+    # A prepared domain without an expert (ARC-Challenge in the real profile) is no label to route to.
+    covered = {*domains, routing.OTHER}
+    left_out = {d for rows in (routing_train, routing_val, routing_test) for row in rows
+                for d in (row["target"], *row["mix"]) if d not in covered}  # fmt: skip
+    if left_out:
+        print(f"calibrate: routing rows of domains without an expert left out: {', '.join(sorted(left_out))}")
+        routing_train, routing_val, routing_test = (
+            [row for row in rows if {row["target"], *row["mix"]} <= covered]
+            for rows in (routing_train, routing_val, routing_test)
+        )
     classifier = _train_classifier(engine, params, domains, routing_train, progress)
     val_prompts, val_targets = _prompts(domains, "val")
     test_prompts, test_targets = _prompts(domains, "test")
