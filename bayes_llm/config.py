@@ -141,9 +141,25 @@ class FieldMap(Strict):
 
 
 class SplitFiles(Strict):
-    train: str
-    val: str
+    train: str | None = None  # train and val: not for a test-only source
+    val: str | None = None
     test: str
+
+
+class SplitRows(Strict):
+    """Rows to keep per split (null: all)."""
+
+    train: PositiveInt | None = None
+    val: PositiveInt | None = None
+    test: PositiveInt | None = None
+
+
+# At most this many rows of each split (the first ones), or a number per split.
+MaxRows = PositiveInt | SplitRows | None
+
+
+def split_cap(max_rows: MaxRows, split: str) -> int | None:
+    return getattr(max_rows, split) if isinstance(max_rows, SplitRows) else max_rows
 
 
 class LocalSource(Strict):
@@ -153,7 +169,7 @@ class LocalSource(Strict):
     answer_kind: AnswerKind
     files: SplitFiles
     fields: FieldMap = FieldMap()
-    max_rows: PositiveInt | None = None  # per split, the first ones (after skip_ids)
+    max_rows: MaxRows = None  # after skip_ids
     # Rows left out by their `fields.id` value: items the data gate rightly refuses (e.g. MBPP's that pass
     # objects or exceed the time limit), so a real benchmark goes through without editing its files.
     skip_ids: list[str] = []
@@ -167,11 +183,19 @@ class LocalSource(Strict):
     # Code: the answer column continues the prompt (HumanEval's `canonical_solution` is the body under
     # the prompt's signature), so the reference program is prompt + answer.
     answer_continues_prompt: bool = False
+    # Only a test split (files.test): a task no expert or LoRA adapter trains for, answered by the adaptive
+    # systems as they can (as the synthetic transfer task is).
+    test_only: bool = False
 
     @model_validator(mode="after")
-    def _skip_by_id(self) -> LocalSource:
+    def _splits(self) -> LocalSource:
         if self.skip_ids and self.fields.id is None:
             raise ValueError("skip_ids needs fields.id: the column the ids are read from")
+        given = [split for split in ("train", "val") if getattr(self.files, split)]
+        if self.test_only and given:
+            raise ValueError(f"a test_only source reads files.test only; drop files.{', files.'.join(given)}")
+        if not self.test_only and len(given) < 2:
+            raise ValueError("files needs train, val and test (or test_only: true)")
         return self
 
 
@@ -186,12 +210,14 @@ class HubSource(Strict):
     # datasets split expressions, e.g. {train: "train[200:]", val: "train[:200]", test: "test"}.
     splits: SplitFiles | None = None
     fields: FieldMap = FieldMap()
-    max_rows: PositiveInt | None = None
+    max_rows: MaxRows = None
 
     @model_validator(mode="after")
     def _preset_or_mapping(self) -> HubSource:
         if self.preset is None and not (self.path and self.splits and self.answer_kind):
             raise ValueError("give either `preset` or all of `path`, `splits` and `answer_kind`")
+        if self.splits and not (self.splits.train and self.splits.val):
+            raise ValueError("splits needs train, val and test")
         return self
 
 

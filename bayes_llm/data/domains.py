@@ -49,7 +49,7 @@ def resolve(data: DataParams) -> list[Domain]:
     for name in sorted(data.sources):
         source = data.sources[name]
         kind = source.answer_kind if isinstance(source, LocalSource) else sources.hub_answer_kind(source)
-        out.append(Domain(name, kind, source.type))
+        out.append(Domain(name, kind, source.type, test_only=getattr(source, "test_only", False)))
     if data.transfer.enabled:
         out.append(Domain(TRANSFER, "letter", "synthetic", test_only=True, expected_rows={"test": data.transfer.test}))
     return out

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bayes_llm.config import FieldMap, HubSource, LocalSource
+from bayes_llm.config import FieldMap, HubSource, LocalSource, split_cap
 from bayes_llm.data.fetch import RAW
 from bayes_llm.data.rows import LETTERS, SPLITS, format_choices, make_id
 from bayes_llm.errors import UserError
@@ -123,7 +123,7 @@ def load_local(domain: str, source: LocalSource) -> dict[str, list[dict]]:
     from datasets import load_dataset
 
     out: dict[str, list[dict]] = {}
-    for split, file in source.files.model_dump().items():
+    for split, file in source.files.model_dump(exclude_none=True).items():
         path = Path(file)
         if not path.is_file():
             fetched = path.parent.parent == RAW  # a file `bayes-llm fetch NAME` writes
@@ -140,7 +140,7 @@ def load_local(domain: str, source: LocalSource) -> dict[str, list[dict]]:
         rows = data.to_list()
         if source.skip_ids:
             rows = [row for row in rows if str(row[source.fields.id]) not in source.skip_ids]
-        rows = rows[: source.max_rows]
+        rows = rows[: split_cap(source.max_rows, split)]
         out[split] = [map_row(domain, raw, source.fields, source.answer_kind, "local", source) for raw in rows]
     return out
 
@@ -237,5 +237,5 @@ def load_hub(domain: str, source: HubSource) -> dict[str, list[dict]]:
             data = load_dataset(path, name, split=splits[split])
         except Exception as error:
             raise SourceError(f"data.sources.{domain}: cannot load {path} ({splits[split]}): {error}") from None
-        out[split] = convert_hub_split(domain, source, split, data.to_list()[: source.max_rows])
+        out[split] = convert_hub_split(domain, source, split, data.to_list()[: split_cap(source.max_rows, split)])
     return out
