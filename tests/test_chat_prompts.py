@@ -1,0 +1,157 @@
+"""An instruct checkpoint is asked through its chat template wherever the pipeline prompts it; a base
+pretrained here sees exactly the plain text it learned. Also the real sources' per-split and test-only
+shapes, and code answered in a Markdown block."""
+
+from __future__ import annotations
+
+import pytest
+
+from bayes_llm.config import ParamsError
+from bayes_llm.dispatch.likelihood import label_logprobs
+from bayes_llm.experts.objectives import rollouts, sft_batch
+from bayes_llm.model.tokenizer import train_tokenizer
+from bayes_llm.prompts import answer_prompt, classify_prompt, classify_question, model_context, reply_separator
+from bayes_llm.rewards.correctness import code_of, correctness
+from tests.conftest import smoke_params, write_jsonl
+
+# ChatML, the shape of SmolLM2's template (with its default system turn)
+CHATML = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    texts = [answer_prompt("What is 2 + 3?") + " 5", classify_prompt("Sort 3 1 2") + " reasoning"] * 20
+    plain = train_tokenizer(texts, 300, 128)
+    chat = train_tokenizer(texts, 300, 128)
+    chat.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    chat.chat_template = CHATML
+    chat.eos_token = "<|im_end|>"
+    return plain, chat
+
+
+def test_a_plain_base_sees_its_pretraining_text(tokenizers):
+    plain, _ = tokenizers
+    expected = plain.bos_token + "Question: What is 2 + 3?\nAnswer:"
+    assert model_context(plain, answer_prompt("What is 2 + 3?")) == expected
+    assert reply_separator(plain) == " "
+    # no labels in the plain question: the base learned the bare format in pretraining
+    assert classify_question(plain, "Sort 3 1 2", ["math", "other"]) == classify_prompt("Sort 3 1 2")
+
+
+def test_a_chat_model_is_asked_in_its_turns(tokenizers):
+    _, chat = tokenizers
+    context = model_context(chat, answer_prompt("What is 2 + 3?"))
+    assert context == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQuestion: What is 2 + 3?\n"
+                       "Answer:<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
+    assert reply_separator(chat) == ""
+    question = classify_question(chat, "Sort 3 1 2", ["math", "reasoning", "other"])
+    assert "math, reasoning, other" in question and question.endswith(classify_prompt("Sort 3 1 2"))
+
+
+def test_sft_targets_follow_the_assistant_header_and_end_the_turn(tokenizers):
+    _, chat = tokenizers
+    batch = sft_batch(chat, [{"prompt": "What is 2 + 3?", "answer": "5"}])
+    ids = batch["input_ids"][0].tolist()
+    target = [t for t, label in zip(ids, batch["labels"][0].tolist(), strict=True) if label != -100]
+    assert chat.decode(target) == "5<|im_end|>"  # no space after the header; the turn's end is the EOS
+    assert chat.decode(ids).startswith("<|im_start|>system")  # the template's own start, no BOS prepended
+
+
+def test_pass_one_scores_labels_in_the_chat_turns(tokenizers, monkeypatch):
+    """The contexts label_logprobs scores are the chat turns, and each label follows the header directly."""
+    _, chat = tokenizers
+    seen = []
+
+    class Recorder:
+        def eval(self):
+            return self
+
+        def __call__(self, input_ids, attention_mask):
+            import torch
+
+            seen.extend(input_ids.tolist())
+            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, len(chat))})()
+
+    label_logprobs(Recorder(), chat, ["Sort 3 1 2"], ["math", "mathematics"])  # shared first token: full scoring
+    texts = [chat.decode([t for t in ids if t != chat.pad_token_id]) for ids in seen]
+    assert all(text.startswith("<|im_start|>system") for text in texts)
+    assert any(text.endswith("<|im_start|>assistant\nmath<|im_end|>") for text in texts)
+
+
+def test_rl_rollouts_start_from_the_chat_context(tokenizers):
+    _, chat = tokenizers
+
+    class Echo:
+        def generate(self, input_ids, attention_mask, **_):
+            import torch
+
+            return torch.cat([input_ids, torch.full((len(input_ids), 1), chat.eos_token_id)], dim=1)
+
+    out = rollouts(Echo(), chat, [{"prompt": "What is 2 + 3?"}], 1, 0.0, 4)
+    assert chat.decode(out.input_ids[0]).startswith("<|im_start|>system\nBe brief.")
+
+
+def test_code_in_a_markdown_block_is_the_program():
+    assert code_of("```python\ndef f(x):\n    return x\n```\nThis returns x.") == "def f(x):\n    return x\n"
+    assert code_of("Here:\n```\nx = 1\n") == "x = 1\n"  # cut off before the closing fence
+    assert code_of("def f():\n    return 1\nQuestion: next") == "def f():\n    return 1\n"
+    rows = [{"tests": ["assert add(1, 2) == 3"]}] * 2
+    fenced = ["```python\ndef add(a, b):\n    return a + b\n```", "```python\ndef add(a, b):\n    return a - b\n```"]
+    assert correctness("code", fenced, rows) == [1.0, 0.0]
+
+
+def _arc_rows(n: int, prefix: str) -> list[dict]:
+    return [{"id": f"{prefix}{i}", "question": f"Which of these is number {i} in the list?",
+             "choices": {"text": ["one", "two"], "label": ["A", "B"]}, "answerKey": "A"} for i in range(n)]  # fmt: skip
+
+
+def _arc_source(tmp_path, **extra) -> dict:
+    files = {split: write_jsonl(tmp_path / f"{split}.jsonl", _arc_rows(9, split)) for split in ("train", "val", "test")}
+    fields = {"prompt": "question", "answer": "answerKey", "id": "id", "choices": "choices"}
+    return {"type": "local", "answer_kind": "letter", "files": files, "fields": fields, **extra}
+
+
+def test_rows_per_split_ids_skipped_and_a_test_only_source(tmp_path):
+    from bayes_llm.data import domains
+
+    source = _arc_source(tmp_path, max_rows={"train": 5, "test": 2}, skip_ids=["train0", "test1"])
+    params = smoke_params(sources={"arc": source, "arc_c": {**_arc_source(tmp_path), "test_only": True,
+                                                             "files": {"test": source["files"]["test"]}}})  # fmt: skip
+    resolved = {d.name: d for d in domains.resolve(params.data)}
+    built = domains.build(resolved["arc"], params.data, 0)
+    assert {split: len(rows) for split, rows in built.items()} == {"train": 5, "val": 9, "test": 2}
+    assert "Which of these is number 0" not in {row["prompt"].split("\n")[0] for row in built["train"]}
+    assert [row["prompt"].split("\n")[0] for row in built["test"]] == [
+        "Which of these is number 0 in the list?", "Which of these is number 2 in the list?"]  # fmt: skip
+    assert resolved["arc_c"].test_only and resolved["arc_c"].splits == ("test",)
+    assert list(domains.build(resolved["arc_c"], params.data, 0)) == ["test"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"test_only": True}, "a test_only source reads files.test only; drop files.train, files.val"),
+        ({"files": {"test": "t.jsonl"}}, "files needs train, val and test (or test_only: true)"),
+        ({"fields": {"prompt": "question", "answer": "answerKey"}, "skip_ids": ["x"]}, "skip_ids needs fields.id"),
+        ({"max_rows": {"tset": 3}}, "max_rows.SplitRows.tset: unknown key"),
+    ],
+)
+def test_bad_real_source_shapes_name_the_fix(tmp_path, change, message):
+    with pytest.raises(ParamsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        smoke_params(sources={"arc": {**_arc_source(tmp_path), **change}})
+
+
+def test_a_missing_fetched_file_says_to_fetch_it(tmp_path, monkeypatch):
+    from bayes_llm.data import domains
+    from bayes_llm.data.sources import SourceError
+
+    monkeypatch.chdir(tmp_path)
+    raw = {split: f"data/raw/gsm8k/{split}.jsonl" for split in ("train", "val", "test")}
+    params = smoke_params(sources={"math": {"type": "local", "answer_kind": "number", "files": raw}})
+    math = next(d for d in domains.resolve(params.data) if d.name == "math")
+    with pytest.raises(SourceError, match=r"run `bayes-llm fetch gsm8k` first"):
+        domains.build(math, params.data, 0)
