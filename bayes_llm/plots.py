@@ -24,7 +24,8 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, title: s
         axis.set_yscale("log")  # the first steps would otherwise flatten the rest
     axis.set(title=title, xlabel=xlabel, ylabel=ylabel)
     axis.grid(alpha=0.3)
-    axis.legend()
+    if values:
+        axis.legend()
     _save(figure, path)
 
 

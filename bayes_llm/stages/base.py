@@ -129,16 +129,12 @@ def build_base(
     write_json(report_dir / "metrics.json", metrics)
     write_json(report_dir / paths.TIMING, timing)
     write_json(report_dir / "val_examples.json", {name: r["examples"] for name, r in accuracy.items()})
-    if curve is not None:
-        write_curve(curve.train, report_dir / "train_loss.csv")
-        write_curve(curve.val, report_dir / "val_loss.csv")
-        line_plot(
-            {"train": curve.train, "val": curve.val},
-            report_dir / "loss.png",
-            f"{params.model.family} base pretraining",
-            "step",
-            "cross-entropy loss",
-        )
+    # A loaded checkpoint was not pretrained here: its curves are empty (DVC still needs the files).
+    train_curve, val_curve = (curve.train, curve.val) if curve is not None else ([], [])
+    title = f"{params.model.family} base pretraining" if curve is not None else "loaded checkpoint: not pretrained here"
+    write_curve(train_curve, report_dir / "train_loss.csv")
+    write_curve(val_curve, report_dir / "val_loss.csv")
+    line_plot({"train": train_curve, "val": val_curve}, report_dir / "loss.png", title, "step", "cross-entropy loss")
     return metrics | timing
 
 
