@@ -79,7 +79,8 @@ def test_the_real_checkpoint_goes_through_every_stage(real_project: Path):
     assert svd["matrices"] == 210 and svd["singular_values"] == 97_920  # 0.073 % of the base
     for domain in ("math", "code", "reasoning"):
         expert = json.loads((project / f"reports/experts/{domain}.json").read_text())
-        assert expert["domain"] == domain and set(expert["test_accuracy"][domain]) == {"base", "sft", "expert"}
+        assert expert["domain"] == domain and set(expert["test_accuracy"]) == {"base", "sft", "expert"}
+        assert expert["z_parameters"] == 97_920
     summary = json.loads((project / "reports/eval/summary.json").read_text())
     assert {"base.math", "oracle.code", "adaptive_cls.reasoning", "lora.math", "base.arc_challenge"} <= set(summary)
     _run(project, "bayes-llm", "bundle", "verify", "bundles/bayes-llm-experts", "--base", "models/base")
