@@ -99,13 +99,16 @@ def test_the_gate_passes_the_benchmark_and_names_a_leaking_wording_or_a_wrong_an
     parts = routing.build(_splits(), SIZES, seed=3)
     train = [r["prompt"] for _, splits in _splits().values() for r in splits["train"]]
 
-    def gate(frames, texts, mixed=True):
-        return validate_routing(frames, texts, LABELS, data, mixed, progress=False)
+    def gate(frames, texts, mixed=True, generated=None):
+        return validate_routing(frames, texts, texts if generated is None else generated, LABELS, data, mixed,
+                                progress=False)  # fmt: skip
 
     assert gate(_frames(parts), train).success
     for seen in ("Quick question: is this seen?", "Tell me which one you like.", "Describe the smell of x."):
         leaked = gate(_frames(parts), [*train, seen])  # a val/test wrapper, rewording or template trained on
         assert not leaked.success and "must not occur in any training text" in leaked.text(), seen
+        # the same phrase in a real benchmark's natural text (not generated here) is a chance collision
+        assert gate(_frames(parts), [*train, seen], generated=train).success, seen
     broken = {part: [dict(r) for r in rows] for part, rows in parts.items()}
     mixed = next(r for r in broken["test"] if r["subtask"] == "number_as_function")
     mixed["answer"] = "def solve():\n    return -1\n"
@@ -121,7 +124,7 @@ def test_kinds_follow_the_domains_and_odd_answers_do_not_break_the_build():
     parts = routing.build(only_math, SIZES, seed=3)
     assert not routing.mixable({"number"}) and not any(r["kind"] == "mixed" for r in parts["test"])
     frames = _frames(parts)
-    assert validate_routing(frames, [], ["math", "other"], load_params().data, False, progress=False).success
+    assert validate_routing(frames, [], [], ["math", "other"], load_params().data, False, progress=False).success
     def negative_rows(part):
         return [{"id": f"m{part}{i}", "prompt": f"What is 0 - {i + 3}?", "answer": str(-i - 3)} for i in range(12)]
 

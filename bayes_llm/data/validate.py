@@ -264,11 +264,15 @@ def _routing_answer_ok(row: dict, verdict: str | None) -> bool:
     return isinstance(row["answer"], str) and re.fullmatch(ANSWER_PATTERNS[kind], row["answer"]) is not None
 
 
-def routing_frame(parts: dict[str, pd.DataFrame], train_texts: list[str], progress: bool = True) -> pd.DataFrame:
+def routing_frame(parts: dict[str, pd.DataFrame], train_texts: list[str], generated_texts: list[str],
+                  progress: bool = True) -> pd.DataFrame:  # fmt: skip
     """All parts in one frame, plus check columns: is a prompt trained on? in two parts? does a val/test
-    wording leak (its text in any training text)? is the answer sound? `train_texts`: every text a
-    model trains on (the domains' train prompts, answers and solutions); the benchmark's own train
-    part is added here."""
+    wording leak (its text in any generated training text)? is the answer sound? `train_texts`: every
+    text a model trains on (the domains' train prompts, answers and solutions); `generated_texts`: those
+    of them this project generates (synthetic domains), where a wording could leak from our own
+    templates. A real benchmark's natural text shares common phrases with them ('How much is') by
+    chance, which says nothing of what a model learned from us. The benchmark's own train part is
+    added here."""
     from bayes_llm.data import routing
 
     frame = pd.concat([df.assign(split=name) for name, df in parts.items()], ignore_index=True)
@@ -276,7 +280,7 @@ def routing_frame(parts: dict[str, pd.DataFrame], train_texts: list[str], progre
     frame["prompt_in_train"] = frame["prompt"].isin(trained)
     owners = frame.groupby("prompt")["split"].nunique()
     frame["prompt_in_other_split"] = frame["prompt"].map(owners).gt(1)
-    corpus = "\n".join([*train_texts, *(parts["train"]["prompt"] if "train" in parts else [])])
+    corpus = "\n".join([*generated_texts, *(parts["train"]["prompt"] if "train" in parts else [])])
     # The train part's wordings are trained on anyway; val's and test's must be new to every model.
     leaks = {part: [p for p in routing.wording_phrases(part) if p in corpus] for part in parts if part != "train"}
     frame["wording_in_train"] = [bool(leaks.get(s)) and k != "mixed" for s, k in zip(frame["split"], frame["kind"],
@@ -319,8 +323,8 @@ def _routing_rules(frame: pd.DataFrame, labels: list[str], data: DataParams) -> 
 
 
 def validate_routing(
-    parts: dict[str, pd.DataFrame], train_texts: list[str], labels: list[str], data: DataParams,
-    expect_mixed: bool, progress: bool = True,
+    parts: dict[str, pd.DataFrame], train_texts: list[str], generated_texts: list[str], labels: list[str],
+    data: DataParams, expect_mixed: bool, progress: bool = True,
 ) -> ValidationReport:  # fmt: skip
     """The routing benchmark's gate (parts read back from the written parquet). `expect_mixed`: the
     domains allow mixed rows (a number domain and a letter or code one), so val and test need them."""
@@ -328,7 +332,7 @@ def validate_routing(
 
     from bayes_llm.data.routing import OTHER
 
-    frame = routing_frame(parts, train_texts, progress)
+    frame = routing_frame(parts, train_texts, generated_texts, progress)
     gate = _Gate()
     failures = gate.run("routing", frame, _routing_rules(frame, labels, data), "routing", "all parts")
     for part, part_frame in parts.items():

@@ -97,13 +97,14 @@ def prepare(
         report = validate(frames, params.data, progress=progress)
         routed = _routing(domains, built, params, routing_staging, progress)
         if routed is not None:
-            trained = [row.get(key) for splits in built.values() for row in splits.get("train", [])
-                       for key in ("prompt", "answer", "solution")]  # fmt: skip
+            texts = {name: [text for row in splits.get("train", []) for key in ("prompt", "answer", "solution")
+                            if isinstance(text := row.get(key), str)] for name, splits in built.items()}  # fmt: skip
+            trained = [text for domain_texts in texts.values() for text in domain_texts]
+            generated = [text for d in domains if d.source == "synthetic" for text in texts[d.name]]
             experts = [d for d in domains if not d.test_only]
             labels = [d.name for d in experts] + [routing.OTHER]
             mixed = routing.mixable({d.answer_kind for d in experts})
-            gate = validate_routing(routed, [t for t in trained if isinstance(t, str)], labels, params.data, mixed,
-                                    progress)  # fmt: skip
+            gate = validate_routing(routed, trained, generated, labels, params.data, mixed, progress)
             report = report.merged(gate)
         summary = _summary(domains, frames, report, routed)
         write_json(report_dir / "validation.json", report.to_json())
