@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -127,10 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     wall = None
     try:
         if not args.summary_only:
-            bin_dir = Path(sys.executable).parent
-            subprocess.run([bin_dir / "bayes-llm", "fetch", *MATERIAL], check=True)
+            # this interpreter's environment for the stages too (dvc runs `python stages/...` from PATH)
+            env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+            subprocess.run(["bayes-llm", "fetch", *MATERIAL], check=True, env=env)
             started = time.monotonic()
-            subprocess.run([bin_dir / "dvc", "exp", "run", "-S", "profile=real"], check=True)
+            subprocess.run(["dvc", "exp", "run", "-S", "profile=real"], check=True, env=env)
             wall = round(time.monotonic() - started, 1)
         summary = summarize(wall)
         write(summary)
