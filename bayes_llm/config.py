@@ -172,7 +172,7 @@ class LocalSource(Strict):
     max_rows: MaxRows = None  # after skip_ids
     # Rows left out by their `fields.id` value: items the data gate rightly refuses (e.g. MBPP's that pass
     # objects or exceed the time limit), so a real benchmark goes through without editing its files.
-    skip_ids: list[str] = []
+    skip_ids: list[str | int] = []
     # `field`: the answer column is the answer. `after_marker`: the answer is what follows the last
     # `answer_marker` in it (GSM8K: a worked solution ending '#### 1,234'), and the whole text becomes
     # the row's worked solution. Number answers drop thousands commas, `$` and a trailing period.
@@ -194,6 +194,8 @@ class LocalSource(Strict):
         given = [split for split in ("train", "val") if getattr(self.files, split)]
         if self.test_only and given:
             raise ValueError(f"a test_only source reads files.test only; drop files.{', files.'.join(given)}")
+        if self.test_only and isinstance(self.max_rows, SplitRows) and (self.max_rows.train or self.max_rows.val):
+            raise ValueError("a test_only source has only a test split: max_rows takes `test` only")
         if not self.test_only and len(given) < 2:
             raise ValueError("files needs train, val and test (or test_only: true)")
         return self
@@ -513,6 +515,13 @@ class Params(Strict):
     sandbox: SandboxParams = SandboxParams()
 
     @model_validator(mode="after")
+    def _experts_train(self) -> Params:
+        for domain in self.experts:
+            if getattr(self.data.sources.get(domain), "test_only", False):
+                raise ValueError(f"experts.{domain}: data.sources.{domain} is test_only: no train split to train on")
+        return self
+
+    @model_validator(mode="after")
     def _shardable(self) -> Params:
         """Every process needs rows of every batch; trl's trainers run their own accelerate."""
         n = self.distributed.processes
@@ -559,6 +568,8 @@ def parse_params(raw: Any, source: str = "params") -> Params:
         raise ParamsError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     profile = raw.get("profile")
     if profile in OVERLAID_PROFILES:
+        if profile not in raw:  # else it would quietly run the full sizes
+            raise ParamsError(f"{source}: profile {profile!r} needs its `{profile}:` block (the overlay it applies)")
         overlay = raw.get(profile) or {}
         if not isinstance(overlay, dict):
             raise ParamsError(f"{source}: {profile}: expected a mapping, got {type(overlay).__name__}")

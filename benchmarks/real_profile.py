@@ -34,6 +34,7 @@ from bayes_llm.io import staged_dir, write_json
 MATERIAL = ("gsm8k", "mbpp", "arc_easy", "arc_challenge", "smollm2")
 REPORT_DIR = paths.REPORTS / "real"
 ADAPTIVE = "adaptive:cls"
+SYSTEMS = ("base", "oracle", ADAPTIVE, "lora")
 
 
 def _read(path: Path) -> dict:
@@ -64,6 +65,9 @@ def summarize(wall_seconds: float | None = None) -> dict:
     lora = _read(paths.LORA_REPORTS / "metrics.json")
     scores = _read(paths.EVAL_REPORTS / "summary.json")
     gains = _read(paths.EVAL_REPORTS / "gains.json")
+    missing = [s for s in SYSTEMS if f"{s.replace(':', '_')}.mean" not in scores]
+    if missing:
+        raise UserError(f"evaluate.systems lacks {', '.join(missing)}: the summary compares {', '.join(SYSTEMS)}")
     parameters = base["parameters"]
     lora_parameters = {d: v["trainable_parameters"] for d, v in lora["domains"].items()}
 
@@ -86,7 +90,7 @@ def summarize(wall_seconds: float | None = None) -> dict:
     model = {"name": Path(params.model.source).name.split(".")[0], "source": params.model.source,
              "model_type": base["model_type"], "parameters": parameters, "pretrained": True}  # fmt: skip
     means = {system: round(100 * scores[f"{system.replace(':', '_')}.mean"], 2)
-             for system in ("base", "oracle", ADAPTIVE, "lora")}  # fmt: skip
+             for system in SYSTEMS}  # fmt: skip
     seconds = {"stages": stages, "stages_total": round(sum(v for v in stages.values() if v), 1),
                "wall_clock": wall_seconds}  # fmt: skip
     return {

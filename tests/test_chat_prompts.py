@@ -4,6 +4,8 @@ shapes, and code answered in a Markdown block."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from bayes_llm.config import ParamsError
@@ -98,7 +100,12 @@ def test_rl_rollouts_start_from_the_chat_context(tokenizers):
 def test_code_in_a_markdown_block_is_the_program():
     assert code_of("```python\ndef f(x):\n    return x\n```\nThis returns x.") == "def f(x):\n    return x\n"
     assert code_of("Here:\n```\nx = 1\n") == "x = 1\n"  # cut off before the closing fence
+    assert code_of("``` python\nx = 2\n```\nThis explains x.") == "x = 2\n"
     assert code_of("def f():\n    return 1\nQuestion: next") == "def f():\n    return 1\n"
+    # a program that parses is the program, fences in its docstring or comments included
+    documented = 'def f(x):\n    """Example:\n    ```\n    f(1)\n    ```\n    """\n    return x\n'
+    assert code_of(documented) == documented
+    assert code_of("def f():\n    return 1\n# see ```x```\n") == "def f():\n    return 1\n# see ```x```\n"
     rows = [{"tests": ["assert add(1, 2) == 3"]}] * 2
     fenced = ["```python\ndef add(a, b):\n    return a + b\n```", "```python\ndef add(a, b):\n    return a - b\n```"]
     assert correctness("code", fenced, rows) == [1.0, 0.0]
@@ -117,14 +124,19 @@ def _arc_source(tmp_path, **extra) -> dict:
 
 def test_rows_per_split_ids_skipped_and_a_test_only_source(tmp_path):
     from bayes_llm.data import domains
+    from bayes_llm.data.sources import SourceError
 
     source = _arc_source(tmp_path, max_rows={"train": 5, "test": 2}, skip_ids=["train0", "test1"])
+    typo = smoke_params(sources={"arc": {**source, "skip_ids": ["train0", "tset1"]}})
+    with pytest.raises(SourceError, match=re.escape("data.sources.arc.skip_ids: no row has id tset1")):
+        domains.build(next(d for d in domains.resolve(typo.data) if d.name == "arc"), typo.data, 0)
     params = smoke_params(sources={"arc": source, "arc_c": {**_arc_source(tmp_path), "test_only": True,
                                                              "files": {"test": source["files"]["test"]}}})  # fmt: skip
     resolved = {d.name: d for d in domains.resolve(params.data)}
     built = domains.build(resolved["arc"], params.data, 0)
     assert {split: len(rows) for split, rows in built.items()} == {"train": 5, "val": 9, "test": 2}
-    assert "Which of these is number 0" not in {row["prompt"].split("\n")[0] for row in built["train"]}
+    assert [row["prompt"].split("\n")[0] for row in built["train"]] == [
+        f"Which of these is number {i} in the list?" for i in range(1, 6)]  # train0 skipped
     assert [row["prompt"].split("\n")[0] for row in built["test"]] == [
         "Which of these is number 0 in the list?", "Which of these is number 2 in the list?"]  # fmt: skip
     assert resolved["arc_c"].test_only and resolved["arc_c"].splits == ("test",)
@@ -138,10 +150,11 @@ def test_rows_per_split_ids_skipped_and_a_test_only_source(tmp_path):
         ({"files": {"test": "t.jsonl"}}, "files needs train, val and test (or test_only: true)"),
         ({"fields": {"prompt": "question", "answer": "answerKey"}, "skip_ids": ["x"]}, "skip_ids needs fields.id"),
         ({"max_rows": {"tset": 3}}, "max_rows.SplitRows.tset: unknown key"),
+        ({"test_only": True, "files": {"test": "t.jsonl"}, "max_rows": {"train": 3}}, "max_rows takes `test` only"),
     ],
 )
 def test_bad_real_source_shapes_name_the_fix(tmp_path, change, message):
-    with pytest.raises(ParamsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ParamsError, match=re.escape(message)):
         smoke_params(sources={"arc": {**_arc_source(tmp_path), **change}})
 
 
@@ -155,3 +168,29 @@ def test_a_missing_fetched_file_says_to_fetch_it(tmp_path, monkeypatch):
     math = next(d for d in domains.resolve(params.data) if d.name == "math")
     with pytest.raises(SourceError, match=r"run `bayes-llm fetch gsm8k` first"):
         domains.build(math, params.data, 0)
+
+
+def test_the_real_profile_parses_and_its_bad_variants_are_refused():
+    """The real overlay is checked here, without the network the real-smoke test needs."""
+    import copy
+
+    import yaml
+
+    from bayes_llm.config import parse_params
+    from tests.conftest import ROOT
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    real = parse_params({**raw, "profile": "real"})
+    assert real.model.source.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and real.data.domains.math is None
+    assert real.data.sources["arc_challenge"].test_only and set(real.experts) == {"math", "code", "reasoning"}
+    typo = copy.deepcopy({**raw, "profile": "real"})
+    typo["real"]["experts"]["math"]["sft_stepz"] = 3
+    with pytest.raises(ParamsError, match=re.escape("experts.math.sft_stepz: unknown key")):
+        parse_params(typo)
+    without = {k: v for k, v in raw.items() if k != "real"}
+    with pytest.raises(ParamsError, match="profile 'real' needs its `real:` block"):
+        parse_params({**without, "profile": "real"})
+    expert_on_test_only = copy.deepcopy({**raw, "profile": "real"})
+    expert_on_test_only["real"]["experts"]["arc_challenge"] = {}
+    with pytest.raises(ParamsError, match=re.escape("experts.arc_challenge: data.sources.arc_challenge is test_only")):
+        parse_params(expert_on_test_only)

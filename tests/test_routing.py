@@ -106,7 +106,7 @@ def test_the_gate_passes_the_benchmark_and_names_a_leaking_wording_or_a_wrong_an
     assert gate(_frames(parts), train).success
     for seen in ("Quick question: is this seen?", "Tell me which one you like.", "Describe the smell of x."):
         leaked = gate(_frames(parts), [*train, seen])  # a val/test wrapper, rewording or template trained on
-        assert not leaked.success and "must not occur in any training text" in leaked.text(), seen
+        assert not leaked.success and "must not occur in any training text generated here" in leaked.text(), seen
         # the same phrase in a real benchmark's natural text (not generated here) is a chance collision
         assert gate(_frames(parts), [*train, seen], generated=train).success, seen
     broken = {part: [dict(r) for r in rows] for part, rows in parts.items()}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bayes_llm.config import FieldMap, HubSource, LocalSource, split_cap
-from bayes_llm.data.fetch import RAW
+from bayes_llm.data.fetch import CATALOGUE, RAW
 from bayes_llm.data.rows import LETTERS, SPLITS, format_choices, make_id
 from bayes_llm.errors import UserError
 from bayes_llm.prompts import FINAL_MARK
@@ -123,10 +123,11 @@ def load_local(domain: str, source: LocalSource) -> dict[str, list[dict]]:
     from datasets import load_dataset
 
     out: dict[str, list[dict]] = {}
+    wanted, skipped = {str(i) for i in source.skip_ids}, set()
     for split, file in source.files.model_dump(exclude_none=True).items():
         path = Path(file)
         if not path.is_file():
-            fetched = path.parent.parent == RAW  # a file `bayes-llm fetch NAME` writes
+            fetched = path.parent.parent == RAW and path.parent.name in CATALOGUE  # `bayes-llm fetch NAME` writes it
             hint = f" (run `bayes-llm fetch {path.parent.name}` first)" if fetched else ""
             raise SourceError(f"data.sources.{domain}.files.{split}: file not found: {path}{hint}")
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
@@ -139,9 +140,12 @@ def load_local(domain: str, source: LocalSource) -> dict[str, list[dict]]:
         _check_fields(domain, split, data.column_names, source.fields)
         rows = data.to_list()
         if source.skip_ids:
-            rows = [row for row in rows if str(row[source.fields.id]) not in source.skip_ids]
+            skipped.update(str(row[source.fields.id]) for row in rows if str(row[source.fields.id]) in wanted)
+            rows = [row for row in rows if str(row[source.fields.id]) not in wanted]
         rows = rows[: split_cap(source.max_rows, split)]
         out[split] = [map_row(domain, raw, source.fields, source.answer_kind, "local", source) for raw in rows]
+    if unmatched := sorted(wanted - skipped):  # a typo would otherwise keep the row it meant to drop
+        raise SourceError(f"data.sources.{domain}.skip_ids: no row has id {', '.join(unmatched)}")
     return out
 
 

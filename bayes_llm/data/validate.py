@@ -314,7 +314,8 @@ def _routing_rules(frame: pd.DataFrame, labels: list[str], data: DataParams) -> 
          gxe.ExpectColumnValuesToBeInSet(column="prompt_in_train", value_set=[False])),
         ("a prompt must not appear in both parts",
          gxe.ExpectColumnValuesToBeInSet(column="prompt_in_other_split", value_set=[False])),
-        ("a val/test wording (wrapper, rewording, off-domain template) must not occur in any training text",
+        ("a val/test wording (wrapper, rewording, off-domain template) must not occur in any training text "
+         "generated here",
          gxe.ExpectColumnValuesToBeInSet(column="wording_in_train", value_set=[False])),
         ("the answer must fit its kind (a number, a letter among the choices, code passing its tests; none for "
          "'other')", gxe.ExpectColumnValuesToBeInSet(column="answer_ok", value_set=[True])),

@@ -10,21 +10,21 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from bayes_llm.rewards.answers import exact_match
+from bayes_llm.rewards.answers import exact_match, parses_as_python
 from bayes_llm.rewards.code import check_solutions
 
 _NEW_DOCUMENT = ("\nQuestion:", "\nTask:")
-# An instruct model answers in a Markdown code block: its program is what the first block holds.
-_FENCED = re.compile(r"```[\w+-]*[^\S\n]*\n(.*?)(?:```|$)", re.DOTALL)
+# An instruct model answers in a Markdown code block: a fence opens a line (at its start, so an
+# indented example in a docstring is not one) and the block runs to the closing fence or the end.
+_FENCED = re.compile(r"^```[^\n`]*\n(.*?)(?:^```|\Z)", re.DOTALL | re.MULTILINE)
 
 
 def code_of(completion: str) -> str:
-    fenced = _FENCED.search(completion)
-    if fenced:
-        completion = fenced.group(1)
+    """The program in a completion: all of it when it parses as Python, else its first fenced block."""
     for marker in _NEW_DOCUMENT:
         completion = completion.split(marker, 1)[0]
-    return completion.strip("\n ") + "\n"
+    fenced = None if parses_as_python(completion) else _FENCED.search(completion)
+    return (fenced.group(1) if fenced else completion).strip("\n ") + "\n"
 
 
 def correctness(kind: str, completions: Sequence[str], rows: Sequence[dict], progress: bool = False) -> list[float]:

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 
 from bayes_llm.bundle.manifest import models_layout, verify
 from bayes_llm.inference.engine import Engine
-from bayes_llm.prompts import answer_prompt
+from bayes_llm.prompts import answer_prompt, is_chat
 from bayes_llm.serve.protocol import ChatRequest, CompletionRequest, Extension, Sampled
 from bayes_llm.serve.scheduler import DEFAULT_MAX_TOKENS, Batching, Job, Routing, Sampling, Scheduler
 from bayes_llm.svf.blend import blend_weights
@@ -135,7 +135,9 @@ class Server:
         """The prompt's token ids; refused when it leaves no room for `max_tokens` (or, unset, for one token)."""
         tokenizer = self.engine.tokenizer
         bos = tokenizer.bos_token
-        if bos and not text.startswith(bos):
+        # A chat model's text is sent as given (its template's turns carry their own start); a plain base
+        # was trained with a BOS before every document.
+        if bos and not is_chat(tokenizer) and not text.startswith(bos):
             text = bos + text
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_prompt_tokens or len(ids) + (max_tokens or 1) > self.context:
@@ -152,7 +154,7 @@ class Server:
             raise RequestError("messages: no user message to answer", "messages")
         question = users[-1].text()
         tokenizer = self.engine.tokenizer
-        if getattr(tokenizer, "chat_template", None):
+        if is_chat(tokenizer):
             messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
                         for m in body.messages]  # fmt: skip
             return question, tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -194,12 +195,13 @@ def calibrate(params: Params, progress: bool = True) -> dict:
     benchmark = params.data.routing.enabled
     routing_train, routing_val, routing_test = (routing.read(paths.ROUTING, part) if benchmark else []
                                                 for part in routing.PARTS)  # fmt: skip
-    # A prepared domain without an expert (ARC-Challenge in the real profile) is no label to route to.
+    # A trainable domain with no `experts` entry is in the benchmark but is no label to route to.
     covered = {*domains, routing.OTHER}
     left_out = {d for rows in (routing_train, routing_val, routing_test) for row in rows
                 for d in (row["target"], *row["mix"]) if d not in covered}  # fmt: skip
     if left_out:
-        print(f"calibrate: routing rows of domains without an expert left out: {', '.join(sorted(left_out))}")
+        print(f"calibrate: routing rows of domains without an expert left out: {', '.join(sorted(left_out))}",
+              file=sys.stderr)  # fmt: skip
         routing_train, routing_val, routing_test = (
             [row for row in rows if {row["target"], *row["mix"]} <= covered]
             for rows in (routing_train, routing_val, routing_test)
