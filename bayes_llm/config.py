@@ -186,9 +186,16 @@ class LocalSource(Strict):
     # Only a test split (files.test): a task no expert or LoRA adapter trains for, answered by the adaptive
     # systems as they can (as the synthetic transfer task is).
     test_only: bool = False
+    # Letter: how a multiple-choice answer is given. `letter`: the model writes the letter, and lm-eval
+    # scores each letter's log-likelihood. `text`: the model writes the right choice's text (an expert
+    # imitates it) and lm-eval scores each choice's text (length-normalized, as its `arc_easy` does): a
+    # small model picks letters at chance but knows the answers' words.
+    choice_answer: Literal["letter", "text"] = "letter"
 
     @model_validator(mode="after")
     def _splits(self) -> LocalSource:
+        if self.choice_answer != "letter" and self.answer_kind != "letter":
+            raise ValueError("choice_answer is for multiple choice (answer_kind: letter)")
         if self.skip_ids and self.fields.id is None:
             raise ValueError("skip_ids needs fields.id: the column the ids are read from")
         given = [split for split in ("train", "val") if getattr(self.files, split)]

@@ -33,6 +33,7 @@ class Domain:
     source: str  # "synthetic", "local" or "hub"
     test_only: bool = False
     expected_rows: dict[str, int] | None = None  # exact counts for synthetic data
+    choice_answer: str = "letter"  # multiple choice: answered by its letter or by the choice's text
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -49,7 +50,8 @@ def resolve(data: DataParams) -> list[Domain]:
     for name in sorted(data.sources):
         source = data.sources[name]
         kind = source.answer_kind if isinstance(source, LocalSource) else sources.hub_answer_kind(source)
-        out.append(Domain(name, kind, source.type, test_only=getattr(source, "test_only", False)))
+        out.append(Domain(name, kind, source.type, test_only=getattr(source, "test_only", False),
+                          choice_answer=getattr(source, "choice_answer", "letter")))
     if data.transfer.enabled:
         out.append(Domain(TRANSFER, "letter", "synthetic", test_only=True, expected_rows={"test": data.transfer.test}))
     return out

@@ -76,6 +76,17 @@ class ValidationReport:
         }
 
 
+def _solution_ok(solution: object, answer: object, choices: object) -> bool:
+    """A worked solution ends '#### <answer>'; a multiple-choice one may be the right choice's text."""
+    if solution is None:
+        return True
+    if not isinstance(solution, str):
+        return False
+    if solution_final(solution) == answer:
+        return True
+    return _letter_ok(answer, choices) and solution == str(choices[LETTERS.index(answer)])
+
+
 def _letter_ok(answer: object, choices: object) -> bool:
     if not isinstance(answer, str) or len(answer) != 1 or answer not in LETTERS or choices is None:
         return False
@@ -89,9 +100,9 @@ def check_frame(domain: Domain, splits: dict[str, pd.DataFrame], progress: bool 
         owners = frame.groupby("prompt", dropna=True)["split"].nunique()
         frame["prompt_in_other_split"] = frame["prompt"].map(owners).fillna(1).gt(1)
     if SOLUTION_COLUMN in frame:
+        choices = frame["choices"] if "choices" in frame else [None] * len(frame)
         frame["solution_matches_answer"] = [
-            s is None or (isinstance(s, str) and solution_final(s) == a)
-            for s, a in zip(frame[SOLUTION_COLUMN], frame["answer"], strict=True)
+            _solution_ok(s, a, c) for s, a, c in zip(frame[SOLUTION_COLUMN], frame["answer"], choices, strict=True)
         ]
     if domain.answer_kind == "letter" and {"answer", "choices"} <= set(frame):
         frame["choice_count"] = frame["choices"].map(lambda c: 0 if c is None else len(c))

@@ -26,8 +26,10 @@ def _pct(value: float) -> str:
 MEASURES = {
     "number": "greedy exact match of the number after `####` (the first number when there is no `####`)",
     "code": "pass@1: the greedy program passes the item's tests in the sandbox",
-    "letter": "greedy, the letter after `####` (the model writes its scan first, as its expert was trained)",
+    "letter": "greedy, the choice it names: the letter after `####` (the model may write its scan first), or the "
+    "choice's text written out",
     "letter_loglik": "multiple choice by option log-likelihood (the letter right after `Answer:`; no writing)",
+    "choice_text": "multiple choice by each choice's text, log-likelihood per byte (lm-eval's acc_norm; no writing)",
 }
 
 

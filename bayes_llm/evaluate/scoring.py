@@ -17,6 +17,10 @@ def letter_choices(doc: dict) -> list[str]:
     return list(LETTERS[: len(doc["choices"])])
 
 
+def choice_texts(doc: dict) -> list[str]:
+    return [str(choice) for choice in doc["choices"]]
+
+
 def letter_target(doc: dict) -> int:
     return LETTERS.index(doc["answer"])
 
@@ -26,7 +30,7 @@ def number_match(doc: dict, results: list[str]) -> dict[str, float]:
 
 
 def letter_match(doc: dict, results: list[str]) -> dict[str, float]:
-    return {"exact_match": float(exact_match("letter", results[0], doc["answer"]))}
+    return {"exact_match": float(exact_match("letter", results[0], doc["answer"], list(doc["choices"])))}
 
 
 def code_item(doc: dict, results: list[str]) -> dict[str, tuple[str, tuple[str, ...]]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import re
+import string
+from collections.abc import Sequence
 
 from bayes_llm.prompts import FINAL_MARK
 
@@ -26,6 +28,20 @@ def extract_letter(completion: str) -> str | None:
     return match.group(1) if match else None
 
 
+def _plain(text: str) -> str:
+    return " ".join(text.casefold().split()).rstrip(".")
+
+
+def extract_choice(completion: str, choices: Sequence[str] | None = None) -> str | None:
+    """The letter a multiple-choice answer names: the choice whose text it writes out (the longest,
+    whole words: `light years` for C), else the first capital letter standing alone (`C`, `C) ...`)."""
+    final = _plain(_final_part(completion))
+    texts = [_plain(str(c)) for c in ([] if choices is None else list(choices))]  # parquet gives an array
+    written = [(len(t), string.ascii_uppercase[i]) for i, t in enumerate(texts)
+               if t and (final == t or (final.startswith(t) and not final[len(t)].isalnum()))]  # fmt: skip
+    return max(written)[1] if written else extract_letter(completion)
+
+
 def parses_as_python(completion: str) -> bool:
     try:
         ast.parse(completion.strip())
@@ -43,13 +59,13 @@ def _same_number(predicted: str | None, answer: str) -> bool:
         return False
 
 
-def exact_match(kind: str, completion: str, answer: str) -> bool:
-    """number/letter: the extracted answer equals the reference. code: the completion parses
-    (running its tests is the code reward's job)."""
+def exact_match(kind: str, completion: str, answer: str, choices: Sequence[str] | None = None) -> bool:
+    """number/letter: the extracted answer equals the reference (a letter answer may write out its
+    choice's text instead). code: the completion parses (running its tests is the code reward's job)."""
     if kind == "number":
         return _same_number(extract_number(completion), answer)
     if kind == "letter":
-        return extract_letter(completion) == answer.strip()
+        return extract_choice(completion, choices) == answer.strip()
     if kind == "code":
         return parses_as_python(completion)
     raise ValueError(f"unknown answer kind {kind!r}")

@@ -1,6 +1,7 @@
 """The correctness reward per answer kind: 1.0 for a right completion, else 0.0.
 
-number: the first number equals the reference; letter: the first capital letter equals it; code:
+number: the first number equals the reference; letter: the choice it names (its text written out,
+or the first capital letter) is the reference; code:
 the completion (up to where the model starts a new document) passes the item's unit tests in the
 sandbox — the same check evaluation uses for pass@1.
 """
@@ -32,4 +33,5 @@ def correctness(kind: str, completions: Sequence[str], rows: Sequence[dict], pro
         verdicts = check_solutions([(code_of(c), row["tests"]) for c, row in zip(completions, rows, strict=True)],
                                    progress=progress)  # fmt: skip
         return [1.0 if verdict is None else 0.0 for verdict in verdicts]
-    return [float(exact_match(kind, c, row["answer"])) for c, row in zip(completions, rows, strict=True)]
+    pairs = zip(completions, rows, strict=True)
+    return [float(exact_match(kind, c, row["answer"], row.get("choices"))) for c, row in pairs]

@@ -26,10 +26,11 @@ from bayes_llm.io import staged_dir, write_json
 from bayes_llm.stats import paired_bootstrap
 
 REPORT_DIR = paths.EVAL_REPORTS
-SHIPPED_KINDS = {"number": "_number", "letter": "_letter", "code": "_code"}
+SHIPPED_KINDS = {"number": "_number", "code": "_code"}
 # A letter domain that has an expert is scored in writing (greedy, the letter after '####', as the
 # expert is trained and validated): its column; by option log-likelihood in a second column.
 LOGLIK = "_loglik"
+CHOICE_SUFFIX = "_choice"  # the task that scores a letter domain's choices by their text
 
 
 def domain_of(column: str) -> str:
@@ -38,10 +39,15 @@ def domain_of(column: str) -> str:
 
 
 def scoring(column: str, task: str, kind: str) -> str:
-    """How a column is scored: number | code | letter (written) | letter_loglik | hub (lm-eval's own task)."""
+    """How a column is scored: number | code | letter (written) | letter_loglik | choice_text (each choice's
+    text by log-likelihood) | hub (lm-eval's own task)."""
     if not task.startswith("bayes_llm_"):
         return "hub"
-    return "letter" if task.endswith(WRITTEN_SUFFIX) else "letter_loglik" if kind == "letter" else kind
+    if task.endswith(WRITTEN_SUFFIX):
+        return "letter"
+    if task.endswith(CHOICE_SUFFIX):
+        return "choice_text"
+    return "letter_loglik" if kind == "letter" else kind
 
 
 def expand_systems(systems: list[str], experts: list[str]) -> list[str]:
@@ -69,9 +75,13 @@ def _task_files(infos: list[dict], custom: dict[str, str], directory: Path, expe
             tasks[name] = custom[name]
             continue
         prepared.read_split(paths.DATA, name, "test")  # a clear error now, not a traceback in lm-eval
+        # by each option's letter, or by its text (choice_answer: text; a task of its own name)
+        options = ((f"bayes_llm_{name}{CHOICE_SUFFIX}", "_choice_text") if info.get("choice_answer") == "text"
+                   else (f"bayes_llm_{name}", "_letter"))  # fmt: skip
         if info["answer_kind"] == "letter" and name in experts:
-            columns = [(name, f"bayes_llm_{name}{WRITTEN_SUFFIX}", "_letter_gen"),
-                       (name + LOGLIK, f"bayes_llm_{name}", "_letter")]  # fmt: skip
+            columns = [(name, f"bayes_llm_{name}{WRITTEN_SUFFIX}", "_letter_gen"), (name + LOGLIK, *options)]
+        elif info["answer_kind"] == "letter":
+            columns = [(name, *options)]
         else:
             columns = [(name, f"bayes_llm_{name}", SHIPPED_KINDS[info["answer_kind"]])]
         for column, task, template in columns:

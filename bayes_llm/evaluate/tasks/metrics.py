@@ -3,6 +3,7 @@ as a fresh module per YAML, so the logic (and its memo of code verdicts) lives i
 module: bayes_llm.evaluate.scoring."""
 
 from bayes_llm.evaluate.scoring import (
+    choice_texts,
     code_item,
     letter_choices,
     letter_match,
@@ -11,4 +12,4 @@ from bayes_llm.evaluate.scoring import (
     pass_at_1,
 )
 
-__all__ = ["code_item", "letter_choices", "letter_match", "letter_target", "number_match", "pass_at_1"]
+__all__ = ["choice_texts", "code_item", "letter_choices", "letter_match", "letter_target", "number_match", "pass_at_1"]
