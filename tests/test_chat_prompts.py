@@ -111,6 +111,15 @@ def test_code_in_a_markdown_block_is_the_program():
     assert correctness("code", fenced, rows) == [1.0, 0.0]
 
 
+def test_a_written_answer_names_its_choice_by_letter_or_by_text():
+    rows = [{"answer": "C", "choices": ["4", "42", "light years", "light"]}] * 6
+    written = ["Light years.", "C) light years", "light years per second", "#### C", "42", "lightyears"]
+    assert correctness("letter", written, rows) == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    # the longest choice the words spell out ("light years" for C above), not one that only prefixes them
+    others = [{**rows[0], "answer": "A"}, {**rows[0], "answer": "D"}]
+    assert correctness("letter", ["4 is the answer", "light"], others) == [1.0, 1.0]
+
+
 def _arc_rows(n: int, prefix: str) -> list[dict]:
     return [{"id": f"{prefix}{i}", "question": f"Which of these is number {i} in the list?",
              "choices": {"text": ["one", "two"], "label": ["A", "B"]}, "answerKey": "A"} for i in range(n)]  # fmt: skip
@@ -151,6 +160,8 @@ def test_rows_per_split_ids_skipped_and_a_test_only_source(tmp_path):
         ({"fields": {"prompt": "question", "answer": "answerKey"}, "skip_ids": ["x"]}, "skip_ids needs fields.id"),
         ({"max_rows": {"tset": 3}}, "max_rows.SplitRows.tset: unknown key"),
         ({"test_only": True, "files": {"test": "t.jsonl"}, "max_rows": {"train": 3}}, "max_rows takes `test` only"),
+        ({"answer_kind": "number", "choice_answer": "text"}, "choice_answer is for multiple choice"),
+        ({"choice_answer": "words"}, "choice_answer: Input should be 'letter' or 'text'"),
     ],
 )
 def test_bad_real_source_shapes_name_the_fix(tmp_path, change, message):
@@ -183,6 +194,7 @@ def test_the_real_profile_parses_and_its_bad_variants_are_refused():
     real = parse_params({**raw, "profile": "real"})
     assert real.model.source.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and real.data.domains.math is None
     assert real.data.sources["arc_challenge"].test_only and set(real.experts) == {"math", "code", "reasoning"}
+    assert {real.data.sources[name].choice_answer for name in ("reasoning", "arc_challenge")} == {"text"}
     typo = copy.deepcopy({**raw, "profile": "real"})
     typo["real"]["experts"]["math"]["sft_stepz"] = 3
     with pytest.raises(ParamsError, match=re.escape("experts.math.sft_stepz: unknown key")):

@@ -80,6 +80,33 @@ def test_arc_choices_and_answer_keys_become_letters(workdir):
     assert train["id"][0] == "Mercury_0"
 
 
+def test_arc_answered_by_its_choice_text_trains_and_scores_on_the_text(workdir):
+    from lm_eval.tasks import TaskManager
+
+    from bayes_llm.data import prepared
+    from bayes_llm.stages.evaluate import _task_files, scoring
+
+    rows = [{"id": f"Mercury_{i}", "question": f"Which is the {i}th metal?",
+             "choices": {"text": ["wood", f"iron {i}", "glass"], "label": ["A", "B", "C"]}, "answerKey": "B"}
+            for i in range(12)]  # fmt: skip
+    arc = _source(workdir, "arc", rows, (6, 9), answer_kind="letter", choice_answer="text",
+                  fields={"id": "id", "prompt": "question", "answer": "answerKey", "choices": "choices"})  # fmt: skip
+    prepare(smoke_params(sources={"reasoning": arc}), progress=False)
+    train = _rows("reasoning")
+    assert list(train["solution"]) == [f"iron {i}" for i in range(6)]  # what SFT imitates; the answer stays B
+    assert set(train["answer"]) == {"B"}
+    infos = prepared.domains()
+    assert {d["name"]: d["choice_answer"] for d in infos}["reasoning"] == "text"
+    tasks = _task_files(infos, {}, workdir, experts=["reasoning"])
+    assert tasks["reasoning"] == "bayes_llm_reasoning_gen" and tasks["reasoning_loglik"] == "bayes_llm_reasoning_choice"
+    assert scoring("reasoning_loglik", tasks["reasoning_loglik"], "letter") == "choice_text"
+    manager = TaskManager(include_path=str(workdir), include_defaults=False)
+    task = manager.load("bayes_llm_reasoning_choice")["tasks"]["bayes_llm_reasoning_choice"]
+    doc = next(iter(task.test_docs()))
+    assert task.doc_to_choice(doc) == ["wood", "iron 9", "glass"] and task.doc_to_target(doc) == 1
+    assert [m["metric"] for m in task.config.metric_list] == ["acc_norm"]
+
+
 def test_a_letter_answer_may_be_a_zero_based_index(workdir):
     rows = [{"question": f"Which is {i}?", "choices": ["no", f"{i}", "maybe"], "gold": 1} for i in range(12)]
     indexed = _source(workdir, "indexed", rows, (6, 9), answer_kind="letter",
