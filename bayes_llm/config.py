@@ -373,6 +373,10 @@ class ExpertParams(Strict):
     # its optimizer in float32): 1.6-1.9x faster steps on a CPU with AVX512-BF16. Validation, the reports
     # and inference stay float32.
     train_precision: Literal["fp32", "bf16"] = "fp32"
+    # RL's headroom in the report: pass@1 (greedy) and pass@k of the base and the SFT z on val, k samples
+    # at `headroom_temperature` (null: the RL temperature, or 1.0 where RL rolls out greedily). 0: skip.
+    headroom_k: NonNegativeInt = 8
+    headroom_temperature: Annotated[float, Field(gt=0, le=5)] | None = None
 
     @model_validator(mode="after")
     def _steps(self) -> ExpertParams:

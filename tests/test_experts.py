@@ -58,6 +58,11 @@ def test_train_expert_writes_a_loadable_expert_and_an_honest_report(workdir_proj
     gain = report["gain"]
     assert gain["ci_low"] <= gain["gain_points"] <= gain["ci_high"] and gain["items"] == 12
     assert "rl_gain_over_sft" in report
+    headroom = report["headroom"]  # pass@1 is the greedy val accuracy the trainer measured
+    assert headroom["k"] == 8 and headroom["temperature"] == 1.0 and headroom["items"] == 6
+    assert headroom["base"]["pass1"] == report["val_accuracy"]["base"]
+    assert headroom["sft"]["pass1"] == report["val_accuracy"]["sft"]
+    assert all(0 <= v <= 1 for system in ("base", "sft") for v in headroom[system].values())
     expert = load_expert("models/experts/math.safetensors", read_manifest("models/svd"))
     assert expert.domain == "math" and expert.training["objective"] == "sft+rl"
     assert expert.metrics["test_accuracy"] == report["test_accuracy"]
@@ -215,6 +220,19 @@ def test_compare_objectives_reports_every_variant_against_the_base(workdir_proje
 def test_trl_algorithms_need_sampled_groups():
     with pytest.raises(ValueError, match="num_generations >= 2 and temperature > 0"):
         ExpertParams(objective="rl", rl_algorithm="grpo", num_generations=1, temperature=1.0)
+
+
+def test_pass_at_k_near_zero_temperature_is_pass_at_1(project, monkeypatch):
+    from bayes_llm.experts.headroom import pass_at_k
+
+    monkeypatch.chdir(project)
+    model, tokenizer = load_checkpoint(paths.BASE)
+    rows = prepared.read_split(paths.DATA, "math", "val")
+    greedy = pass_at_k(model, tokenizer, "number", rows, 4, 1e-4, 16, 8, seed=0)
+    assert greedy["pass1"] == greedy["passk"]  # near-greedy samples are the greedy answer
+    sampled = pass_at_k(model, tokenizer, "number", rows, 4, 2.0, 16, 8, seed=0)
+    again = pass_at_k(model, tokenizer, "number", rows, 4, 2.0, 16, 8, seed=0)
+    assert sampled["pass1"] == greedy["pass1"] and sampled == again  # seeded
 
 
 def test_sft_batch_trains_on_answer_tokens_only(project):

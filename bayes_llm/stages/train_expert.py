@@ -81,6 +81,8 @@ def train_expert(params: Params, domain: str, progress: bool = True) -> dict | N
     svf.detach()
 
     composer = Composer(model, factors)
+    headroom = _headroom(model, tokenizer, composer, kind, trainer.val_rows, cfg, scales.get("sft"), tokens[kind],
+                         params.seed)  # fmt: skip
     hits: dict[str, dict[str, list[float]]] = {}
     for other, rows in tests.items():
         other_kind = infos[other]["answer_kind"]
@@ -114,6 +116,8 @@ def train_expert(params: Params, domain: str, progress: bool = True) -> dict | N
     }
     if "sft" in own:
         report["rl_gain_over_sft"] = paired_bootstrap(own["sft"], own["expert"], seed=params.seed)
+    if headroom:
+        report["headroom"] = headroom
 
     expert = Expert(
         domain=domain,
@@ -135,6 +139,27 @@ def train_expert(params: Params, domain: str, progress: bool = True) -> dict | N
     write_json(paths.expert_report(domain), report)
     write_json(paths.expert_report(domain, "_" + paths.TIMING), timing)
     return report | timing
+
+
+def _headroom(model, tokenizer, composer, kind: str, val_rows: list[dict], cfg, sft_scales, tokens: int,
+              seed: int) -> dict | None:  # fmt: skip
+    """pass@1 and pass@k on val of the base and of the SFT z (None without one): how much RL can gain."""
+    from bayes_llm.experts.headroom import pass_at_k
+
+    if cfg.headroom_k == 0:
+        return None
+    temperature = cfg.headroom_temperature or cfg.temperature or 1.0
+
+    def measure() -> dict[str, float]:
+        return pass_at_k(model, tokenizer, kind, val_rows, cfg.headroom_k, temperature, tokens, cfg.eval_batch_size,
+                         seed)  # fmt: skip
+
+    out = {"k": cfg.headroom_k, "temperature": temperature, "items": len(val_rows), "base": measure(), "sft": None}
+    if sft_scales is not None:
+        composer.merge(sft_scales)
+        out["sft"] = measure()
+        composer.unmerge()
+    return out
 
 
 REWARD_WINDOW = 10  # RL batch rewards are noisy (a handful of rollouts each): plotted as a trailing mean
