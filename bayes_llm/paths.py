@@ -48,9 +48,13 @@ def expert_checkpoint(domain: str) -> Path:
 
 
 def expert_report(domain: str, suffix: str = ".json") -> Path:
-    """reports/experts/<domain><suffix>: `.json`, `.png`, `_sft_loss.csv`, `_rl_reward.csv`, `_val.csv`,
-    `_timing.json`."""
+    """reports/experts/<domain><suffix>: `.json`, `.png`, `_timing.json`."""
     return EXPERT_REPORTS / f"{domain}{suffix}"
+
+
+def expert_live(domain: str) -> Path:
+    """reports/experts/live/<domain>: the expert's training curves as DVCLive writes them."""
+    return EXPERT_REPORTS / "live" / domain
 
 
 def bundle_dir(name: str) -> Path:

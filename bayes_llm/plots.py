@@ -95,12 +95,14 @@ def grouped_bars(
     _save(figure, path)
 
 
-def expert_curves(curves: dict[str, tuple[list[str], list[list]]], kept_step: int, kept_val: float, path: Path,
+def expert_curves(curves: dict[str, list[tuple[int, float]]], kept_step: int, kept_val: float, path: Path,
                   title: str) -> None:  # fmt: skip
     """An expert's training on three panels: the SFT loss, the RL batch reward (raw and trailing mean)
     and greedy val accuracy with the kept z marked. `curves` is `train_expert.training_curves`."""
-    columns = {suffix: list(zip(*rows, strict=True)) if rows else [] for suffix, (_, rows) in curves.items()}
-    sft, rl, val = columns["_sft_loss.csv"], columns["_rl_reward.csv"], columns["_val.csv"]
+    columns = {name: list(zip(*points, strict=True)) for name, points in curves.items()}
+    mean = next((name for name in columns if name.startswith("rl/reward_mean")), None)
+    sft, val = columns.get("sft/loss"), columns.get("val_accuracy")
+    rl = [*columns["rl/reward"], columns[mean][1]] if mean else None
     figure, (loss_axis, reward_axis, val_axis) = plt.subplots(1, 3, figsize=(13.0, 3.8), dpi=110)
     for axis, points, label in ((loss_axis, sft, "SFT (no SFT phase)"), (reward_axis, rl, "RL (no RL phase)")):
         if not points:
@@ -110,7 +112,7 @@ def expert_curves(curves: dict[str, tuple[list[str], list[list]]], kept_step: in
     loss_axis.set(title="SFT: train loss of z", xlabel="step", ylabel="cross-entropy")
     if rl:
         reward_axis.plot(rl[0], rl[1], color="tab:orange", alpha=0.3, label="batch reward")
-        reward_axis.plot(rl[0], rl[2], color="tab:orange", label=curves["_rl_reward.csv"][0][2].replace("_", " "))
+        reward_axis.plot(rl[0], rl[2], color="tab:orange", label=mean.split("/")[1].replace("_", " "))
         reward_axis.legend(fontsize="small")
     reward_axis.set(title="RL: reward (share correct)", xlabel="step", ylabel="reward", ylim=(-0.02, 1.02))
     if val:

@@ -66,13 +66,18 @@ def test_train_expert_writes_a_loadable_expert_and_an_honest_report(workdir_proj
     expert = load_expert("models/experts/math.safetensors", read_manifest("models/svd"))
     assert expert.domain == "math" and expert.training["objective"] == "sft+rl"
     assert expert.metrics["test_accuracy"] == report["test_accuracy"]
-    for name in ("math.png", "math_sft_loss.csv", "math_rl_reward.csv", "math_val.csv"):
-        assert Path("reports/experts", name).stat().st_size > 0
+    assert Path("reports/experts/math.png").stat().st_size > 0
+    live = Path("reports/experts/live/math")  # the curves as DVCLive logged them
+    for name in ("sft/loss", "rl/reward", "rl/reward_mean10", "val_accuracy"):
+        assert (live / "plots/metrics" / f"{name}.tsv").stat().st_size > 0
     # scores only in the metrics file; seconds in their own file
     assert not any("seconds" in key for key in report) and report["kept_step"] in (0, 2, 4)
     assert set(json.loads(Path("reports/experts/math_timing.json").read_text())) == {"train_seconds", "stage_seconds"}
-    val = Path("reports/experts/math_val.csv").read_text().split()
-    assert val[0] == "step,val_accuracy" and [line.split(",")[0] for line in val[1:]] == ["0", "2", "4"]
+    val = (live / "plots/metrics/val_accuracy.tsv").read_text().splitlines()
+    assert val[0] == "step\tval_accuracy" and [line.split("\t")[0] for line in val[1:]] == ["0", "2", "4"]
+    summary = json.loads((live / "metrics.json").read_text())  # what `dvc exp show` reads: the last values
+    assert summary["step"] == 4 and summary["val_accuracy"] == float(val[-1].split("\t")[1])
+    assert set(summary) == {"sft", "rl", "val_accuracy", "step"} and "reward" in summary["rl"]
     assert not Path("models/checkpoints/math").exists()  # cleared after success
     saved = json.loads(Path("models/base", FILE).read_text())["domains"]
     for domain, accuracy in report["interference"].items():  # the base side is the base stage's scores
@@ -298,18 +303,23 @@ def test_paired_bootstrap():
         paired_bootstrap([1], [1, 0])
 
 
-def test_training_curves_split_the_phases_and_smooth_the_reward():
-    from bayes_llm.stages.train_expert import REWARD_WINDOW, kept_step, training_curves
+def test_training_curves_split_the_phases_and_smooth_the_reward(tmp_path):
+    from bayes_llm.stages.train_expert import REWARD_WINDOW, kept_step, log_curves, training_curves
 
     curve = [{"step": 0, "phase": "sft", "val_accuracy": 0.5}, {"step": 1, "phase": "sft", "loss": 2.0},
              {"step": 2, "phase": "sft", "loss": 1.5, "val_accuracy": 0.7}]
     curve += [{"step": 2 + i, "phase": "rl", "loss": 0.1, "reward": float(i % 2), "kl": None} for i in range(1, 13)]
     curve[-1]["val_accuracy"] = 0.7
     curves = training_curves(curve)
-    assert curves["_sft_loss.csv"] == (["step", "loss"], [[1, 2.0], [2, 1.5]])
-    header, rl = curves["_rl_reward.csv"]
-    assert header == ["step", "reward", f"reward_mean{REWARD_WINDOW}", "kl"]
-    assert [r[0] for r in rl] == list(range(3, 15))
-    assert rl[1][2] == 0.5 and rl[-1][2] == 0.5 and rl[-1][3] == ""  # a trailing mean; no KL recorded: empty
-    assert curves["_val.csv"][1] == [[0, 0.5], [2, 0.7], [14, 0.7]]
+    assert curves["sft/loss"] == [(1, 2.0), (2, 1.5)]
+    assert set(curves) == {"sft/loss", "rl/reward", f"rl/reward_mean{REWARD_WINDOW}", "val_accuracy"}  # no KL: none
+    mean = curves[f"rl/reward_mean{REWARD_WINDOW}"]
+    assert [step for step, _ in mean] == list(range(3, 15)) and mean[1][1] == 0.5 and mean[-1][1] == 0.5
+    assert curves["val_accuracy"] == [(0, 0.5), (2, 0.7), (14, 0.7)]
+    log_curves(curves, tmp_path / "live")
+    assert (tmp_path / "live/plots/metrics/sft/loss.tsv").read_text() == "step\tloss\n1\t2.0\n2\t1.5\n"
+    summary = json.loads((tmp_path / "live/metrics.json").read_text())
+    assert summary == {"sft": {"loss": 1.5}, "rl": {"reward": 0.0, f"reward_mean{REWARD_WINDOW}": 0.5},
+                       "val_accuracy": 0.7, "step": 14}  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live"]  # staged, then renamed: no leftovers
     assert kept_step(curve, 0.7) == 2  # a later tie does not replace the kept z

@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from bayes_llm import paths
 from bayes_llm.command import Stage
 from bayes_llm.config import Params, load_params
 from bayes_llm.data import prepared
 from bayes_llm.errors import UserError
-from bayes_llm.io import write_csv, write_json
+from bayes_llm.io import staged_dir, write_json
 from bayes_llm.stats import paired_bootstrap
 
 
@@ -131,8 +132,7 @@ def train_expert(params: Params, domain: str, progress: bool = True) -> dict | N
     )
     save_expert(expert, paths.expert_file(domain))
     curves = training_curves(result.curve)
-    for suffix, (header, rows) in curves.items():
-        write_csv(paths.expert_report(domain, suffix), header, rows)
+    log_curves(curves, paths.expert_live(domain))
     expert_curves(curves, report["kept_step"], result.best_val, paths.expert_report(domain, ".png"),
                   f"{domain} expert ({cfg.objective})")  # fmt: skip
     timing = {"train_seconds": round(result.seconds, 1), "stage_seconds": round(time.perf_counter() - started, 1)}
@@ -163,24 +163,39 @@ def _headroom(model, tokenizer, composer, kind: str, val_rows: list[dict], cfg, 
 
 
 REWARD_WINDOW = 10  # RL batch rewards are noisy (a handful of rollouts each): plotted as a trailing mean
+Series = dict[str, list[tuple[int, float]]]
 
 
-def training_curves(curve: list[dict]) -> dict[str, tuple[list[str], list[list]]]:
-    """The trainer's curve as the three CSVs `dvc plots` draws, by file suffix: the SFT loss, the RL
-    batch reward (raw, trailing mean and KL to the base) and greedy val accuracy (step 0: the base)."""
-    sft = [[r["step"], round(r["loss"], 6)] for r in curve if r["phase"] == "sft" and "loss" in r]
-    rewards = [(r["step"], r["reward"], r.get("kl")) for r in curve if r["phase"] == "rl" and "reward" in r]
-    rl = []
-    for i, (step, reward, kl) in enumerate(rewards):
-        window = [w for _, w, _ in rewards[max(0, i + 1 - REWARD_WINDOW) : i + 1]]
-        # no KL recorded (no KL term, or trl's logs without one): left empty, not written as a measured 0
-        rl.append([step, round(reward, 6), round(sum(window) / len(window), 6), "" if kl is None else round(kl, 6)])
-    val = [[r["step"], round(r["val_accuracy"], 6)] for r in curve if "val_accuracy" in r]
-    return {
-        "_sft_loss.csv": (["step", "loss"], sft),
-        "_rl_reward.csv": (["step", "reward", f"reward_mean{REWARD_WINDOW}", "kl"], rl),
-        "_val.csv": (["step", "val_accuracy"], val),
+def training_curves(curve: list[dict]) -> Series:
+    """The trainer's curve as metric series (name → [(step, value)]): the SFT loss, the RL batch reward
+    (raw, its trailing mean, and the KL to the base where one was recorded) and greedy val accuracy
+    (step 0: the base)."""
+    rewards = [(r["step"], r["reward"]) for r in curve if r["phase"] == "rl" and "reward" in r]
+    mean = [(step, sum(w for _, w in rewards[max(0, i + 1 - REWARD_WINDOW) : i + 1]) / min(i + 1, REWARD_WINDOW))
+            for i, (step, _) in enumerate(rewards)]  # fmt: skip
+    series = {
+        "sft/loss": [(r["step"], r["loss"]) for r in curve if r["phase"] == "sft" and "loss" in r],
+        "rl/reward": rewards,
+        f"rl/reward_mean{REWARD_WINDOW}": mean,
+        # no KL term, or trl's logs without one: no point, not a measured 0
+        "rl/kl": [(r["step"], r["kl"]) for r in curve if r["phase"] == "rl" and r.get("kl") is not None],
+        "val_accuracy": [(r["step"], r["val_accuracy"]) for r in curve if "val_accuracy" in r],
     }
+    return {name: [(step, round(value, 6)) for step, value in points] for name, points in series.items() if points}
+
+
+def log_curves(series: Series, directory: Path) -> None:
+    """The series through DVCLive (`plots/metrics/<name>.tsv` for `dvc plots`, `metrics.json` with each
+    one's last value for `dvc exp show`), written whole once training is done: a resumed run logs
+    exactly what an uninterrupted one does."""
+    from dvclive import Live
+
+    with staged_dir(directory) as staging, Live(str(staging), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+        for step, name, value in sorted((step, name, value) for name, points in series.items()
+                                        for step, value in points):  # fmt: skip
+            live.step = step
+            live.log_metric(name, value)
+        live.make_summary()
 
 
 def kept_step(curve: list[dict], best_val: float) -> int:
@@ -210,8 +225,6 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("domain", help="a domain with an `experts.<domain>` entry in params.yaml")
 
 
-CURVES = ("_sft_loss.csv", "_rl_reward.csv", "_val.csv")
-
 STAGE = Stage(
     name="train-expert",
     dvc_name="train_expert",
@@ -221,13 +234,15 @@ STAGE = Stage(
     "models/checkpoints/DOMAIN (a killed run resumes there). With distributed.processes > 1 it runs as that many "
     "processes under `accelerate launch`, each on its share of every batch (data parallel, gloo). "
     "Then evaluates base and expert on every domain's test "
-    "split and writes models/experts/DOMAIN.safetensors, reports/experts/DOMAIN.{json,png}, curve CSVs (SFT loss, "
-    "RL reward, val accuracy) and DOMAIN_timing.json.",
+    "split and writes models/experts/DOMAIN.safetensors, reports/experts/DOMAIN.{json,png}, the training curves "
+    "through DVCLive (reports/experts/live/DOMAIN: SFT loss, RL reward, val accuracy) and DOMAIN_timing.json.",
     run=_command,
     arguments=_arguments,
     deps=(paths.BASE, paths.SVD, paths.DATA),
     outs=(
         paths.expert_file("${key}"),
-        *(paths.expert_report("${key}", suffix) for suffix in (".png", *CURVES, ".json", "_" + paths.TIMING)),
+        *(paths.expert_report("${key}", suffix) for suffix in (".png", ".json", "_" + paths.TIMING)),
+        paths.expert_live("${key}") / "plots" / "metrics",
+        paths.expert_live("${key}") / "metrics.json",
     ),
 )
