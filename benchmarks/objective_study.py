@@ -1,9 +1,16 @@
-"""Does RL beat next-token training here? The same domain's z trained with each objective and RL
-algorithm, from the same base and seed, scored on the domain's test split against the base.
+"""Does RL beat next-token training here, at equal compute? The same domain's z trained with each
+objective and RL algorithm, from the same base, over several seeds, scored on the domain's test split
+against the base.
 
-`bayes-llm compare-objectives DOMAIN` writes `reports/objective_study/DOMAIN.{json,md}`. Each
-variant starts from `experts.DOMAIN` in params.yaml and changes only what names it; nothing here is
-chosen on the test split (each run keeps its best z on val, as the stage does).
+`python -m benchmarks.objective_study DOMAIN` writes `reports/objective_study/DOMAIN.{json,md}`.
+Each variant starts from `experts.DOMAIN` in params.yaml and changes only what names it; nothing here
+is chosen on the test split (each run keeps its best z on val, as the stage does).
+
+Equal compute: with `--budget-seconds S` every variant gets S seconds of training steps. Its steps
+are set from a timing run on this machine (the step time measured between a 2-step and a 6-step run,
+which cancels validation and set-up), so `sft+rl` spends S/2 on each phase. The steps are recorded:
+`--steps VARIANT=N` (repeatable) replays a report's steps exactly on any machine. Without a budget
+the variants keep the configured steps (`--rl-steps` for the RL-only ones).
 
 A study, not a stage: it lives outside `bayes_llm/experts` and `reports/experts` (inputs of the
 `train_expert` and `evaluate` stages) so that running or editing it never makes them stale.
@@ -13,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from bayes_llm import paths
@@ -34,6 +43,8 @@ from bayes_llm.svf.scaling import SVF, Composer
 REPORT_DIR = paths.REPORTS / "objective_study"
 # Sampled-group settings for trl's algorithms (greedy rollouts give a group no variance to learn from).
 SAMPLED = {"num_generations": 4, "temperature": 0.7, "rl_batch_size": 8, "rl_learning_rate": 3e-3}
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+TIMING_STEPS = (2, 6)
 
 
 def variants(cfg: ExpertParams, rl_steps: int) -> dict[str, dict]:
@@ -42,55 +53,140 @@ def variants(cfg: ExpertParams, rl_steps: int) -> dict[str, dict]:
     return {
         "sft": {"objective": "sft"},
         "rl (reinforce, greedy ±1)": {**rl_only, "rl_algorithm": "reinforce"},
-        "rl (trl grpo)": {**rl_only, "rl_algorithm": "grpo", **SAMPLED},
+        "rl (trl grpo, dapo loss)": {**rl_only, "rl_algorithm": "grpo", **SAMPLED},
         "rl (trl rloo)": {**rl_only, "rl_algorithm": "rloo", **SAMPLED},
         f"sft+rl ({cfg.rl_algorithm}, the default)": {"objective": "sft+rl"},
         "sft+rl (trl rloo)": {"objective": "sft+rl", "rl_algorithm": "rloo", **SAMPLED},
     }
 
 
-def compare_objectives(params: Params, domain: str, rl_steps: int = 60, progress: bool = True) -> dict:
-    kind = expert_domains(params, domain)[domain]["answer_kind"]
-    if rl_steps < 1:
-        raise UserError(f"--rl-steps must be at least 1 (got {rl_steps})")
-    base_cfg = params.experts[domain]
-    tokens = params.base_eval.max_new_tokens[kind]
-    train_rows, val_rows, test_rows = (
-        prepared.read_split(paths.DATA, domain, split) for split in ("train", "val", "test")
-    )
-    model, tokenizer = load_base()
-    factors, manifest = load_factors(paths.SVD)
-    check_base(model, manifest, paths.SVD)
+class _Study:
+    """The base, its factors and the domain's splits, loaded once for every run."""
 
-    base = base_test_scores(paths.BASE, domain, test_rows, tokens)
-    runs = []
-    for name, changes in variants(base_cfg, rl_steps).items():
-        cfg = ExpertParams.model_validate({**base_cfg.model_dump(), **changes})
-        svf = SVF(model, factors, mode=params.svf.mode, max_mult=params.svf.max_mult)
-        with tempfile.TemporaryDirectory() as checkpoints:  # every variant trains from the start
-            trainer = Trainer(svf, tokenizer, kind, train_rows, val_rows, cfg, params.seed, Path(checkpoints),
-                              manifest["svd_fingerprint"], tokens, progress, log=lambda _: None)  # fmt: skip
+    def __init__(self, params: Params, domain: str, progress: bool) -> None:
+        self.params, self.domain, self.progress = params, domain, progress
+        self.kind = expert_domains(params, domain)[domain]["answer_kind"]
+        self.tokens = params.base_eval.max_new_tokens[self.kind]
+        self.train, self.val, self.test = (prepared.read_split(paths.DATA, domain, s) for s in ("train", "val", "test"))
+        self.model, self.tokenizer = load_base()
+        self.factors, self.manifest = load_factors(paths.SVD)
+        check_base(self.model, self.manifest, paths.SVD)
+        self.base = base_test_scores(paths.BASE, domain, self.test, self.tokens)
+
+    def train_z(self, cfg: ExpertParams, seed: int):
+        svf = SVF(self.model, self.factors, mode=self.params.svf.mode, max_mult=self.params.svf.max_mult)
+        with tempfile.TemporaryDirectory() as checkpoints:  # every run trains from the start
+            trainer = Trainer(svf, self.tokenizer, self.kind, self.train, self.val, cfg, seed, Path(checkpoints),
+                              self.manifest["svd_fingerprint"], self.tokens, self.progress,
+                              log=lambda _: None)  # fmt: skip
             result = trainer.run()
-        svf.load_z(result.best_z)
+        return svf, result
+
+    def test_scores(self, svf: SVF, z) -> list[float]:
+        svf.load_z(z)
         scales = svf.scales()
         svf.detach()
-        composer = Composer(model, factors)
+        composer = Composer(self.model, self.factors)
         composer.merge(scales)
-        scores = greedy_scores(model, tokenizer, kind, test_rows, tokens, base_cfg.eval_batch_size)
+        scores = greedy_scores(self.model, self.tokenizer, self.kind, self.test, self.tokens,
+                               self.params.experts[self.domain].eval_batch_size)  # fmt: skip
         composer.unmerge()
-        runs.append({
-            "variant": name,
-            "changes": changes,
-            "steps": dict(result.phases),
-            "train_seconds": round(result.seconds, 1),
-            "val_accuracy": {"base": result.base_val, "best": result.best_val, "sft": result.sft_val},
-            "test_accuracy": round(sum(scores) / len(scores), 4),
-            "gain": paired_bootstrap(base, scores, seed=params.seed),
-        })  # fmt: skip
-        if progress:
-            print(f"{name}: test {runs[-1]['test_accuracy']:.3f} (base {sum(base) / len(base):.3f})", flush=True)
-    report = {"domain": domain, "seed": params.seed, "base_test_accuracy": round(sum(base) / len(base), 4),
-              "test_items": len(base), "runs": runs, "started_from": base_cfg.model_dump()}  # fmt: skip
+        return scores
+
+    def step_seconds(self, cfg: ExpertParams, phase: str) -> float:
+        """Seconds per training step of `phase` under `cfg`, from two short runs (their difference
+        cancels validation and set-up)."""
+        only = {"objective": phase, f"{phase}_steps": 0, "eval_every": 10_000}
+        seconds = []
+        for steps in TIMING_STEPS:
+            timed = ExpertParams.model_validate({**cfg.model_dump(), **only, f"{phase}_steps": steps})
+            started = time.perf_counter()
+            svf, _ = self.train_z(timed, self.params.seed)
+            svf.detach()
+            seconds.append(time.perf_counter() - started)
+        return max((seconds[1] - seconds[0]) / (TIMING_STEPS[1] - TIMING_STEPS[0]), 1e-3)
+
+
+def _equal_compute(study: _Study, cfg: ExpertParams, budget: float) -> tuple[dict[str, int], dict[str, float]]:
+    """Steps per phase so that the run trains for `budget` seconds (halved between sft and rl)."""
+    phases = [p for p in ("sft", "rl") if p in cfg.objective]
+    timing = {p: round(study.step_seconds(cfg, p), 3) for p in phases}
+    return {p: max(1, round(budget / len(phases) / timing[p])) for p in phases}, timing
+
+
+def _aggregate(study: _Study, runs: list[dict]) -> dict:
+    """Mean gain over seeds with a 95 % t-interval across seeds, and a paired bootstrap of the
+    seed-averaged item scores against the base (the item-sampling CI)."""
+    gains = [run["gain"]["gain_points"] for run in runs]
+    mean = statistics.fmean(gains)
+    half = T_975.get(len(gains) - 1, 1.96) * statistics.stdev(gains) / len(gains) ** 0.5 if len(gains) > 1 else None
+    averaged = [statistics.fmean(scores) for scores in zip(*(run["scores"] for run in runs), strict=True)]
+    return {
+        "seeds": [run["seed"] for run in runs],
+        "gain_points_per_seed": gains,
+        "gain_points_mean": round(mean, 2),
+        "seed_ci_low": None if half is None else round(mean - half, 2),
+        "seed_ci_high": None if half is None else round(mean + half, 2),
+        "pooled": paired_bootstrap(study.base, averaged, seed=study.params.seed),
+        "train_seconds_mean": round(statistics.fmean(run["train_seconds"] for run in runs), 1),
+    }
+
+
+def compare_objectives(params: Params, domain: str, rl_steps: int = 60, seeds: list[int] | None = None,
+                       budget_seconds: float | None = None, fixed_steps: dict[str, dict[str, int]] | None = None,
+                       progress: bool = True) -> dict:  # fmt: skip
+    if rl_steps < 1:
+        raise UserError(f"--rl-steps must be at least 1 (got {rl_steps})")
+    if budget_seconds is not None and budget_seconds <= 0:
+        raise UserError(f"--budget-seconds must be positive (got {budget_seconds})")
+    seeds = seeds or [params.seed]
+    study = _Study(params, domain, progress)
+    base_cfg = params.experts[domain]
+    table = variants(base_cfg, rl_steps)
+    unknown = sorted(set(fixed_steps or {}) - set(table))
+    if unknown:
+        raise UserError(f"--steps names no variant: {unknown} (variants: {list(table)})")
+    results = []
+    for name, changes in table.items():
+        cfg = ExpertParams.model_validate({**base_cfg.model_dump(), **changes})
+        step_seconds = None
+        if fixed_steps and name in fixed_steps:
+            steps = fixed_steps[name]
+        elif budget_seconds is not None:
+            steps, step_seconds = _equal_compute(study, cfg, budget_seconds)
+        else:
+            steps = None
+        if steps:
+            cfg = ExpertParams.model_validate({**cfg.model_dump(), **{f"{p}_steps": n for p, n in steps.items()}})
+        runs = []
+        for seed in seeds:
+            svf, result = study.train_z(cfg, seed)
+            scores = study.test_scores(svf, result.best_z)
+            rl = [r for r in result.curve if r["phase"] == "rl" and "reward" in r]
+            runs.append({
+                "seed": seed,
+                "steps": dict(result.phases),
+                "train_seconds": round(result.seconds, 1),
+                "val_accuracy": {"base": result.base_val, "best": result.best_val, "sft": result.sft_val},
+                "test_accuracy": round(sum(scores) / len(scores), 4),
+                "gain": paired_bootstrap(study.base, scores, seed=params.seed),
+                "rl_reward_first_last": [rl[0]["reward"], rl[-1]["reward"]] if rl else None,
+                "rl_grad_norm_mean": round(statistics.fmean(r.get("grad_norm", 0.0) for r in rl), 6) if rl else None,
+                "rl_zero_std_groups_mean": round(statistics.fmean(r["zero_std_groups"] for r in rl), 4)
+                if rl and all("zero_std_groups" in r for r in rl) else None,
+                "scores": scores,
+            })  # fmt: skip
+            if progress:
+                print(f"{name}, seed {seed}: test {runs[-1]['test_accuracy']:.3f} "
+                      f"(base {sum(study.base) / len(study.base):.3f})", flush=True)  # fmt: skip
+        summary = _aggregate(study, runs)
+        for run in runs:
+            del run["scores"]
+        results.append({"variant": name, "changes": changes, "steps": dict(runs[0]["steps"]),
+                        "step_seconds": step_seconds, **summary, "runs": runs})  # fmt: skip
+    report = {"domain": domain, "seeds": seeds, "budget_seconds": budget_seconds,
+              "base_test_accuracy": round(sum(study.base) / len(study.base), 4), "test_items": len(study.base),
+              "variants": results, "started_from": base_cfg.model_dump()}  # fmt: skip
     write_json(REPORT_DIR / f"{domain}.json", report)
     with atomic_path(REPORT_DIR / f"{domain}.md") as tmp:
         tmp.write_text(markdown(report))
@@ -98,44 +194,70 @@ def compare_objectives(params: Params, domain: str, rl_steps: int = 60, progress
 
 
 def markdown(report: dict) -> str:
+    budget = report["budget_seconds"]
+    compute = f"equal compute: {budget:g} s of training steps each" if budget else "the configured steps"
     lines = [
-        f"# Objectives compared: {report['domain']} (seed {report['seed']}, {report['test_items']} test items)",
+        f"# Objectives compared: {report['domain']} (seeds {report['seeds']}, {report['test_items']} test items)",
         "",
-        f"Base test accuracy {100 * report['base_test_accuracy']:.1f} %. Each z keeps its best val step.",
+        f"Base test accuracy {100 * report['base_test_accuracy']:.1f} %; {compute}. Each z keeps its best val "
+        "step. Gain: mean over seeds with a 95 % t-interval across seeds; pooled: the seed-averaged item "
+        "scores against the base (paired bootstrap).",
         "",
-        "| variant | steps | train s | best val % | test % | gain, points [95 % CI] |",
-        "|---|---|---|---|---|---|",
+        "| variant | steps | train s | gain per seed | mean gain [seed CI] | pooled [95 % CI] | RL reward first→last |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for run in report["runs"]:
-        gain = run["gain"]
-        ci = f"{gain['gain_points']:+.1f} [{gain['ci_low']:+.1f}, {gain['ci_high']:+.1f}]"
-        steps = " + ".join(f"{phase} {n}" for phase, n in run["steps"].items())
-        lines.append(
-            f"| {run['variant']} | {steps} | {run['train_seconds']:.0f} | {100 * run['val_accuracy']['best']:.1f} | "
-            f"{100 * run['test_accuracy']:.1f} | {ci} |"
-        )
+    for v in report["variants"]:
+        steps = " + ".join(f"{phase} {n}" for phase, n in v["steps"].items())
+        per_seed = ", ".join(f"{g:+.1f}" for g in v["gain_points_per_seed"])
+        seed_ci = "" if v["seed_ci_low"] is None else f" [{v['seed_ci_low']:+.1f}, {v['seed_ci_high']:+.1f}]"
+        pooled = v["pooled"]
+        rewards = [r["rl_reward_first_last"] for r in v["runs"] if r["rl_reward_first_last"]]
+        reward = "; ".join(f"{a:.2f} → {b:.2f}" for a, b in rewards) or "–"
+        lines.append(f"| {v['variant']} | {steps} | {v['train_seconds_mean']:.0f} | {per_seed} | "
+                     f"{v['gain_points_mean']:+.1f}{seed_ci} | {pooled['gain_points']:+.1f} "
+                     f"[{pooled['ci_low']:+.1f}, {pooled['ci_high']:+.1f}] | {reward} |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _steps_arg(value: str) -> tuple[str, dict[str, int]]:
+    """'VARIANT=sft:120,rl:40' → (VARIANT, {sft: 120, rl: 40})."""
+    name, _, spec = value.rpartition("=")
+    try:
+        steps = {phase: int(n) for phase, n in (part.split(":") for part in spec.split(","))}
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected VARIANT=sft:N,rl:M") from error
+    if not name or not steps or set(steps) - {"sft", "rl"} or min(steps.values()) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected VARIANT=sft:N,rl:M with N, M >= 1")
+    return name, steps
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.objective_study",
-        description="From experts.DOMAIN in params.yaml, trains z with sft, rl (greedy REINFORCE, trl GRPO, trl RLOO), "
-        "sft+rl (the configured algorithm) and sft+rl with trl RLOO, on the same base and seed; each keeps its best "
-        "val z. Scores each on DOMAIN's test split with a paired bootstrap CI of the gain over the base and writes "
-        "reports/objective_study/DOMAIN.{json,md}. Needs `dvc repro decompose` first.",
+        description="From experts.DOMAIN in params.yaml, trains z with sft, rl (greedy REINFORCE, trl GRPO with its "
+        "default DAPO loss, trl RLOO), sft+rl (the configured algorithm) and sft+rl with trl RLOO, on the same base, "
+        "once per seed; each keeps its best val z. Scores each on DOMAIN's test split against the base (paired "
+        "bootstrap), aggregates over seeds and writes reports/objective_study/DOMAIN.{json,md}. Needs "
+        "`dvc repro decompose` first.",
+        epilog="Equal compute, three seeds: --budget-seconds 60 --seeds 0 1 2 (about 6 x 3 x 75 s plus the timing "
+        "runs on 2 cores for math).",
     )
     parser.add_argument("domain", help="a domain with an `experts.<domain>` entry in params.yaml")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--rl-steps", type=int, default=60, help="RL steps of the RL-only variants (default 60)")
+    parser.add_argument("--rl-steps", type=int, default=60, help="RL steps of the RL-only variants without a budget")
+    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: params seed)")
+    parser.add_argument("--budget-seconds", type=float, help="equal compute: seconds of training steps per run")
+    parser.add_argument("--steps", type=_steps_arg, action="append", default=[],
+                        help="VARIANT=sft:N,rl:M: a variant's steps as a report records them (repeatable)")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
-        report = compare_objectives(load_params(args.params), args.domain, args.rl_steps, progress=not args.quiet)
+        report = compare_objectives(load_params(args.params), args.domain, args.rl_steps, args.seeds,
+                                    args.budget_seconds, dict(args.steps), progress=not args.quiet)  # fmt: skip
     except UserError as error:
         print(f"objective_study: {error}", file=sys.stderr)
         return error.exit_code
-    print(json.dumps({run["variant"]: run["gain"]["gain_points"] for run in report["runs"]}))
+    print(json.dumps({v["variant"]: v["gain_points_mean"] for v in report["variants"]}))
     return 0
 
 

@@ -205,21 +205,41 @@ def test_trl_rl_phase_trains_z_only_and_reports_each_step(project, tmp_path, mon
 
 
 def test_compare_objectives_reports_every_variant_against_the_base(workdir_project, capsys):
-    assert objective_study(["math", "--quiet", "--rl-steps", "2"]) == 0
+    assert objective_study(["math", "--quiet", "--rl-steps", "2", "--seeds", "0", "1"]) == 0
     report = json.loads(Path("reports/objective_study/math.json").read_text())
-    algorithms = [run["changes"].get("rl_algorithm") for run in report["runs"]]
-    assert algorithms == [None, "reinforce", "grpo", "rloo", None, "rloo"]
-    for run in report["runs"]:
-        assert run["gain"]["ci_low"] <= run["gain"]["gain_points"] <= run["gain"]["ci_high"]
-        assert run["gain"]["items"] == report["test_items"] == 12
-    assert report["runs"][1]["steps"] == {"rl": 2} and report["runs"][4]["steps"] == {"sft": 2, "rl": 2}
+    algorithms = [v["changes"].get("rl_algorithm") for v in report["variants"]]
+    assert algorithms == [None, "reinforce", "grpo", "rloo", None, "rloo"] and report["seeds"] == [0, 1]
+    for variant in report["variants"]:
+        gains = [run["gain"]["gain_points"] for run in variant["runs"]]
+        assert gains == variant["gain_points_per_seed"] and [r["seed"] for r in variant["runs"]] == [0, 1]
+        assert variant["seed_ci_low"] <= variant["gain_points_mean"] == round(sum(gains) / 2, 2) \
+            <= variant["seed_ci_high"]
+        assert variant["pooled"]["items"] == report["test_items"] == 12
+    rl = report["variants"][2]["runs"][0]  # trl's own logs: whether the loss reached z, and dead groups
+    assert rl["rl_grad_norm_mean"] > 0 and 0 <= rl["rl_zero_std_groups_mean"] <= 1
+    assert report["variants"][1]["steps"] == {"rl": 2} and report["variants"][4]["steps"] == {"sft": 2, "rl": 2}
     table = Path("reports/objective_study/math.md").read_text()
     assert table.count("\n| ") == 7  # header + one row per variant
     assert not Path("models/experts").exists()  # a comparison writes no expert
     assert objective_study(["math", "--quiet", "--rl-steps", "0"]) == 1
     assert objective_study(["poetry", "--quiet"]) == 1
+    assert objective_study(["math", "--quiet", "--steps", "sfft=sft:2"]) == 1
     err = capsys.readouterr().err
     assert "--rl-steps must be at least 1" in err and "no `experts.poetry` entry" in err
+    assert "--steps names no variant: ['sfft']" in err
+
+
+def test_equal_compute_sets_steps_from_a_timing_run_and_replays_them(workdir_project):
+    assert objective_study(["math", "--quiet", "--budget-seconds", "0.5", "--steps", "sft=sft:3"]) == 0
+    report = json.loads(Path("reports/objective_study/math.json").read_text())
+    timed = {v["variant"]: v for v in report["variants"]}
+    assert timed["sft"]["steps"] == {"sft": 3} and timed["sft"]["step_seconds"] is None  # given, not timed
+    mixed = next(v for name, v in timed.items() if name.startswith("sft+rl (reinforce"))
+    assert set(mixed["step_seconds"]) == {"sft", "rl"} and min(mixed["steps"].values()) >= 1
+    replay = [f"{name}={','.join(f'{p}:{n}' for p, n in v['steps'].items())}" for name, v in timed.items()]
+    assert objective_study(["math", "--quiet", *[a for r in replay for a in ("--steps", r)]]) == 0
+    again = json.loads(Path("reports/objective_study/math.json").read_text())
+    assert [v["gain_points_per_seed"] for v in again["variants"]] == [v["gain_points_per_seed"] for v in timed.values()]
 
 
 def test_trl_algorithms_need_sampled_groups():

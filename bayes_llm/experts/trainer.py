@@ -262,6 +262,8 @@ class Trainer:
             if math.isfinite(record["loss"]):  # a non-finite loss must not reach z: _finish() stops the run
                 loss.backward()
                 self.shards.sum_gradients(self.svf.parameters())
+                grads = [p.grad.norm() for p in self.svf.parameters() if p.grad is not None]
+                record["grad_norm"] = round(float(torch.stack(grads).norm()), 6) if grads else 0.0
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             self._finish(step, record)
