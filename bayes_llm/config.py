@@ -188,7 +188,7 @@ class LocalSource(Strict):
     test_only: bool = False
     # Letter: how a multiple-choice answer is given. `letter`: the model writes the letter, and lm-eval
     # scores each letter's log-likelihood. `text`: the model writes the right choice's text (an expert
-    # imitates it) and lm-eval scores each choice's text (length-normalized, as its `arc_easy` does): a
+    # imitates it) and lm-eval scores each choice's text (per character, as its `arc_easy` does): a
     # small model picks letters at chance but knows the answers' words.
     choice_answer: Literal["letter", "text"] = "letter"
 

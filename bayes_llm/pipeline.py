@@ -126,12 +126,15 @@ class Workspace:
         """`dvc push --run-cache` leaves out the objects of `cache: false` outputs (the reports), so
         another workspace could not restore those stages from the run-cache: push them too."""
         from dvc.repo import Repo
+        from dvc_data.hashfile.tree import Tree
 
         with Repo(str(self.root)) as repo:
             stages = [s for t in targets for s in repo.stage.collect(t)] if targets else list(repo.index.stages)
             objects = [out.hash_info for s in stages for out in s.outs if not out.use_cache and out.hash_info]
             # The run-cache save committed those files to the local cache; outputs never run have none.
             present = [h for h in objects if repo.cache.local.exists(h.value)]
+            # a directory's object lists its files; the push sends only the objects it is given
+            present += [oid for h in present if h.isdir for _, _, oid in Tree.load(repo.cache.local, h)]
             if present and (failed := repo.cloud.push(present).failed):
                 raise TransientFailure(f"could not push {len(failed)} report object(s) to the DVC remote")
 

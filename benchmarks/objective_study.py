@@ -45,6 +45,7 @@ REPORT_DIR = paths.REPORTS / "objective_study"
 SAMPLED = {"num_generations": 4, "temperature": 0.7, "rl_batch_size": 8, "rl_learning_rate": 3e-3}
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 TIMING_STEPS = (2, 6)
+MAX_STEPS = 5_000  # a budget that asks for more is a mistyped one (or a timing gone wrong)
 
 
 def variants(cfg: ExpertParams, rl_steps: int) -> dict[str, dict]:
@@ -94,24 +95,32 @@ class _Study:
         return scores
 
     def step_seconds(self, cfg: ExpertParams, phase: str) -> float:
-        """Seconds per training step of `phase` under `cfg`, from two short runs (their difference
-        cancels validation and set-up)."""
-        only = {"objective": phase, f"{phase}_steps": 0, "eval_every": 10_000}
+        """Seconds per training step of `phase` under `cfg`, from a 2-step and a 6-step run after a
+        discarded 1-step one (imports, first-call warm-up): their difference cancels validation and
+        set-up. RL is timed from z = 1, not from an SFT z."""
         seconds = []
-        for steps in TIMING_STEPS:
-            timed = ExpertParams.model_validate({**cfg.model_dump(), **only, f"{phase}_steps": steps})
+        for steps in (1, *TIMING_STEPS):
+            timed = ExpertParams.model_validate({**cfg.model_dump(), "objective": phase, f"{phase}_steps": steps,
+                                                 "eval_every": 10_000})  # fmt: skip
             started = time.perf_counter()
             svf, _ = self.train_z(timed, self.params.seed)
             svf.detach()
             seconds.append(time.perf_counter() - started)
-        return max((seconds[1] - seconds[0]) / (TIMING_STEPS[1] - TIMING_STEPS[0]), 1e-3)
+        per_step = (seconds[2] - seconds[1]) / (TIMING_STEPS[1] - TIMING_STEPS[0])
+        if per_step <= 0:
+            raise UserError(f"timing {phase} steps gave {per_step:.3f} s per step (a busy machine?): rerun, or "
+                            "give the steps with --steps")  # fmt: skip
+        return per_step
 
 
 def _equal_compute(study: _Study, cfg: ExpertParams, budget: float) -> tuple[dict[str, int], dict[str, float]]:
     """Steps per phase so that the run trains for `budget` seconds (halved between sft and rl)."""
     phases = [p for p in ("sft", "rl") if p in cfg.objective]
     timing = {p: round(study.step_seconds(cfg, p), 3) for p in phases}
-    return {p: max(1, round(budget / len(phases) / timing[p])) for p in phases}, timing
+    steps = {p: max(1, round(budget / len(phases) / timing[p])) for p in phases}
+    if max(steps.values()) > MAX_STEPS:
+        raise UserError(f"{budget:g} s would be {steps} steps at {timing} s per step: more than {MAX_STEPS}")
+    return steps, timing
 
 
 def _aggregate(study: _Study, runs: list[dict]) -> dict:
@@ -171,7 +180,8 @@ def compare_objectives(params: Params, domain: str, rl_steps: int = 60, seeds: l
                 "test_accuracy": round(sum(scores) / len(scores), 4),
                 "gain": paired_bootstrap(study.base, scores, seed=params.seed),
                 "rl_reward_first_last": [rl[0]["reward"], rl[-1]["reward"]] if rl else None,
-                "rl_grad_norm_mean": round(statistics.fmean(r.get("grad_norm", 0.0) for r in rl), 6) if rl else None,
+                "rl_grad_norm_mean": round(statistics.fmean(r["grad_norm"] for r in rl), 6)
+                if rl and all("grad_norm" in r for r in rl) else None,
                 "rl_zero_std_groups_mean": round(statistics.fmean(r["zero_std_groups"] for r in rl), 4)
                 if rl and all("zero_std_groups" in r for r in rl) else None,
                 "scores": scores,

@@ -112,12 +112,13 @@ def test_code_in_a_markdown_block_is_the_program():
 
 
 def test_a_written_answer_names_its_choice_by_letter_or_by_text():
-    rows = [{"answer": "C", "choices": ["4", "42", "light years", "light"]}] * 6
-    written = ["Light years.", "C) light years", "light years per second", "#### C", "42", "lightyears"]
-    assert correctness("letter", written, rows) == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
-    # the longest choice the words spell out ("light years" for C above), not one that only prefixes them
-    others = [{**rows[0], "answer": "A"}, {**rows[0], "answer": "D"}]
-    assert correctness("letter", ["4 is the answer", "light"], others) == [1.0, 1.0]
+    rows = [{"answer": "C", "choices": ["4", "42", "light years", "C"]}] * 7
+    written = ["Light years.", "C) light years", "light years per second", "#### C", "42", "(C)", "4 is it"]
+    assert correctness("letter", written, rows) == [1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    # a letter opening the answer is that letter, even where a choice's text is a letter
+    assert correctness("letter", ["C", "D"], [{**rows[0], "answer": "D"}] * 2) == [0.0, 1.0]
+    # a number that only opens a worked answer names no choice (the synthetic scans write '12 is the largest.')
+    assert correctness("letter", ["12 is the largest."], [{"answer": "A", "choices": ["12", "3"]}]) == [0.0]
 
 
 def _arc_rows(n: int, prefix: str) -> list[dict]:
@@ -194,7 +195,6 @@ def test_the_real_profile_parses_and_its_bad_variants_are_refused():
     real = parse_params({**raw, "profile": "real"})
     assert real.model.source.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and real.data.domains.math is None
     assert real.data.sources["arc_challenge"].test_only and set(real.experts) == {"math", "code", "reasoning"}
-    assert {real.data.sources[name].choice_answer for name in ("reasoning", "arc_challenge")} == {"text"}
     typo = copy.deepcopy({**raw, "profile": "real"})
     typo["real"]["experts"]["math"]["sft_stepz"] = 3
     with pytest.raises(ParamsError, match=re.escape("experts.math.sft_stepz: unknown key")):

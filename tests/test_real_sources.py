@@ -84,6 +84,7 @@ def test_arc_answered_by_its_choice_text_trains_and_scores_on_the_text(workdir):
     from lm_eval.tasks import TaskManager
 
     from bayes_llm.data import prepared
+    from bayes_llm.evaluate.lm import task_domain
     from bayes_llm.stages.evaluate import _task_files, scoring
 
     rows = [{"id": f"Mercury_{i}", "question": f"Which is the {i}th metal?",
@@ -100,6 +101,8 @@ def test_arc_answered_by_its_choice_text_trains_and_scores_on_the_text(workdir):
     tasks = _task_files(infos, {}, workdir, experts=["reasoning"])
     assert tasks["reasoning"] == "bayes_llm_reasoning_gen" and tasks["reasoning_loglik"] == "bayes_llm_reasoning_choice"
     assert scoring("reasoning_loglik", tasks["reasoning_loglik"], "letter") == "choice_text"
+    # every system answers the choice-text task with the domain's weights (oracle: its expert)
+    assert task_domain(tasks["reasoning_loglik"]) == task_domain(tasks["reasoning"]) == "reasoning"
     manager = TaskManager(include_path=str(workdir), include_defaults=False)
     task = manager.load("bayes_llm_reasoning_choice")["tasks"]["bayes_llm_reasoning_choice"]
     doc = next(iter(task.test_docs()))

@@ -80,8 +80,9 @@ def map_row(domain: str, raw: dict[str, Any], fields: FieldMap, answer_kind: str
         answer = _letter(answer, labels)
         if row["prompt"] is not None and row["choices"]:
             row["prompt"] = format_choices(str(row["prompt"]), row["choices"])
-        if local and local.choice_answer == "text" and row["choices"] and str(answer) in LETTERS[: len(row["choices"])]:
-            solution = row["choices"][LETTERS.index(str(answer))]  # the reply an expert learns to write
+        letters = list(LETTERS[: len(row["choices"] or [])])
+        if local and local.choice_answer == "text" and answer in letters:
+            solution = row["choices"][letters.index(answer)]  # the reply an expert learns to write
     row["answer"] = None if answer is None else str(answer).strip()
     if answer_kind == "number" and row["answer"] is not None:
         row["answer"] = normalise_number(row["answer"])

@@ -32,7 +32,7 @@ from lm_eval.models.huggingface import HFLM
 from bayes_llm import paths
 from bayes_llm.data import prepared
 from bayes_llm.errors import UserError
-from bayes_llm.evaluate import WRITTEN_SUFFIX
+from bayes_llm.evaluate import CHOICE_SUFFIX, WRITTEN_SUFFIX
 from bayes_llm.inference.engine import Engine, blend_key
 from bayes_llm.prompts import is_chat
 
@@ -41,8 +41,9 @@ Weights = tuple[tuple, Callable[[], None]]  # (key, load the weights)
 
 
 def task_domain(task_name: str) -> str:
-    """bayes_llm_reasoning and bayes_llm_reasoning_gen (the same items, answered in writing) → reasoning."""
-    return task_name.removeprefix(TASK_PREFIX).removesuffix(WRITTEN_SUFFIX)
+    """bayes_llm_reasoning, bayes_llm_reasoning_gen (the same items, answered in writing) and
+    bayes_llm_reasoning_choice (scored by the choices' texts) → reasoning."""
+    return task_name.removeprefix(TASK_PREFIX).removesuffix(WRITTEN_SUFFIX).removesuffix(CHOICE_SUFFIX)
 
 
 def request_prompt(request) -> str:

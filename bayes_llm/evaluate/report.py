@@ -29,7 +29,7 @@ MEASURES = {
     "letter": "greedy, the choice it names: the letter after `####` (the model may write its scan first), or the "
     "choice's text written out",
     "letter_loglik": "multiple choice by option log-likelihood (the letter right after `Answer:`; no writing)",
-    "choice_text": "multiple choice by each choice's text, log-likelihood per byte (lm-eval's acc_norm; no writing)",
+    "choice_text": "multiple choice by each choice's text, log-likelihood per character (lm-eval's acc_norm)",
 }
 
 

@@ -29,4 +29,4 @@ def pass_at_k(model, tokenizer, kind: str, rows: Sequence[dict], k: int, tempera
         hits = correctness(kind, texts, [row for row in chunk for _ in range(k)])
         solved += [max(hits[i * k : (i + 1) * k]) for i in range(len(chunk))]
     items = max(len(rows), 1)
-    return {"pass1": round(sum(pass1) / items, 4), "passk": round(sum(solved) / items, 4)}
+    return {"pass1": sum(pass1) / items, "passk": sum(solved) / items}

@@ -32,7 +32,8 @@ class _PerStep(TrainerCallback):
             record = {"loss": float(logs["loss"]), "reward": float(logs.get("reward", 0.0))}
             record["kl"] = float(logs.get("kl", 0.0))
             # whether the loss reaches z at all, and how many groups had nothing to learn from
-            record["grad_norm"] = float(logs.get("grad_norm", 0.0))
+            if "grad_norm" in logs:
+                record["grad_norm"] = float(logs["grad_norm"])
             if "frac_reward_zero_std" in logs:
                 record["zero_std_groups"] = float(logs["frac_reward_zero_std"])
             self.on_step(self.first_step + state.global_step - 1, record)

@@ -28,18 +28,24 @@ def extract_letter(completion: str) -> str | None:
     return match.group(1) if match else None
 
 
+_BARE_LETTER = re.compile(r"^\s*\(?([A-Z])(?:[).:]|\s|$)")
+
+
 def _plain(text: str) -> str:
     return " ".join(text.casefold().split()).rstrip(".")
 
 
 def extract_choice(completion: str, choices: Sequence[str] | None = None) -> str | None:
-    """The letter a multiple-choice answer names: the choice whose text it writes out (the longest,
-    whole words: `light years` for C), else the first capital letter standing alone (`C`, `C) ...`)."""
-    final = _plain(_final_part(completion))
+    """The letter a multiple-choice answer names: a letter opening it (`C`, `C) light years`), else the
+    choice whose text it is, whole (`Light years.` for C), else the first capital letter standing alone."""
+    final = _final_part(completion)
+    bare = _BARE_LETTER.match(final)
+    if bare:
+        return bare.group(1)
     texts = [_plain(str(c)) for c in ([] if choices is None else list(choices))]  # parquet gives an array
-    written = [(len(t), string.ascii_uppercase[i]) for i, t in enumerate(texts)
-               if t and (final == t or (final.startswith(t) and not final[len(t)].isalnum()))]  # fmt: skip
-    return max(written)[1] if written else extract_letter(completion)
+    if _plain(final) in texts:
+        return string.ascii_uppercase[texts.index(_plain(final))]
+    return extract_letter(completion)
 
 
 def parses_as_python(completion: str) -> bool:

@@ -21,7 +21,7 @@ from bayes_llm.command import Stage
 from bayes_llm.config import Params, load_params
 from bayes_llm.data import prepared
 from bayes_llm.errors import UserError
-from bayes_llm.evaluate import TASKS_DIR, WRITTEN_SUFFIX
+from bayes_llm.evaluate import CHOICE_SUFFIX, TASKS_DIR, WRITTEN_SUFFIX
 from bayes_llm.io import staged_dir, write_json
 from bayes_llm.stats import paired_bootstrap
 
@@ -30,7 +30,6 @@ SHIPPED_KINDS = {"number": "_number", "code": "_code"}
 # A letter domain that has an expert is scored in writing (greedy, the letter after '####', as the
 # expert is trained and validated): its column; by option log-likelihood in a second column.
 LOGLIK = "_loglik"
-CHOICE_SUFFIX = "_choice"  # the task that scores a letter domain's choices by their text
 
 
 def domain_of(column: str) -> str:

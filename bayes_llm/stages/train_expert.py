@@ -1,5 +1,5 @@
 """DVC stage `train_expert@<domain>`: base + svd + data/prepared + params experts.<domain>
-→ models/experts/<domain>.safetensors, reports/experts/<domain>.{json,png}, curve CSVs and
+→ models/experts/<domain>.safetensors, reports/experts/<domain>.{json,png}, the DVCLive curves and
 <domain>_timing.json.
 
 Trains z (`bayes_llm.experts.trainer`) and evaluates it against the base. The report holds base and
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -190,12 +192,16 @@ def log_curves(series: Series, directory: Path) -> None:
     exactly what an uninterrupted one does."""
     from dvclive import Live
 
-    with staged_dir(directory) as staging, Live(str(staging), dvcyaml=False, save_dvc_exp=False, report=None) as live:
-        for step, name, value in sorted((step, name, value) for name, points in series.items()
-                                        for step, value in points):  # fmt: skip
-            live.step = step
-            live.log_metric(name, value)
-        live.make_summary()
+    # Logged outside the repository: under `dvc exp run` DVCLive `git add`s what it finds untracked in
+    # its directory inside it. Then moved into place whole.
+    with tempfile.TemporaryDirectory(prefix="bayes-llm-live-") as scratch, staged_dir(directory) as staging:
+        with Live(scratch, dvcyaml=False, save_dvc_exp=False, report=None) as live:
+            for step, name, value in sorted((step, name, value) for name, points in series.items()
+                                            for step, value in points):  # fmt: skip
+                live.step = step
+                live.log_metric(name, value)
+            live.make_summary()
+        shutil.copytree(scratch, staging, dirs_exist_ok=True)
 
 
 def kept_step(curve: list[dict], best_val: float) -> int:
