@@ -29,7 +29,7 @@ EXPECTED = {
     **{f"reports_experts_live_{d}_plots_metrics_{curve}_tsv": ("step", y)
        for d in ("math", "code", "reasoning")
        for curve, y in (("sft_loss", "loss"), ("rl_reward", "reward"), ("rl_reward_mean10", "reward_mean10"),
-                        ("val_accuracy", "val_accuracy"))},
+                        ("rl_kl", "kl"), ("val_accuracy", "val_accuracy"))},
 }  # fmt: skip
 
 
