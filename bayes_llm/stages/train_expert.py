@@ -14,7 +14,9 @@ experts trained elsewhere from it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -186,6 +188,16 @@ def training_curves(curve: list[dict]) -> Series:
     return {name: [(step, round(value, 6)) for step, value in points] for name, points in series.items() if points}
 
 
+@contextlib.contextmanager
+def _without_env(name: str):
+    saved = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[name] = saved
+
+
 def log_curves(series: Series, directory: Path) -> None:
     """The series through DVCLive (`plots/metrics/<name>.tsv` for `dvc plots`, `metrics.json` with each
     one's last value for `dvc exp show`), written whole once training is done: a resumed run logs
@@ -195,7 +207,10 @@ def log_curves(series: Series, directory: Path) -> None:
     # Logged outside the repository: under `dvc exp run` DVCLive `git add`s what it finds untracked in
     # its directory inside it. Then moved into place whole.
     with tempfile.TemporaryDirectory(prefix="bayes-llm-live-") as scratch, staged_dir(directory) as staging:
-        with Live(scratch, dvcyaml=False, save_dvc_exp=False, report=None) as live:
+        # from outside the repository and its pipeline: DVCLive then reads no git state (an uncommitted
+        # worker clone made it fail with "Empty git repo")
+        with contextlib.chdir(scratch), _without_env("DVC_ROOT"), Live(".", dvcyaml=False, save_dvc_exp=False,
+                                                                       report=None) as live:
             for step, name, value in sorted((step, name, value) for name, points in series.items()
                                             for step, value in points):  # fmt: skip
                 live.step = step
