@@ -11,15 +11,14 @@ from collections.abc import Sequence
 import torch
 
 from bayes_llm.experts.objectives import rollouts
-from bayes_llm.model.greedy import greedy_scores
 from bayes_llm.rewards.correctness import correctness
 
 
 def pass_at_k(model, tokenizer, kind: str, rows: Sequence[dict], k: int, temperature: float, max_new_tokens: int,
-              batch_size: int, seed: int) -> dict[str, float]:  # fmt: skip
-    """{pass1: greedy accuracy, passk: share of rows with a right answer among k samples}."""
+              batch_size: int, seed: int) -> float:  # fmt: skip
+    """The share of rows with a right answer among k completions sampled at `temperature` (pass@1, the
+    greedy accuracy on the same rows, is what the trainer's validation measures)."""
     model.eval()
-    pass1 = greedy_scores(model, tokenizer, kind, rows, max_new_tokens, batch_size)
     torch.manual_seed(seed)
     solved = []
     per_batch = max(1, batch_size // k)  # rows per generate call: k completions each
@@ -28,5 +27,4 @@ def pass_at_k(model, tokenizer, kind: str, rows: Sequence[dict], k: int, tempera
         texts = rollouts(model, tokenizer, chunk, k, temperature, max_new_tokens).texts
         hits = correctness(kind, texts, [row for row in chunk for _ in range(k)])
         solved += [max(hits[i * k : (i + 1) * k]) for i in range(len(chunk))]
-    items = max(len(rows), 1)
-    return {"pass1": sum(pass1) / items, "passk": sum(solved) / items}
+    return sum(solved) / max(len(rows), 1)

@@ -86,8 +86,8 @@ def train_expert(params: Params, domain: str, progress: bool = True) -> dict | N
     svf.detach()
 
     composer = Composer(model, factors)
-    headroom = _headroom(model, tokenizer, composer, kind, trainer.val_rows, cfg, scales.get("sft"), tokens[kind],
-                         params.seed)  # fmt: skip
+    headroom = _headroom(model, tokenizer, composer, kind, trainer.val_rows, cfg, result, scales.get("sft"),
+                         tokens[kind], params.seed)  # fmt: skip
     hits: dict[str, dict[str, list[float]]] = {}
     for other, rows in tests.items():
         other_kind = infos[other]["answer_kind"]
@@ -145,23 +145,25 @@ def train_expert(params: Params, domain: str, progress: bool = True) -> dict | N
     return report | timing
 
 
-def _headroom(model, tokenizer, composer, kind: str, val_rows: list[dict], cfg, sft_scales, tokens: int,
+def _headroom(model, tokenizer, composer, kind: str, val_rows: list[dict], cfg, result, sft_scales, tokens: int,
               seed: int) -> dict | None:  # fmt: skip
-    """pass@1 and pass@k on val of the base and of the SFT z (None without one): how much RL can gain."""
+    """pass@1 and pass@k on val of the base and of the SFT z (None without one): how much RL can gain.
+    pass@1 is the greedy val accuracy the trainer measured on these rows."""
     from bayes_llm.experts.headroom import pass_at_k
 
     if cfg.headroom_k == 0:
         return None
     temperature = cfg.headroom_temperature or cfg.temperature or 1.0
 
-    def measure() -> dict[str, float]:
+    def passk() -> float:
         return pass_at_k(model, tokenizer, kind, val_rows, cfg.headroom_k, temperature, tokens, cfg.eval_batch_size,
                          seed)  # fmt: skip
 
-    out = {"k": cfg.headroom_k, "temperature": temperature, "items": len(val_rows), "base": measure(), "sft": None}
+    out = {"k": cfg.headroom_k, "temperature": temperature, "items": len(val_rows),
+           "base": {"pass1": result.base_val, "passk": passk()}, "sft": None}  # fmt: skip
     if sft_scales is not None:
         composer.merge(sft_scales)
-        out["sft"] = measure()
+        out["sft"] = {"pass1": result.sft_val, "passk": passk()}
         composer.unmerge()
     return out
 
@@ -204,11 +206,10 @@ def log_curves(series: Series, directory: Path) -> None:
     exactly what an uninterrupted one does."""
     from dvclive import Live
 
-    # Logged outside the repository: under `dvc exp run` DVCLive `git add`s what it finds untracked in
-    # its directory inside it. Then moved into place whole.
+    # Logged from a scratch directory outside the repository and its pipeline, then moved into place
+    # whole: inside, DVCLive `git add`s untracked files in its directory under `dvc exp run`, and reads
+    # git state (an uncommitted worker clone failed with "Empty git repo").
     with tempfile.TemporaryDirectory(prefix="bayes-llm-live-") as scratch, staged_dir(directory) as staging:
-        # from outside the repository and its pipeline: DVCLive then reads no git state (an uncommitted
-        # worker clone made it fail with "Empty git repo")
         with contextlib.chdir(scratch), _without_env("DVC_ROOT"), Live(".", dvcyaml=False, save_dvc_exp=False,
                                                                        report=None) as live:
             for step, name, value in sorted((step, name, value) for name, points in series.items()
