@@ -29,6 +29,7 @@ from bayes_llm.svf.decompose import load_factors, read_manifest
 from bayes_llm.svf.expert import load_expert, read_expert
 from bayes_llm.svf.scaling import SVF
 from benchmarks.objective_study import main as objective_study
+from benchmarks.rl_diagnosis import main as rl_diagnosis
 from tests.conftest import ROOT, build_smoke_project, enter_copy
 
 PIPELINE_FIXTURES = {"project"}  # prepare, base, decompose (and more) at smoke size
@@ -240,6 +241,23 @@ def test_equal_compute_sets_steps_from_a_timing_run_and_replays_them(workdir_pro
     assert objective_study(["math", "--quiet", *[a for r in replay for a in ("--steps", r)]]) == 0
     again = json.loads(Path("reports/objective_study/math.json").read_text())
     assert [v["gain_points_per_seed"] for v in again["variants"]] == [v["gain_points_per_seed"] for v in timed.values()]
+
+
+def test_rl_diagnosis_runs_every_algorithm_on_fixed_prompts_and_on_the_train_split(workdir_project, capsys):
+    assert rl_diagnosis(["math", "--steps", "2"]) == 1  # no expert to start from yet
+    assert "not found" in capsys.readouterr().err
+    assert main(["train-expert", "math", "--quiet"]) == 0
+    args = ["math", "--memorize", "2", "--steps", "4", "--learning-rates", "0.001", "0.01", "--rl-batch-size", "2"]
+    assert rl_diagnosis(args) == 0
+    report = json.loads(Path("reports/objective_study/math_rl_diagnosis.json").read_text())
+    algorithms = ["reinforce (group baseline)", "trl grpo (dapo loss)", "trl rloo"]
+    assert list(report["memorize"]["runs"]) == algorithms and report["memorize"]["learning_rate"] == 0.01
+    assert list(report["generalize"]["runs"]) == [f"{a}, lr {lr}" for a in algorithms for lr in ("0.001", "0.01")]
+    for run in [*report["memorize"]["runs"].values(), *report["generalize"]["runs"].values()]:
+        assert len(run["reward"]) == 4 and run["val_best"] >= run["val_start"] and run["grad_norm_mean"] >= 0
+    for chart in ("reward", "val"):
+        assert Path(f"reports/objective_study/math_rl_diagnosis_{chart}.png").stat().st_size > 0
+    assert rl_diagnosis(["math", "--steps", "1"]) == 1
 
 
 def test_trl_algorithms_need_sampled_groups():
