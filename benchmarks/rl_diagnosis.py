@@ -1,4 +1,5 @@
-"""Why does the RL phase not move val? Two checks from the stage's expert z (the z the RL phase continues):
+"""Why does the RL phase not move val? Two checks from the stage's expert z (the z it kept,
+already past SFT):
 
 1. **Can it raise reward at all?** Each RL algorithm trains on a fixed handful of train prompts
    (`--memorize` of them) and is validated on those same prompts. A rising reward and greedy accuracy
@@ -8,13 +9,15 @@
 
 `python -m benchmarks.rl_diagnosis DOMAIN` writes `reports/objective_study/DOMAIN_rl_diagnosis.json`
 and two charts beside it (`..._reward.png`: reward per step in check 1; `..._val.png`: val accuracy
-in check 2). Needs the stage's outputs (`dvc repro train_expert@DOMAIN`). A study, not a stage.
+in check 2); `--tag T` names them `DOMAIN_rl_diagnosis_T...` instead, so a pilot keeps the report.
+Needs the stage's outputs (`dvc repro train_expert@DOMAIN`). A study, not a stage.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -24,7 +27,7 @@ from bayes_llm import paths
 from bayes_llm.config import ExpertParams, load_params
 from bayes_llm.data import prepared
 from bayes_llm.errors import UserError
-from bayes_llm.experts.trainer import Trainer
+from bayes_llm.experts.trainer import Trainer, TrainingError
 from bayes_llm.io import write_json
 from bayes_llm.model.load import load_base
 from bayes_llm.plots import line_plot
@@ -34,7 +37,8 @@ from bayes_llm.svf.expert import load_expert
 from bayes_llm.svf.scaling import SVF
 
 REPORT_DIR = paths.REPORTS / "objective_study"
-# Sampled groups for every algorithm, so they differ only in how a group becomes a loss.
+# Sampled groups for every algorithm. They still differ in more than the loss: our REINFORCE draws
+# each step's prompts with replacement, trl's samplers without, each with its own seed.
 SAMPLED = {"num_generations": 8, "temperature": 1.0}
 ALGORITHMS = {
     "reinforce (group baseline)": {"rl_algorithm": "reinforce", "baseline": True},
@@ -59,11 +63,15 @@ class _Runs:
         svf = SVF(self.model, self.factors, mode=self.params.svf.mode, max_mult=self.params.svf.max_mult)
         svf.load_z(self.start_z)
         started = time.perf_counter()
-        with tempfile.TemporaryDirectory() as checkpoints:
-            result = Trainer(svf, self.tokenizer, self.kind, train, val, cfg, self.params.seed, Path(checkpoints),
-                             self.manifest["svd_fingerprint"], self.tokens, progress=False,
-                             log=lambda _: None).run()  # fmt: skip
-        svf.detach()
+        try:
+            with tempfile.TemporaryDirectory() as checkpoints:
+                result = Trainer(svf, self.tokenizer, self.kind, train, val, cfg, self.params.seed,
+                                 Path(checkpoints), self.manifest["svd_fingerprint"], self.tokens, progress=False,
+                                 log=lambda _: None).run()  # fmt: skip
+        except TrainingError as error:  # a diverging run is a finding, not the end of the study
+            return {"error": str(error), "reward": [], "val_curve": []}
+        finally:
+            svf.detach()
         rl = [r for r in result.curve if "reward" in r]
         return {
             "seconds": round(time.perf_counter() - started, 1),
@@ -71,48 +79,63 @@ class _Runs:
             "val_best": round(result.best_val, 4),
             "val_curve": [[r["step"], round(r["val_accuracy"], 4)] for r in result.curve if "val_accuracy" in r],
             "reward": [round(r["reward"], 4) for r in rl],
-            "grad_norm_mean": round(sum(r.get("grad_norm", 0.0) for r in rl) / max(len(rl), 1), 5),
-        }
+            # None where a step did not log one: a missing norm must not read as a zero gradient
+            "grad_norm_mean": round(statistics.fmean(r["grad_norm"] for r in rl), 6)
+            if rl and all("grad_norm" in r for r in rl) else None,
+            "zero_std_groups_mean": round(statistics.fmean(r["zero_std_groups"] for r in rl), 4)
+            if rl and all("zero_std_groups" in r for r in rl) else None,
+        }  # fmt: skip
 
 
-def _mean_of(values: list[float], part: slice) -> float:
-    chosen = values[part]
-    return round(sum(chosen) / max(len(chosen), 1), 4)
+def _quarters(rewards: list[float]) -> dict:
+    """Mean reward of the first and the last quarter of the steps (one step each for short runs)."""
+    quarter = max(1, len(rewards) // 4)
+    first, last = rewards[:quarter], rewards[-quarter:]
+    return {"reward_first_quarter": round(statistics.fmean(first), 4) if first else None,
+            "reward_last_quarter": round(statistics.fmean(last), 4) if last else None}  # fmt: skip
 
 
 def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning_rates: list[float],
-             rl_batch_size: int) -> dict:  # fmt: skip
+             rl_batch_size: int, tag: str | None = None) -> dict:  # fmt: skip
     params = load_params(params_path)
     if domain not in params.experts:
         raise UserError(f"no experts.{domain} in {params_path}")
-    if memorize < 1 or steps < 2:
-        raise UserError("--memorize must be at least 1 and --steps at least 2")
+    if steps < 2 or rl_batch_size < 1:
+        raise UserError(f"--steps must be at least 2 and --rl-batch-size at least 1 (got {steps}, {rl_batch_size})")
+    if any(not 0 < lr <= 10 for lr in learning_rates) or len(set(learning_rates)) < len(learning_rates):
+        raise UserError(f"--learning-rates must be distinct values in (0, 10] (got {learning_rates})")
+    if tag is not None and not tag.replace("-", "").replace("_", "").isalnum():
+        raise UserError(f"--tag must be letters, digits, - or _ (got {tag!r})")
     train = prepared.read_split(paths.DATA, domain, "train")
     val = prepared.read_split(paths.DATA, domain, "val")
-    runs = _Runs(params, domain)
+    # trl's sampler drops a batch it cannot fill: fewer prompts than a batch would train nothing
+    if not rl_batch_size <= memorize <= len(train):
+        raise UserError(f"--memorize must be between --rl-batch-size ({rl_batch_size}) and the train split's "
+                        f"{len(train)} rows (got {memorize})")  # fmt: skip
     base_cfg = params.experts[domain].model_dump()
     every = max(1, steps // 3)
-
-    def cfg(changes: dict, lr: float) -> ExpertParams:
-        return ExpertParams.model_validate({**base_cfg, "objective": "rl", "rl_steps": steps, "rl_learning_rate": lr,
-                                            "rl_batch_size": rl_batch_size, "eval_every": every, **SAMPLED,
-                                            **changes})  # fmt: skip
+    # every config is checked before minutes of training
+    configs = {(name, lr): ExpertParams.model_validate({
+        **base_cfg, "objective": "rl", "rl_steps": steps, "rl_learning_rate": lr, "rl_batch_size": rl_batch_size,
+        "eval_every": every, **SAMPLED, **changes}) for name, changes in ALGORITHMS.items() for lr in learning_rates}
+    runs = _Runs(params, domain)  # fmt: skip
 
     fixed = train[:memorize]
     memorized, general = {}, {}
-    for name, changes in ALGORITHMS.items():
-        run = runs.run(fixed, fixed, cfg(changes, max(learning_rates)))
-        memorized[name] = {**run, "reward_first_quarter": _mean_of(run["reward"], slice(0, steps // 4)),
-                           "reward_last_quarter": _mean_of(run["reward"], slice(-(steps // 4), None))}  # fmt: skip
+    for name in ALGORITHMS:
+        run = runs.run(fixed, fixed, configs[name, max(learning_rates)])
+        memorized[name] = {**run, **_quarters(run["reward"])}
         print(f"memorize {name}: reward {memorized[name]['reward_first_quarter']} -> "
-              f"{memorized[name]['reward_last_quarter']}, greedy {run['val_start']} -> {run['val_best']}", flush=True)
+              f"{memorized[name]['reward_last_quarter']}, greedy {run.get('val_start')} -> {run.get('val_best')}",
+              flush=True)  # fmt: skip
         for lr in learning_rates:
-            run = runs.run(train, val, cfg(changes, lr))
+            run = runs.run(train, val, configs[name, lr])
             general[f"{name}, lr {lr:g}"] = run
-            print(f"generalize {name} lr {lr:g}: val {run['val_curve']}", flush=True)
+            print(f"generalize {name} lr {lr:g}: val {run['val_curve'] or run.get('error')}", flush=True)
     report = {
         "domain": domain,
         "start": f"the stage's expert z ({paths.expert_file(domain).name})",
+        "seed": params.seed,
         "steps": steps,
         "rl_batch_size": rl_batch_size,
         "sampling": SAMPLED,
@@ -120,12 +143,12 @@ def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning
         "generalize": {"train_prompts": len(train), "val_items": min(len(val), params.experts[domain].val_items),
                        "runs": general},
     }  # fmt: skip
-    write_json(REPORT_DIR / f"{domain}_rl_diagnosis.json", report)
-    line_plot({name: _smoothed(run["reward"]) for name, run in memorized.items()},
-              REPORT_DIR / f"{domain}_rl_diagnosis_reward.png",
+    stem = f"{domain}_rl_diagnosis" + (f"_{tag}" if tag else "")
+    write_json(REPORT_DIR / f"{stem}.json", report)
+    line_plot({name: _smoothed(run["reward"]) for name, run in memorized.items()}, REPORT_DIR / f"{stem}_reward.png",
               f"{domain}: RL on {memorize} fixed prompts (reward, mean of 5 steps)", "step", "reward")  # fmt: skip
     line_plot({name: [tuple(p) for p in run["val_curve"]] for name, run in general.items()},
-              REPORT_DIR / f"{domain}_rl_diagnosis_val.png", f"{domain}: RL on the train split", "step",
+              REPORT_DIR / f"{stem}_val.png", f"{domain}: RL on the train split", "step",
               "val accuracy (greedy)")  # fmt: skip
     return report
 
@@ -141,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         description="From the stage's expert z of DOMAIN: does each RL algorithm (our REINFORCE with a group "
         "baseline, trl GRPO, trl RLOO; sampled groups) raise the reward on a few fixed prompts, and does it "
         "raise val accuracy when trained on the whole train split? Writes "
-        "reports/objective_study/DOMAIN_rl_diagnosis.{json,_reward.png,_val.png}.",
+        "reports/objective_study/DOMAIN_rl_diagnosis{.json,_reward.png,_val.png}.",
     )
     parser.add_argument("domain")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -150,14 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-3, 1e-2],
                         help="check 2's learning rates; check 1 uses the largest")  # fmt: skip
     parser.add_argument("--rl-batch-size", type=int, default=16, help="prompts per step")
+    parser.add_argument("--tag", help="a pilot's name: writes DOMAIN_rl_diagnosis_TAG... beside the report")
     args = parser.parse_args(argv)
     try:
         report = diagnose(args.params, args.domain, args.memorize, args.steps, args.learning_rates,
-                          args.rl_batch_size)  # fmt: skip
+                          args.rl_batch_size, args.tag)  # fmt: skip
     except UserError as error:
         print(f"rl_diagnosis: {error}", file=sys.stderr)
         return error.exit_code
-    print(json.dumps({name: [run["val_start"], run["val_best"]] for name, run in report["generalize"]["runs"].items()}))
+    print(json.dumps({name: [run.get("val_start"), run.get("val_best")]
+                      for name, run in report["generalize"]["runs"].items()}))  # fmt: skip
     return 0
 
 

@@ -245,19 +245,33 @@ def test_equal_compute_sets_steps_from_a_timing_run_and_replays_them(workdir_pro
 
 def test_rl_diagnosis_runs_every_algorithm_on_fixed_prompts_and_on_the_train_split(workdir_project, capsys):
     assert rl_diagnosis(["math", "--steps", "2"]) == 1  # no expert to start from yet
-    assert "not found" in capsys.readouterr().err
+    assert "expert file not found" in capsys.readouterr().err
     assert main(["train-expert", "math", "--quiet"]) == 0
     args = ["math", "--memorize", "2", "--steps", "4", "--learning-rates", "0.001", "0.01", "--rl-batch-size", "2"]
     assert rl_diagnosis(args) == 0
     report = json.loads(Path("reports/objective_study/math_rl_diagnosis.json").read_text())
     algorithms = ["reinforce (group baseline)", "trl grpo (dapo loss)", "trl rloo"]
-    assert list(report["memorize"]["runs"]) == algorithms and report["memorize"]["learning_rate"] == 0.01
+    memorized = report["memorize"]
+    assert list(memorized["runs"]) == algorithms and memorized["learning_rate"] == 0.01 and memorized["prompts"] == 2
     assert list(report["generalize"]["runs"]) == [f"{a}, lr {lr}" for a in algorithms for lr in ("0.001", "0.01")]
-    for run in [*report["memorize"]["runs"].values(), *report["generalize"]["runs"].values()]:
-        assert len(run["reward"]) == 4 and run["val_best"] >= run["val_start"] and run["grad_norm_mean"] >= 0
+    for run in [*memorized["runs"].values(), *report["generalize"]["runs"].values()]:
+        assert len(run["reward"]) == 4 and [step for step, _ in run["val_curve"]] == [0, 1, 2, 3, 4]
+        assert run["grad_norm_mean"] is not None
+    for name, run in memorized["runs"].items():  # a quarter of 4 steps is one step
+        assert run["reward_first_quarter"] == run["reward"][0] and run["reward_last_quarter"] == run["reward"][-1]
+        assert (run["zero_std_groups_mean"] is None) == (name.startswith("reinforce"))  # trl logs dead groups
     for chart in ("reward", "val"):
         assert Path(f"reports/objective_study/math_rl_diagnosis_{chart}.png").stat().st_size > 0
-    assert rl_diagnosis(["math", "--steps", "1"]) == 1
+    for bad, message in [
+        (["--steps", "1"], "--steps must be at least 2"),
+        (["--learning-rates", "0"], "--learning-rates must be distinct values in (0, 10]"),
+        (["--learning-rates", "0.01", "0.01"], "--learning-rates must be distinct"),
+        (["--rl-batch-size", "0"], "--rl-batch-size at least 1"),
+        (["--memorize", "1", "--rl-batch-size", "2"], "--memorize must be between --rl-batch-size (2)"),
+        (["--tag", "../x"], "--tag must be letters"),
+    ]:
+        assert rl_diagnosis(["math", *bad]) == 1
+        assert message in capsys.readouterr().err
 
 
 def test_trl_algorithms_need_sampled_groups():
