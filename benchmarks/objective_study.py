@@ -48,6 +48,14 @@ TIMING_STEPS = (2, 6)
 MAX_STEPS = 5_000  # a budget that asks for more is a mistyped one (or a timing gone wrong)
 
 
+def curve_mean(records: list[dict], key: str, digits: int) -> float | None:
+    """Mean of `key` over RL curve records; None unless every record has it (a step that logged no
+    gradient norm must not read as a zero gradient)."""
+    if not records or not all(key in r for r in records):
+        return None
+    return round(statistics.fmean(r[key] for r in records), digits)
+
+
 def variants(cfg: ExpertParams, rl_steps: int) -> dict[str, dict]:
     """name → changes to the domain's params; RL-only runs get `rl_steps`, sft+rl keeps its own."""
     rl_only = {"objective": "rl", "rl_steps": rl_steps}
@@ -180,10 +188,8 @@ def compare_objectives(params: Params, domain: str, rl_steps: int = 60, seeds: l
                 "test_accuracy": round(sum(scores) / len(scores), 4),
                 "gain": paired_bootstrap(study.base, scores, seed=params.seed),
                 "rl_reward_first_last": [rl[0]["reward"], rl[-1]["reward"]] if rl else None,
-                "rl_grad_norm_mean": round(statistics.fmean(r["grad_norm"] for r in rl), 6)
-                if rl and all("grad_norm" in r for r in rl) else None,
-                "rl_zero_std_groups_mean": round(statistics.fmean(r["zero_std_groups"] for r in rl), 4)
-                if rl and all("zero_std_groups" in r for r in rl) else None,
+                "rl_grad_norm_mean": curve_mean(rl, "grad_norm", 6),
+                "rl_zero_std_groups_mean": curve_mean(rl, "zero_std_groups", 4),
                 "scores": scores,
             })  # fmt: skip
             if progress:

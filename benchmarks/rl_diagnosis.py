@@ -35,6 +35,7 @@ from bayes_llm.stages.train_expert import expert_domains
 from bayes_llm.svf.decompose import check_base, load_factors
 from bayes_llm.svf.expert import load_expert
 from bayes_llm.svf.scaling import SVF
+from benchmarks.objective_study import curve_mean
 
 REPORT_DIR = paths.REPORTS / "objective_study"
 # Sampled groups for every algorithm. They still differ in more than the loss: our REINFORCE draws
@@ -50,9 +51,8 @@ ALGORITHMS = {
 class _Runs:
     """The base, its factors and the start z, loaded once; `run` trains a copy of the start z."""
 
-    def __init__(self, params, domain: str) -> None:
-        self.params = params
-        self.kind = expert_domains(params, domain)[domain]["answer_kind"]
+    def __init__(self, params, domain: str, kind: str) -> None:
+        self.params, self.kind = params, kind
         self.tokens = params.base_eval.max_new_tokens[self.kind]
         self.model, self.tokenizer = load_base()
         self.factors, self.manifest = load_factors(paths.SVD)
@@ -79,12 +79,9 @@ class _Runs:
             "val_best": round(result.best_val, 4),
             "val_curve": [[r["step"], round(r["val_accuracy"], 4)] for r in result.curve if "val_accuracy" in r],
             "reward": [round(r["reward"], 4) for r in rl],
-            # None where a step did not log one: a missing norm must not read as a zero gradient
-            "grad_norm_mean": round(statistics.fmean(r["grad_norm"] for r in rl), 6)
-            if rl and all("grad_norm" in r for r in rl) else None,
-            "zero_std_groups_mean": round(statistics.fmean(r["zero_std_groups"] for r in rl), 4)
-            if rl and all("zero_std_groups" in r for r in rl) else None,
-        }  # fmt: skip
+            "grad_norm_mean": curve_mean(rl, "grad_norm", 6),
+            "zero_std_groups_mean": curve_mean(rl, "zero_std_groups", 4),
+        }
 
 
 def _quarters(rewards: list[float]) -> dict:
@@ -98,8 +95,7 @@ def _quarters(rewards: list[float]) -> dict:
 def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning_rates: list[float],
              rl_batch_size: int, tag: str | None = None) -> dict:  # fmt: skip
     params = load_params(params_path)
-    if domain not in params.experts:
-        raise UserError(f"no experts.{domain} in {params_path}")
+    kind = expert_domains(params, domain)[domain]["answer_kind"]
     if steps < 2 or rl_batch_size < 1:
         raise UserError(f"--steps must be at least 2 and --rl-batch-size at least 1 (got {steps}, {rl_batch_size})")
     if any(not 0 < lr <= 10 for lr in learning_rates) or len(set(learning_rates)) < len(learning_rates):
@@ -118,7 +114,7 @@ def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning
     configs = {(name, lr): ExpertParams.model_validate({
         **base_cfg, "objective": "rl", "rl_steps": steps, "rl_learning_rate": lr, "rl_batch_size": rl_batch_size,
         "eval_every": every, **SAMPLED, **changes}) for name, changes in ALGORITHMS.items() for lr in learning_rates}
-    runs = _Runs(params, domain)  # fmt: skip
+    runs = _Runs(params, domain, kind)  # fmt: skip
 
     fixed = train[:memorize]
     memorized, general = {}, {}
@@ -154,8 +150,8 @@ def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning
 
 
 def _smoothed(values: list[float], window: int = 5) -> list[tuple[int, float]]:
-    return [(i + 1, sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1]))
-            for i in range(len(values))]  # fmt: skip
+    """(step, trailing mean over up to `window` steps)."""
+    return [(i + 1, statistics.fmean(values[max(0, i - window + 1) : i + 1])) for i in range(len(values))]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -272,6 +272,8 @@ def test_rl_diagnosis_runs_every_algorithm_on_fixed_prompts_and_on_the_train_spl
     ]:
         assert rl_diagnosis(["math", *bad]) == 1
         assert message in capsys.readouterr().err
+    assert rl_diagnosis(["poetry"]) == 1
+    assert "no `experts.poetry` entry" in capsys.readouterr().err
 
 
 def test_trl_algorithms_need_sampled_groups():
