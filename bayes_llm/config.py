@@ -188,8 +188,9 @@ class LocalSource(Strict):
     test_only: bool = False
     # Letter: how a multiple-choice answer is given. `letter`: the model writes the letter, and lm-eval
     # scores each letter's log-likelihood. `text`: the model writes the right choice's text (an expert
-    # imitates it) and lm-eval scores each choice's text (per character, as its `arc_easy` does): a
-    # small model picks letters at chance but knows the answers' words.
+    # imitates it) and lm-eval scores each choice's text (per character, as its `arc_easy` does; the
+    # expert's kept step is chosen by the same score on val): a small model picks letters at chance but
+    # knows the answers' words.
     choice_answer: Literal["letter", "text"] = "letter"
 
     @model_validator(mode="after")

@@ -206,3 +206,43 @@ def test_the_real_profile_parses_and_its_bad_variants_are_refused():
     expert_on_test_only["real"]["experts"]["arc_challenge"] = {}
     with pytest.raises(ParamsError, match=re.escape("experts.arc_challenge: data.sources.arc_challenge is test_only")):
         parse_params(expert_on_test_only)
+
+
+@pytest.mark.parametrize("chat_template", [False, True])
+def test_cloze_picks_the_choice_text_lm_eval_would(tokenizers, chat_template):
+    """A `choice_answer: text` domain is validated as lm-eval scores its test task: each choice's text
+    after the task's context, log-likelihood per character, the top one is the answer."""
+    import math
+
+    import torch
+    import transformers as tf
+    import yaml
+
+    from bayes_llm.evaluate import TASKS_DIR
+    from bayes_llm.model.cloze import cloze_scores
+    from tests.tiny_models import tiny_config
+
+    tokenizer = tokenizers[chat_template]
+    tf.set_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer))).eval()
+    rows = [{"id": str(i), "prompt": f"What is {i} + 3?", "choices": [str(i + 3), f"{i} apples", "no"],
+             "answer": "A"} for i in range(5)]  # fmt: skip
+    template = yaml.safe_load((TASKS_DIR / "_choice_text").read_text().replace("!function", ""))
+
+    def per_char(row: dict, choice: str) -> float:  # one sequence, no padding
+        context = model_context(tokenizer, template["doc_to_text"].replace("{{prompt}}", row["prompt"]))
+        ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        cont = tokenizer(reply_separator(tokenizer) + choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids + cont])).logits[0].double(), -1)
+        return sum(float(logprobs[len(ids) - 1 + i, t]) for i, t in enumerate(cont)) / len(choice)
+
+    picks = ["ABC"[max(range(3), key=lambda c: per_char(row, row["choices"][c]))] for row in rows]
+    expected = [float(pick == "A") for pick in picks]
+    assert cloze_scores(model, tokenizer, rows, batch_size=1) == expected
+    assert cloze_scores(model, tokenizer, rows, batch_size=7) == expected  # padding and batching change nothing
+    relabelled = [{**row, "answer": pick} for row, pick in zip(rows, picks, strict=True)]
+    assert cloze_scores(model, tokenizer, relabelled, batch_size=4) == [1.0] * len(rows)
+    assert not math.isclose(per_char(rows[0], "no"), per_char(rows[0], "3"))
+    with pytest.raises(ValueError, match="needs the row's choices"):
+        cloze_scores(model, tokenizer, [{"id": "x", "prompt": "p", "answer": "A"}], batch_size=1)

@@ -184,6 +184,23 @@ def test_a_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(pro
     assert json.loads((tmp_path / "ckpt/state.json").read_text())["step"] == 4
 
 
+def test_a_choice_text_domain_is_validated_by_its_choices_likelihood(project, tmp_path, monkeypatch):
+    from bayes_llm.model.cloze import cloze_scores
+
+    monkeypatch.chdir(project)
+    model, tokenizer = load_checkpoint("models/base")
+    factors, _ = load_factors("models/svd")
+    rows = [{"id": str(i), "prompt": f"Which is {i}?", "choices": ["no", str(i), "maybe"], "answer": "B",
+             "solution": str(i)} for i in range(6)]  # fmt: skip
+    base = cloze_scores(*load_checkpoint("models/base"), rows, batch_size=4)
+    monkeypatch.setattr(train_module, "greedy_scores", lambda *_, **__: pytest.fail("validated by greedy answers"))
+    cfg = ExpertParams(objective="sft", sft_steps=2, sft_batch_size=2, eval_every=1, val_items=6, checkpoint_every=9)
+    result = Trainer(SVF(model, factors), tokenizer, "letter", rows, rows, cfg, 0, tmp_path / "ckpt", "fp", 4,
+                     progress=False, cloze=True).run()  # fmt: skip
+    assert result.base_val == sum(base) / len(base)
+    assert [r["step"] for r in result.curve if "val_accuracy" in r] == [0, 1, 2]
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
 def test_trl_rl_phase_trains_z_only_and_reports_each_step(project, tmp_path, monkeypatch, algorithm):
     monkeypatch.chdir(project)

@@ -16,19 +16,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from bayes_llm.model.cloze import right_padded
 from bayes_llm.prompts import classify_question, model_context, reply_separator
 
 
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _right_padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # Right padding: a causal model's scores at real positions never see the padding after them.
-    width = max(len(s) for s in sequences)
-    input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
-    attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
-    return input_ids, attention_mask
 
 
 @torch.no_grad()
@@ -54,7 +47,7 @@ def label_logprobs(
         contexts = [_encode(tokenizer, model_context(tokenizer, classify_question(tokenizer, prompt, labels)))
                     for prompt in chunk]
         if first_token_only:
-            input_ids, attention_mask = _right_padded(contexts, tokenizer.pad_token_id)
+            input_ids, attention_mask = right_padded(contexts, tokenizer.pad_token_id)
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
             last = logits[torch.arange(len(chunk)), torch.tensor([len(c) - 1 for c in contexts])].float()
             out[start : start + len(chunk)] = F.log_softmax(last, dim=-1)[:, firsts].double()
@@ -64,7 +57,7 @@ def label_logprobs(
             for ids in label_ids:
                 sequences.append(context + ids)
                 spans.append((len(context), len(ids)))
-        input_ids, attention_mask = _right_padded(sequences, tokenizer.pad_token_id)
+        input_ids, attention_mask = right_padded(sequences, tokenizer.pad_token_id)
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
         logprobs = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
         scores = [logprobs[i, begin - 1 : begin - 1 + n].sum() for i, (begin, n) in enumerate(spans)]

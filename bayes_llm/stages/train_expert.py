@@ -72,9 +72,10 @@ def train_expert(params: Params, domain: str, progress: bool = True) -> dict | N
     base_hits = {other: base_test_scores(paths.BASE, other, rows, tokens[infos[other]["answer_kind"]])
                  for other, rows in tests.items()}  # fmt: skip
 
+    cloze = infos[domain].get("choice_answer") == "text"  # validated as its test task scores it: by the choices' texts
     svf = SVF(model, factors, mode=params.svf.mode, max_mult=params.svf.max_mult)
     trainer = Trainer(svf, tokenizer, kind, train_rows, val_rows, cfg, params.seed, paths.expert_checkpoint(domain),
-                      manifest["svd_fingerprint"], tokens[kind], progress, shards=shards)  # fmt: skip
+                      manifest["svd_fingerprint"], tokens[kind], progress, shards=shards, cloze=cloze)  # fmt: skip
     result = trainer.run()
     if not shards.main:
         return None
@@ -87,7 +88,7 @@ def train_expert(params: Params, domain: str, progress: bool = True) -> dict | N
 
     composer = Composer(model, factors)
     headroom = _headroom(model, tokenizer, composer, kind, trainer.val_rows, cfg, result, scales.get("sft"),
-                         tokens[kind], params.seed)  # fmt: skip
+                         tokens[kind], params.seed, cloze)  # fmt: skip
     hits: dict[str, dict[str, list[float]]] = {}
     for other, rows in tests.items():
         other_kind = infos[other]["answer_kind"]
@@ -110,6 +111,7 @@ def train_expert(params: Params, domain: str, progress: bool = True) -> dict | N
         "kept_step": kept_step(result.curve, result.best_val),
         "resumed_from_step": result.resumed_from,
         "val_accuracy": {"base": result.base_val, "sft": result.sft_val, "expert": result.best_val},
+        "val_metric": "cloze" if cloze else "greedy",  # the kept z's criterion (test accuracy is greedy)
         "test_accuracy": accuracy[domain],
         "gain": paired_bootstrap(own["base"], own["expert"], seed=params.seed),
         "interference": {
@@ -146,10 +148,12 @@ def train_expert(params: Params, domain: str, progress: bool = True) -> dict | N
 
 
 def _headroom(model, tokenizer, composer, kind: str, val_rows: list[dict], cfg, result, sft_scales, tokens: int,
-              seed: int) -> dict | None:  # fmt: skip
+              seed: int, cloze: bool) -> dict | None:  # fmt: skip
     """pass@1 and pass@k on val of the base and of the SFT z (None without one): how much RL can gain.
-    pass@1 is the greedy val accuracy the trainer measured on these rows."""
+    pass@1 is the greedy val accuracy the trainer measured on these rows (measured here when the trainer
+    validated by cloze)."""
     from bayes_llm.experts.headroom import pass_at_k
+    from bayes_llm.model.greedy import greedy_scores
 
     if cfg.headroom_k == 0:
         return None
@@ -159,11 +163,17 @@ def _headroom(model, tokenizer, composer, kind: str, val_rows: list[dict], cfg, 
         return pass_at_k(model, tokenizer, kind, val_rows, cfg.headroom_k, temperature, tokens, cfg.eval_batch_size,
                          seed)  # fmt: skip
 
+    def pass1(trained: float) -> float:
+        if not cloze:
+            return trained
+        hits = greedy_scores(model, tokenizer, kind, val_rows, tokens, cfg.eval_batch_size)
+        return round(sum(hits) / max(len(hits), 1), 4)
+
     out = {"k": cfg.headroom_k, "temperature": temperature, "items": len(val_rows),
-           "base": {"pass1": result.base_val, "passk": passk()}, "sft": None}  # fmt: skip
+           "base": {"pass1": pass1(result.base_val), "passk": passk()}, "sft": None}  # fmt: skip
     if sft_scales is not None:
         composer.merge(sft_scales)
-        out["sft"] = {"pass1": result.sft_val, "passk": passk()}
+        out["sft"] = {"pass1": pass1(result.sft_val), "passk": passk()}
         composer.unmerge()
     return out
 

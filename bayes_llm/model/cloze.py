@@ -1,0 +1,58 @@
+"""Multiple choice scored by each choice's text (cloze): the quality check of a `choice_answer: text`
+domain, scored as lm-eval scores its test task (`_choice_text.yaml`, acc_norm): log p(choice text |
+the answer context) divided by the text's length in characters; the top choice is the model's answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from bayes_llm.data.rows import LETTERS
+from bayes_llm.prompts import answer_prompt, model_context, reply_separator
+
+
+def right_padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask; right padding, so a causal model's scores at real positions never
+    see the padding after them."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
+    attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    return input_ids, attention_mask
+
+
+@torch.no_grad()
+def cloze_scores(model, tokenizer, rows: Sequence[dict], batch_size: int, progress: bool = False) -> list[float]:
+    """1.0 where the choice with the highest log-likelihood per character is the row's answer, else 0.0."""
+    model.eval()
+    separator = reply_separator(tokenizer)
+    sequences, spans, counts = [], [], []
+    for row in rows:
+        choices = [str(c) for c in row.get("choices") or []]
+        if not choices:
+            raise ValueError(f"row {row.get('id')}: cloze scoring needs the row's choices")
+        context = tokenizer(model_context(tokenizer, answer_prompt(row["prompt"])), add_special_tokens=False)
+        for choice in choices:
+            continuation = tokenizer(separator + choice, add_special_tokens=False)["input_ids"]
+            sequences.append(context["input_ids"] + continuation)
+            spans.append((len(context["input_ids"]), len(continuation), max(len(choice), 1)))
+        counts.append(len(choices))
+    per_char = torch.empty(len(sequences), dtype=torch.float64)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # less padding, same scores
+    for start in tqdm(range(0, len(order), batch_size), desc="cloze", unit="batch", disable=not progress):
+        index = order[start : start + batch_size]
+        input_ids, attention_mask = right_padded([sequences[i] for i in index], tokenizer.pad_token_id)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        logprobs = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
+        for row_in_batch, i in enumerate(index):
+            begin, length, chars = spans[i]
+            per_char[i] = logprobs[row_in_batch, begin - 1 : begin - 1 + length].sum().double() / chars
+    scores, first = [], 0
+    for row, count in zip(rows, counts, strict=True):
+        picked = int(per_char[first : first + count].argmax())
+        scores.append(float(LETTERS[picked] == str(row["answer"]).strip()))
+        first += count
+    return scores
