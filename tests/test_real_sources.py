@@ -95,6 +95,7 @@ def test_arc_answered_by_its_choice_text_trains_and_scores_on_the_text(workdir):
     prepare(smoke_params(sources={"reasoning": arc}), progress=False)
     train = _rows("reasoning")
     assert list(train["solution"]) == [f"iron {i}" for i in range(6)]  # what SFT imitates; the answer stays B
+    assert list(train["prompt"]) == [f"Which is the {i}th metal?" for i in range(6)]  # asked alone, cloze form
     assert set(train["answer"]) == {"B"}
     infos = prepared.domains()
     assert {d["name"]: d["choice_answer"] for d in infos}["reasoning"] == "text"
