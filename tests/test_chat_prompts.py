@@ -5,6 +5,7 @@ shapes, and code answered in a Markdown block."""
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import pytest
 
@@ -117,6 +118,10 @@ def test_a_written_answer_names_its_choice_by_letter_or_by_text():
     assert correctness("letter", written, rows) == [1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
     # a letter opening the answer is that letter, even where a choice's text is a letter
     assert correctness("letter", ["C", "D"], [{**rows[0], "answer": "D"}] * 2) == [0.0, 1.0]
+    # a choice's text may open with a capital: written whole, it is that choice, not the letter
+    arc = {"answer": "B", "choices": ["A plant", "A magnet", "I think so"]}
+    assert correctness("letter", ["A magnet", "a magnet.", "A plant", "I think so", "A) a plant"], [arc] * 5) == [
+        1.0, 1.0, 0.0, 0.0, 0.0]  # fmt: skip
     # a number that only opens a worked answer names no choice (the synthetic scans write '12 is the largest.')
     assert correctness("letter", ["12 is the largest."], [{"answer": "A", "choices": ["12", "3"]}]) == [0.0]
 
@@ -217,9 +222,10 @@ def test_cloze_picks_the_choice_text_lm_eval_would(tokenizers, chat_template):
     import torch
     import transformers as tf
     import yaml
+    from lm_eval.api.model import TemplateLM
 
     from bayes_llm.evaluate import TASKS_DIR
-    from bayes_llm.model.cloze import cloze_scores
+    from bayes_llm.model.cloze import cloze_scores, request_ids
     from tests.tiny_models import tiny_config
 
     tokenizer = tokenizers[chat_template]
@@ -229,10 +235,16 @@ def test_cloze_picks_the_choice_text_lm_eval_would(tokenizers, chat_template):
              "answer": "A"} for i in range(5)]  # fmt: skip
     template = yaml.safe_load((TASKS_DIR / "_choice_text").read_text().replace("!function", ""))
 
+    # lm-eval's own request: the task's context through the template, its delimiter ('' after a chat
+    # header, else the template's ' '), encoded by its `_encode_pair` as BayesLLM encodes (no BOS added)
+    encoder = SimpleNamespace(backend="causal",
+                              tok_encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
+    delimiter = "" if chat_template else " "
+
     def per_char(row: dict, choice: str) -> float:  # one sequence, no padding
         context = model_context(tokenizer, template["doc_to_text"].replace("{{prompt}}", row["prompt"]))
-        ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-        cont = tokenizer(reply_separator(tokenizer) + choice, add_special_tokens=False)["input_ids"]
+        ids, cont = TemplateLM._encode_pair(encoder, context, delimiter + choice)
+        assert (ids, cont) == request_ids(tokenizer, row["prompt"], choice)
         with torch.no_grad():
             logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids + cont])).logits[0].double(), -1)
         return sum(float(logprobs[len(ids) - 1 + i, t]) for i, t in enumerate(cont)) / len(choice)
@@ -244,5 +256,7 @@ def test_cloze_picks_the_choice_text_lm_eval_would(tokenizers, chat_template):
     relabelled = [{**row, "answer": pick} for row, pick in zip(rows, picks, strict=True)]
     assert cloze_scores(model, tokenizer, relabelled, batch_size=4) == [1.0] * len(rows)
     assert not math.isclose(per_char(rows[0], "no"), per_char(rows[0], "3"))
+    if chat_template:  # the header's newline is scored with the choice, as lm-eval scores it
+        assert tokenizer.decode(request_ids(tokenizer, "What is 1 + 3?", "4")[1]).startswith("\n")
     with pytest.raises(ValueError, match="needs the row's choices"):
         cloze_scores(model, tokenizer, [{"id": "x", "prompt": "p", "answer": "A"}], batch_size=1)

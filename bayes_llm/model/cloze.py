@@ -24,21 +24,33 @@ def right_padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, to
     return input_ids, attention_mask
 
 
+def request_ids(tokenizer, prompt: str, choice: str) -> tuple[list[int], list[int]]:
+    """(context, continuation) token ids as lm-eval builds a choice's request (`_encode_pair`): the
+    context's trailing whitespace (a chat header's newline) moves to the continuation, the whole text is
+    encoded and split after the context's tokens."""
+    context = model_context(tokenizer, answer_prompt(prompt))
+    continuation = reply_separator(tokenizer) + choice
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    head = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    return head, whole[len(head) :]
+
+
 @torch.no_grad()
 def cloze_scores(model, tokenizer, rows: Sequence[dict], batch_size: int, progress: bool = False) -> list[float]:
     """1.0 where the choice with the highest log-likelihood per character is the row's answer, else 0.0."""
     model.eval()
-    separator = reply_separator(tokenizer)
     sequences, spans, counts = [], [], []
     for row in rows:
         choices = [str(c) for c in row.get("choices") or []]
         if not choices:
             raise ValueError(f"row {row.get('id')}: cloze scoring needs the row's choices")
-        context = tokenizer(model_context(tokenizer, answer_prompt(row["prompt"])), add_special_tokens=False)
         for choice in choices:
-            continuation = tokenizer(separator + choice, add_special_tokens=False)["input_ids"]
-            sequences.append(context["input_ids"] + continuation)
-            spans.append((len(context["input_ids"]), len(continuation), max(len(choice), 1)))
+            context, continuation = request_ids(tokenizer, row["prompt"], choice)
+            sequences.append(context + continuation)
+            spans.append((len(context), len(continuation), max(len(choice), 1)))
         counts.append(len(choices))
     per_char = torch.empty(len(sequences), dtype=torch.float64)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # less padding, same scores

@@ -29,6 +29,7 @@ def extract_letter(completion: str) -> str | None:
 
 
 _BARE_LETTER = re.compile(r"^\s*\(?([A-Z])(?:[).:]|\s|$)")
+_LONE_LETTER = re.compile(r"^\s*\(?([A-Z])\)?[.:]?\s*$")
 
 
 def _plain(text: str) -> str:
@@ -36,15 +37,19 @@ def _plain(text: str) -> str:
 
 
 def extract_choice(completion: str, choices: Sequence[str] | None = None) -> str | None:
-    """The letter a multiple-choice answer names: a letter opening it (`C`, `C) light years`), else the
-    choice whose text it is, whole (`Light years.` for C), else the first capital letter standing alone."""
+    """The letter a multiple-choice answer names: a letter alone (`C`, `(C)`), else the choice whose text
+    it is, whole (`Light years.` for C; before an opening letter, as a text may open with one: `A
+    magnet`), else a letter opening it (`C) light years`), else the first capital letter standing alone."""
     final = _final_part(completion)
-    bare = _BARE_LETTER.match(final)
-    if bare:
-        return bare.group(1)
+    lone = _LONE_LETTER.match(final)
+    if lone:
+        return lone.group(1)
     texts = [_plain(str(c)) for c in ([] if choices is None else list(choices))]  # parquet gives an array
     if _plain(final) in texts:
         return string.ascii_uppercase[texts.index(_plain(final))]
+    bare = _BARE_LETTER.match(final)
+    if bare:
+        return bare.group(1)
     return extract_letter(completion)
 
 
