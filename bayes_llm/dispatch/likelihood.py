@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from bayes_llm.model.cloze import right_padded
+from bayes_llm.model.scoring import right_padded, span_logprobs
 from bayes_llm.prompts import classify_question, model_context, reply_separator
 
 
@@ -57,9 +57,6 @@ def label_logprobs(
             for ids in label_ids:
                 sequences.append(context + ids)
                 spans.append((len(context), len(ids)))
-        input_ids, attention_mask = right_padded(sequences, tokenizer.pad_token_id)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        logprobs = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
-        scores = [logprobs[i, begin - 1 : begin - 1 + n].sum() for i, (begin, n) in enumerate(spans)]
-        out[start : start + len(chunk)] = torch.stack(scores).double().view(len(chunk), len(labels))
+        scores = span_logprobs(model, sequences, spans, tokenizer.pad_token_id)
+        out[start : start + len(chunk)] = scores.view(len(chunk), len(labels))
     return out

@@ -8,20 +8,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from bayes_llm.data.rows import LETTERS
+from bayes_llm.model.scoring import span_logprobs
 from bayes_llm.prompts import answer_prompt, model_context, reply_separator
-
-
-def right_padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask; right padding, so a causal model's scores at real positions never
-    see the padding after them."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
-    attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
-    return input_ids, attention_mask
 
 
 def request_ids(tokenizer, prompt: str, choice: str) -> tuple[list[int], list[int]]:
@@ -56,12 +47,10 @@ def cloze_scores(model, tokenizer, rows: Sequence[dict], batch_size: int, progre
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # less padding, same scores
     for start in tqdm(range(0, len(order), batch_size), desc="cloze", unit="batch", disable=not progress):
         index = order[start : start + batch_size]
-        input_ids, attention_mask = right_padded([sequences[i] for i in index], tokenizer.pad_token_id)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        logprobs = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
-        for row_in_batch, i in enumerate(index):
-            begin, length, chars = spans[i]
-            per_char[i] = logprobs[row_in_batch, begin - 1 : begin - 1 + length].sum().double() / chars
+        logliks = span_logprobs(model, [sequences[i] for i in index], [spans[i][:2] for i in index],
+                                tokenizer.pad_token_id)
+        for loglik, i in zip(logliks, index, strict=True):
+            per_char[i] = loglik / spans[i][2]
     scores, first = [], 0
     for row, count in zip(rows, counts, strict=True):
         picked = int(per_char[first : first + count].argmax())
