@@ -46,14 +46,11 @@ def _read(path: Path) -> dict:
 def _stage_seconds() -> dict[str, float]:
     files = {"prepare": paths.DATA_REPORTS / paths.TIMING, "base": paths.BASE_REPORTS / paths.TIMING,
              "decompose": paths.SVF_REPORTS / paths.TIMING, "calibrate": paths.DISPATCH_REPORTS / paths.TIMING,
+             "train_lora": paths.LORA_REPORTS / paths.TIMING,
              "evaluate": paths.EVAL_REPORTS / paths.TIMING}  # fmt: skip
     files |= {f"train_expert@{p.name.removesuffix('_' + paths.TIMING)}": p
               for p in sorted(paths.EXPERT_REPORTS.glob("*_" + paths.TIMING))}  # fmt: skip
-    out = {stage: json.loads(path.read_text())["stage_seconds"] for stage, path in files.items() if path.is_file()}
-    lora = paths.LORA_REPORTS / "metrics.json"
-    if lora.is_file():
-        out["train_lora"] = json.loads(lora.read_text()).get("seconds")
-    return out
+    return {stage: json.loads(path.read_text())["stage_seconds"] for stage, path in files.items() if path.is_file()}
 
 
 def summarize(wall_seconds: float | None = None) -> dict:
@@ -128,8 +125,12 @@ def write(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Run it in a clone of the project.")
     parser.add_argument("--summary-only", action="store_true", help="summarize the real run already in the workspace")
+    parser.add_argument("--wall-seconds", type=float, metavar="S",
+                        help="with --summary-only: that run's wall clock, as its own run printed it")  # fmt: skip
     args = parser.parse_args(argv)
-    wall = None
+    if args.wall_seconds is not None and not (args.summary_only and args.wall_seconds > 0):
+        parser.error("--wall-seconds is for --summary-only, and a positive number of seconds")
+    wall = args.wall_seconds
     try:
         if not args.summary_only:
             # this interpreter's environment for the stages too (dvc runs `python stages/...` from PATH)

@@ -267,6 +267,25 @@ def test_fewshot_cli_searches_and_answers(workdir_project, tmp_path, capsys):
     assert "--examples" in capsys.readouterr().err
 
 
+def test_fewshot_search_of_a_choice_text_task_is_by_its_choices_likelihood(workdir_project, monkeypatch):
+    import bayes_llm.inference.engine as engine_module
+
+    engine = Engine(Path("models"))
+    shots = [{"id": str(i), "prompt": f"Which is {i}?", "choices": ["no", str(i), "maybe"], "answer": "B"}
+             for i in range(4)]  # fmt: skip
+    calls = []
+
+    def cloze(model, tokenizer, rows, batch_size):  # the 2nd candidate (α one-hot on the first expert) wins
+        calls.append(rows)
+        return [0.5 if len(calls) == 2 else 0.0] * len(rows)
+
+    monkeypatch.setattr(engine_module, "cloze_scores", cloze)
+    monkeypatch.setattr(engine, "complete", lambda *_, **__: pytest.fail("searched by greedy answers"))
+    result, _ = engine.fewshot(shots, "letter", population=3, elites=1, iterations=2, seed=0, cloze=True)
+    assert len(calls) == 1 + len(engine.domains) + 3 + 3 and all(rows == shots for rows in calls)
+    assert result.reward == 0.5 and result.alpha.tolist() == [1.0] + [0.0] * (len(engine.domains) - 1)
+
+
 def test_missing_or_mismatched_dispatcher_is_a_clear_error(workdir_project, capsys):
     Path("models/experts/code.safetensors").unlink()
     assert main(["generate", "--prompt", "x"]) == 1

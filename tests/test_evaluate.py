@@ -103,6 +103,28 @@ def test_model_groups_requests_by_weights_and_shares_results(evaluated, monkeypa
 # --- the stage -----------------------------------------------------------------------------------
 
 
+def test_fewshot_search_scores_a_choice_text_domain_by_its_choices(evaluated, monkeypatch):
+    from bayes_llm.data import prepared
+    from bayes_llm.evaluate.lm import FewShotSearch
+
+    monkeypatch.chdir(evaluated)
+    domains = prepared.domains
+    monkeypatch.setattr(prepared, "domains", lambda: [{**d, "choice_answer": "text"} if d["name"] == "reasoning"
+                                                      else d for d in domains()])  # fmt: skip
+    searched = []
+
+    class Recorder:
+        def fewshot(self, rows, kind, **options):
+            searched.append((kind, options["cloze"]))
+            raise RuntimeError("recorded")
+
+    search = FewShotSearch(Recorder(), 2, {}, 0, {"number": 4, "code": 4, "letter": 4})
+    for task in ("bayes_llm_reasoning", "bayes_llm_math"):
+        with pytest.raises(RuntimeError, match="recorded"):
+            search(task)
+    assert searched == [("letter", True), ("number", False)]
+
+
 def test_evaluate_writes_every_system_and_the_reports(evaluated):
     summary = json.loads((evaluated / "reports/eval/summary.json").read_text())
     systems = ["base", "expert_math", "expert_code", "expert_reasoning", "oracle", "adaptive_prompt",

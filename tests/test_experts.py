@@ -163,6 +163,26 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_identical(project, tm
     assert report["resumed_from_step"] == killed_at
 
 
+def test_a_checkpoint_is_resumed_only_by_a_run_on_the_same_rows(project, tmp_path, monkeypatch):
+    monkeypatch.chdir(project)
+    model, tokenizer = load_checkpoint("models/base")
+    factors, _ = load_factors("models/svd")
+    svf = SVF(model, factors)
+    rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(8)]
+    cfg = ExpertParams(objective="sft", sft_steps=2, sft_batch_size=2, val_items=4)
+
+    def fingerprint(train: list[dict], val: list[dict], eval_tokens: int = 4) -> str:
+        return Trainer(svf, tokenizer, "number", train, val, cfg, 0, tmp_path / "ckpt", "fp", eval_tokens,
+                       progress=False).checkpoint.fingerprint  # fmt: skip
+
+    same = fingerprint(rows, rows)
+    assert fingerprint([dict(r) for r in rows], rows) == same
+    assert fingerprint(rows[:-1], rows) != same  # a re-prepared train split
+    assert fingerprint(rows, [{**rows[0], "answer": "3"}, *rows[1:]]) != same  # a changed val answer
+    assert fingerprint(rows, [*rows, rows[0]]) == same  # beyond val_items: not validated on, not part of the run
+    assert fingerprint(rows, rows, eval_tokens=8) != same  # val answers of another length: other scores
+
+
 def test_a_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(project, tmp_path, monkeypatch):
     monkeypatch.chdir(project)
     model, tokenizer = load_checkpoint("models/base")

@@ -177,7 +177,9 @@ class FewShotSearch:
 
     def __call__(self, task_name: str) -> Weights:
         domain = task_domain(task_name)
-        if task_name.startswith(TASK_PREFIX):  # one search per domain, whichever way its items are scored
+        # One search per domain, whichever way its items are scored: a `choice_answer: text` domain's
+        # written and choice-text columns both get the mixture ranked by its cloze score.
+        if task_name.startswith(TASK_PREFIX):
             task_name = TASK_PREFIX + domain
         if task_name not in self._weights:
             infos = {d["name"]: d for d in prepared.domains()}
@@ -190,7 +192,8 @@ class FewShotSearch:
             # every task, so tasks with flat rewards would all return the same α.
             seed = self.seed + zlib.crc32(task_name.encode()) % 10_000
             result, scales = self.engine.fewshot(rows, kind, **self.search, seed=seed,
-                                                 max_new_tokens=self.max_new_tokens[kind])  # fmt: skip
+                                                 max_new_tokens=self.max_new_tokens[kind],
+                                                 cloze=infos[domain].get("choice_answer") == "text")  # fmt: skip
             alpha = np.asarray(result.alpha)
             key = ("fewshot", task_name, alpha.round(6).tobytes())
             self._weights[task_name] = (key, lambda: self.engine.use_scales(key, lambda: scales))

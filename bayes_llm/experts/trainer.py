@@ -171,7 +171,10 @@ class Trainer:
         self.total = sum(steps for _, steps in self.phases)
         # A run with N processes resumes only its own kind of checkpoint (its z differs by rounding).
         processes = f":{self.shards.world}" if self.shards.world > 1 else ""
-        run = f"{fingerprint}:{cfg.model_dump_json()}:{seed}{processes}{':cloze' if cloze else ''}"
+        # The rows too: a checkpoint of a run on other data (a re-prepared split) is not this run's.
+        data = hashlib.sha256(json.dumps([list(train_rows), self.val_rows], sort_keys=True, default=str).encode())
+        scoring = f"{svf.mode}:{svf.max_mult}:{eval_tokens}{':cloze' if cloze else ''}"
+        run = f"{fingerprint}:{data.hexdigest()}:{cfg.model_dump_json()}:{scoring}:{seed}{processes}"
         run_fingerprint = hashlib.sha256(run.encode()).hexdigest()
         self.checkpoint = _Checkpoint(checkpoint_dir, run_fingerprint)
         self.curve: list[dict] = []

@@ -25,6 +25,7 @@ from bayes_llm.dispatch.likelihood import label_logprobs
 from bayes_llm.dispatch.store import DispatcherError, load_dispatcher
 from bayes_llm.errors import UserError
 from bayes_llm.experts.objectives import sft_batch
+from bayes_llm.model.cloze import cloze_scores
 from bayes_llm.model.greedy import greedy_completions
 from bayes_llm.model.load import load_base
 from bayes_llm.prompts import answer_prompt
@@ -213,9 +214,11 @@ class Engine:
         seed: int,
         per_layer: bool = False,
         max_new_tokens: int = 64,
+        cloze: bool = False,
     ) -> tuple[SearchResult, dict[str, torch.Tensor]]:
         """CEM over α on k examples (rows with prompt, answer, and tests/choices as the kind needs);
-        returns the search result and the winning scales, now loaded as the current weights."""
+        returns the search result and the winning scales, now loaded as the current weights. `cloze`:
+        the reward is the choice-text likelihood score (a task scored that way is searched by it)."""
         experts = self.domains
         layers = 1 + max(layer_of(name) for name in self.factors)
         shape = (len(experts), layers) if per_layer else (len(experts),)
@@ -224,8 +227,10 @@ class Engine:
         def score(alpha: np.ndarray) -> tuple[float, float]:
             key = ("fewshot", alpha.round(6).tobytes())
             self.use_scales(key, lambda: mixed_scales(alpha, self.expert_scales, per_layer))
-            texts = self.complete(prompts, max_new_tokens, len(prompts))
-            reward = float(np.mean(correctness(kind, texts, shots)))
+            if cloze:
+                reward = float(np.mean(cloze_scores(self.model, self.tokenizer, shots, batch_size=32)))
+            else:
+                reward = float(np.mean(correctness(kind, self.complete(prompts, max_new_tokens, len(prompts)), shots)))
             return reward, self._reference_loglik(shots)
 
         result = cem_search(score, shape, population, elites, iterations, seed)
