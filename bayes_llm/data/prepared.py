@@ -29,6 +29,12 @@ def domains(root: Path = paths.DATA) -> list[dict]:
     return manifest["domains"]
 
 
+def scored_by_choice_text(info: dict) -> bool:
+    """A manifest domain asked in the cloze form (`choice_answer: text`): its test task, its expert's
+    validation and its few-shot search score each choice's text, not a written answer."""
+    return info.get("choice_answer") == "text"
+
+
 def read_split(root: Path, domain: str, split: str) -> list[dict]:
     path = split_path(root, domain, split)
     if not path.is_file():

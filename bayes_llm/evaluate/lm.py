@@ -193,7 +193,7 @@ class FewShotSearch:
             seed = self.seed + zlib.crc32(task_name.encode()) % 10_000
             result, scales = self.engine.fewshot(rows, kind, **self.search, seed=seed,
                                                  max_new_tokens=self.max_new_tokens[kind],
-                                                 cloze=infos[domain].get("choice_answer") == "text")  # fmt: skip
+                                                 cloze=prepared.scored_by_choice_text(infos[domain]))  # fmt: skip
             alpha = np.asarray(result.alpha)
             key = ("fewshot", task_name, alpha.round(6).tobytes())
             self._weights[task_name] = (key, lambda: self.engine.use_scales(key, lambda: scales))

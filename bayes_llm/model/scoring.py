@@ -22,10 +22,10 @@ def right_padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, to
 def span_logprobs(model, sequences: list[list[int]], spans: Sequence[tuple[int, int]], pad: int) -> torch.Tensor:
     """[len(sequences)] float64: for each sequence, the summed log-probability of its tokens
     `begin : begin + length` given everything before them (one forward pass, right padded)."""
+    if any(begin < 1 for begin, _ in spans):
+        raise ValueError("a scored span needs at least one token before it")
     input_ids, attention_mask = right_padded(sequences, pad)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
     logprobs = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
-    if any(begin < 1 for begin, _ in spans):
-        raise ValueError("a scored span needs at least one token before it")
     sums = [row[begin - 1 : begin - 1 + length].sum() for row, (begin, length) in zip(logprobs, spans, strict=True)]
     return torch.stack(sums).double()

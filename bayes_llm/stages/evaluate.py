@@ -75,7 +75,7 @@ def _task_files(infos: list[dict], custom: dict[str, str], directory: Path, expe
             continue
         prepared.read_split(paths.DATA, name, "test")  # a clear error now, not a traceback in lm-eval
         # by each option's letter, or by its text (choice_answer: text; a task of its own name)
-        options = ((f"bayes_llm_{name}{CHOICE_SUFFIX}", "_choice_text") if info.get("choice_answer") == "text"
+        options = ((f"bayes_llm_{name}{CHOICE_SUFFIX}", "_choice_text") if prepared.scored_by_choice_text(info)
                    else (f"bayes_llm_{name}", "_letter"))  # fmt: skip
         if info["answer_kind"] == "letter" and name in experts:
             columns = [(name, f"bayes_llm_{name}{WRITTEN_SUFFIX}", "_letter_gen"), (name + LOGLIK, *options)]

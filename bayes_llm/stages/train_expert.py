@@ -72,7 +72,7 @@ def train_expert(params: Params, domain: str, progress: bool = True) -> dict | N
     base_hits = {other: base_test_scores(paths.BASE, other, rows, tokens[infos[other]["answer_kind"]])
                  for other, rows in tests.items()}  # fmt: skip
 
-    cloze = infos[domain].get("choice_answer") == "text"  # validated as its test task scores it: by the choices' texts
+    cloze = prepared.scored_by_choice_text(infos[domain])  # validated as its test task scores it
     svf = SVF(model, factors, mode=params.svf.mode, max_mult=params.svf.max_mult)
     trainer = Trainer(svf, tokenizer, kind, train_rows, val_rows, cfg, params.seed, paths.expert_checkpoint(domain),
                       manifest["svd_fingerprint"], tokens[kind], progress, shards=shards, cloze=cloze)  # fmt: skip
