@@ -40,7 +40,10 @@ SYSTEMS = ("base", "oracle", ADAPTIVE, "lora")
 def _read(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: not there: run the real profile first (`python -m benchmarks.real_profile`)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: not readable JSON ({error}): rerun the stage that writes it") from error
 
 
 def _stage_seconds() -> dict[str, float]:
