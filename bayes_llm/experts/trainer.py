@@ -25,7 +25,6 @@ from bayes_llm.config import ExpertParams
 from bayes_llm.errors import UserError
 from bayes_llm.experts.distributed import Shards, sft_loss_share
 from bayes_llm.experts.objectives import completion_logprobs, reinforce_loss, rollouts, sft_batch, sft_loss
-from bayes_llm.experts.trl_rl import trl_phase
 from bayes_llm.io import staged_dir
 from bayes_llm.model.cloze import cloze_scores
 from bayes_llm.model.greedy import greedy_scores
@@ -317,6 +316,7 @@ class Trainer:
 
     def _trl_phase(self, step: int, steps: int) -> None:
         """trl runs the rest of the RL phase (the last phase) in one go, reporting each step."""
+        from bayes_llm.experts.trl_rl import trl_phase  # imported here: transformers' Trainer and peft take 2.5 s
 
         def on_step(step: int, record: dict) -> None:
             self._finish(step, record)

@@ -174,6 +174,7 @@ def _evaluate(params: Params, scratch: Path, progress: bool) -> dict:
             model=model, tasks=list(tasks.values()), task_manager=manager, bootstrap_iters=0, log_samples=True,
             random_seed=params.seed, numpy_random_seed=params.seed, torch_random_seed=params.seed,
             fewshot_random_seed=params.seed, verbosity="ERROR",
+            gen_kwargs={"max_gen_toks": cfg.max_gen_toks} if cfg.max_gen_toks else None,
             apply_chat_template=is_chat(engine.tokenizer),  # an instruct checkpoint is asked in its chat turns
         )  # fmt: skip
         scores[system], items[system] = {}, {}
