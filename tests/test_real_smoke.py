@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks.real_profile import MATERIAL
 from tests.conftest import copy_project
 
 pytestmark = pytest.mark.slow
@@ -54,7 +55,7 @@ def _tiny(params: dict) -> dict:
 @pytest.fixture(scope="module")
 def real_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     project = copy_project(tmp_path_factory.mktemp("real") / "project")
-    _run(project, "bayes-llm", "fetch", "gsm8k", "mbpp", "arc_easy", "arc_challenge", "smollm2")
+    _run(project, "bayes-llm", "fetch", *MATERIAL)  # what the real profile's benchmark fetches
     params = project / "params.yaml"
     params.write_text(yaml.safe_dump(_tiny(yaml.safe_load(params.read_text())), sort_keys=False))
     _run(project, "dvc", "repro")
