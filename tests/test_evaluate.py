@@ -202,7 +202,7 @@ def test_a_corrupt_test_split_fails_clearly_and_keeps_the_old_reports(evaluated,
 def test_max_gen_toks_sets_every_generative_tasks_answer_length(evaluated, tmp_path, monkeypatch):
     project = enter_copy(evaluated, tmp_path, monkeypatch)
     raw = yaml.safe_load((project / "params.yaml").read_text())
-    with pytest.raises(ParamsError, match="max_gen_toks"):
+    with pytest.raises(ParamsError, match=r"max_gen_toks.*greater than 0"):
         parse_params({**raw, "evaluate": {**raw["evaluate"], "max_gen_toks": 0}})
     raw["evaluate"].update(systems=["base"], max_gen_toks=1)
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
@@ -211,4 +211,7 @@ def test_max_gen_toks_sets_every_generative_tasks_answer_length(evaluated, tmp_p
     configs = json.loads((project / "reports/eval/lm_eval/base.json").read_text())["configs"]
     generative = {task for task, config in configs.items() if config["output_type"] == "generate_until"}
     assert generative and all(shipped[task]["generation_kwargs"]["max_gen_toks"] > 1 for task in generative)
-    assert {configs[task]["generation_kwargs"]["max_gen_toks"] for task in generative} == {1}
+    for task in generative:  # only the length changes: the stop sequences and the rest stay the task's
+        assert configs[task]["generation_kwargs"] == {**shipped[task]["generation_kwargs"], "max_gen_toks": 1}
+    assert "cut at **1 tokens**" in (project / "reports/README.md").read_text()
+    assert "cut at" not in (evaluated / "reports/README.md").read_text()

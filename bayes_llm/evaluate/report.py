@@ -140,6 +140,9 @@ def readme(report: dict, params: Params) -> str:
     splits = ("train", "val", "test")
     base_val = _listing({d: 100 * v for d, v in base.get("val_accuracy", {}).items()}, "{:.1f} %")
     base_chance = _listing({d: 100 * v for d, v in base.get("val_chance", {}).items()}, "{:.1f} %")
+    tokens = params.evaluate.max_gen_toks
+    cut = [f"- Every generated answer was cut at **{tokens} tokens** (`evaluate.max_gen_toks`), not each task's "
+           "own length: a quick look, not comparable with a default run."] if tokens else []  # fmt: skip
     lines = [
         "# bayes-llm reports",
         "",
@@ -172,6 +175,7 @@ def readme(report: dict, params: Params) -> str:
         "Every column is an lm-eval task; what its score measures:",
         "",
         *measures(report),
+        *cut,
         "",
         "`mean` is over the domains that have an expert; a test-only task (transfer) has no expert, so oracle",
         "routing answers it with the base. *chance* is the score of guessing.",
