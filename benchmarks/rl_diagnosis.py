@@ -10,6 +10,7 @@ already past SFT):
 `python -m benchmarks.rl_diagnosis DOMAIN` writes `reports/objective_study/DOMAIN_rl_diagnosis.json`
 and two charts beside it (`..._reward.png`: reward per step in check 1; `..._val.png`: val accuracy
 in check 2); `--tag T` names them `DOMAIN_rl_diagnosis_T...` instead, so a pilot keeps the report.
+`--algorithms reinforce --memorize 0` runs one algorithm and check 2 only (a long-budget run).
 Needs the stage's outputs (`dvc repro train_expert@DOMAIN`). A study, not a stage.
 """
 
@@ -46,6 +47,7 @@ ALGORITHMS = {
     "trl grpo (dapo loss)": {"rl_algorithm": "grpo"},
     "trl rloo": {"rl_algorithm": "rloo"},
 }
+SHORT_NAMES = {"reinforce": "reinforce (group baseline)", "grpo": "trl grpo (dapo loss)", "rloo": "trl rloo"}
 
 
 class _Runs:
@@ -93,7 +95,7 @@ def _quarters(rewards: list[float]) -> dict:
 
 
 def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning_rates: list[float],
-             rl_batch_size: int, tag: str | None = None) -> dict:  # fmt: skip
+             rl_batch_size: int, tag: str | None = None, algorithms: list[str] | None = None) -> dict:  # fmt: skip
     params = load_params(params_path)
     kind = expert_domains(params, domain)[domain]["answer_kind"]
     if steps < 2 or rl_batch_size < 1:
@@ -102,31 +104,36 @@ def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning
         raise UserError(f"--learning-rates must be distinct values in (0, 10] (got {learning_rates})")
     if tag is not None and not tag.replace("-", "").replace("_", "").isalnum():
         raise UserError(f"--tag must be letters, digits, - or _ (got {tag!r})")
+    unknown = sorted(set(algorithms or []) - set(SHORT_NAMES))
+    if unknown:
+        raise UserError(f"--algorithms: choose from {', '.join(SHORT_NAMES)} (got {algorithms})")
+    chosen = [SHORT_NAMES[a] for a in SHORT_NAMES if algorithms is None or a in algorithms]
     train = prepared.read_split(paths.DATA, domain, "train")
     val = prepared.read_split(paths.DATA, domain, "val")
     # trl's sampler drops a batch it cannot fill: fewer prompts than a batch would train nothing
-    if not rl_batch_size <= memorize <= len(train):
-        raise UserError(f"--memorize must be between --rl-batch-size ({rl_batch_size}) and the train split's "
-                        f"{len(train)} rows (got {memorize})")  # fmt: skip
+    if memorize != 0 and not rl_batch_size <= memorize <= len(train):
+        raise UserError(f"--memorize must be 0 (skip check 1) or between --rl-batch-size ({rl_batch_size}) and "
+                        f"the train split's {len(train)} rows (got {memorize})")  # fmt: skip
     base_cfg = params.experts[domain].model_dump()
     every = max(1, steps // 3)
     # every config is checked before minutes of training
     configs = {(name, lr): ExpertParams.model_validate({
         **base_cfg, "objective": "rl", "rl_steps": steps, "rl_learning_rate": lr, "rl_batch_size": rl_batch_size,
-        "eval_every": every, **SAMPLED, **changes}) for name, changes in ALGORITHMS.items() for lr in learning_rates}
+        "eval_every": every, **SAMPLED, **ALGORITHMS[name]}) for name in chosen for lr in learning_rates}
     runs = _Runs(params, domain, kind)  # fmt: skip
 
     fixed = train[:memorize]
     memorized, general = {}, {}
-    for name in ALGORITHMS:
-        run = runs.run(fixed, fixed, configs[name, max(learning_rates)])
-        memorized[name] = {**run, **_quarters(run["reward"])}
-        print(f"memorize {name}: reward {memorized[name]['reward_first_quarter']} -> "
-              f"{memorized[name]['reward_last_quarter']}, greedy {run.get('val_start')} -> {run.get('val_best')}",
-              flush=True)  # fmt: skip
+    for name in chosen:
+        if memorize:
+            run = runs.run(fixed, fixed, configs[name, max(learning_rates)])
+            memorized[name] = {**run, **_quarters(run["reward"])}
+            print(f"memorize {name}: reward {memorized[name]['reward_first_quarter']} -> "
+                  f"{memorized[name]['reward_last_quarter']}, greedy {run.get('val_start')} -> {run.get('val_best')}",
+                  flush=True)  # fmt: skip
         for lr in learning_rates:
             run = runs.run(train, val, configs[name, lr])
-            general[f"{name}, lr {lr:g}"] = run
+            general[f"{name}, lr {lr:g}"] = {**run, **_quarters(run["reward"])}
             print(f"generalize {name} lr {lr:g}: val {run['val_curve'] or run.get('error')}", flush=True)
     report = {
         "domain": domain,
@@ -141,8 +148,10 @@ def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning
     }  # fmt: skip
     stem = f"{domain}_rl_diagnosis" + (f"_{tag}" if tag else "")
     write_json(REPORT_DIR / f"{stem}.json", report)
-    line_plot({name: _smoothed(run["reward"]) for name, run in memorized.items()}, REPORT_DIR / f"{stem}_reward.png",
-              f"{domain}: RL on {memorize} fixed prompts (reward, mean of 5 steps)", "step", "reward")  # fmt: skip
+    if memorized:
+        title = f"{domain}: RL on {memorize} fixed prompts (reward, mean of 5 steps)"
+        line_plot({name: _smoothed(run["reward"]) for name, run in memorized.items()},
+                  REPORT_DIR / f"{stem}_reward.png", title, "step", "reward")  # fmt: skip
     line_plot({name: [tuple(p) for p in run["val_curve"]] for name, run in general.items()},
               REPORT_DIR / f"{stem}_val.png", f"{domain}: RL on the train split", "step",
               "val accuracy (greedy)")  # fmt: skip
@@ -164,16 +173,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("domain")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--memorize", type=int, default=16, help="fixed train prompts of check 1")
+    parser.add_argument("--memorize", type=int, default=16, help="fixed train prompts of check 1 (0: skip check 1)")
     parser.add_argument("--steps", type=int, default=30, help="RL steps of every run")
     parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-3, 1e-2],
                         help="check 2's learning rates; check 1 uses the largest")  # fmt: skip
     parser.add_argument("--rl-batch-size", type=int, default=16, help="prompts per step")
+    parser.add_argument("--algorithms", nargs="+", metavar="NAME",
+                        help=f"the RL algorithms to run ({', '.join(SHORT_NAMES)}; default: all)")
     parser.add_argument("--tag", help="a pilot's name: writes DOMAIN_rl_diagnosis_TAG... beside the report")
     args = parser.parse_args(argv)
     try:
         report = diagnose(args.params, args.domain, args.memorize, args.steps, args.learning_rates,
-                          args.rl_batch_size, args.tag)  # fmt: skip
+                          args.rl_batch_size, args.tag, args.algorithms)  # fmt: skip
     except UserError as error:
         print(f"rl_diagnosis: {error}", file=sys.stderr)
         return error.exit_code

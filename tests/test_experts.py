@@ -304,13 +304,21 @@ def test_rl_diagnosis_runs_every_algorithm_on_fixed_prompts_and_on_the_train_spl
         (["--learning-rates", "0"], "--learning-rates must be distinct values in (0, 10]"),
         (["--learning-rates", "0.01", "0.01"], "--learning-rates must be distinct"),
         (["--rl-batch-size", "0"], "--rl-batch-size at least 1"),
-        (["--memorize", "1", "--rl-batch-size", "2"], "--memorize must be between --rl-batch-size (2)"),
+        (["--memorize", "1", "--rl-batch-size", "2"], "--memorize must be 0 (skip check 1) or between"),
+        (["--algorithms", "reinforce", "ppo"], "choose from reinforce, grpo, rloo (got ['reinforce', 'ppo'])"),
         (["--tag", "../x"], "--tag must be letters"),
     ]:
         assert rl_diagnosis(["math", *bad]) == 1
         assert message in capsys.readouterr().err
     assert rl_diagnosis(["poetry"]) == 1
     assert "no `experts.poetry` entry" in capsys.readouterr().err
+    # one algorithm, check 2 only, beside the report (a long-budget run)
+    args = ["math", "--algorithms", "rloo", "--memorize", "0", "--steps", "2", "--rl-batch-size", "2", "--tag", "one"]
+    assert rl_diagnosis([*args, "--learning-rates", "0.01"]) == 0
+    one = json.loads(Path("reports/objective_study/math_rl_diagnosis_one.json").read_text())
+    assert one["memorize"]["runs"] == {} and list(one["generalize"]["runs"]) == ["trl rloo, lr 0.01"]
+    assert len(one["generalize"]["runs"]["trl rloo, lr 0.01"]["reward"]) == 2
+    assert not Path("reports/objective_study/math_rl_diagnosis_one_reward.png").exists()
 
 
 def test_trl_algorithms_need_sampled_groups():
