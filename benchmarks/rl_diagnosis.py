@@ -95,9 +95,12 @@ def _quarters(rewards: list[float]) -> dict:
 
 
 def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning_rates: list[float],
-             rl_batch_size: int, tag: str | None = None, algorithms: list[str] | None = None) -> dict:  # fmt: skip
+             rl_batch_size: int, tag: str | None = None, algorithms: list[str] | None = None,
+             eval_every: int | None = None) -> dict:  # fmt: skip
     params = load_params(params_path)
     kind = expert_domains(params, domain)[domain]["answer_kind"]
+    if eval_every is not None and eval_every < 1:
+        raise UserError(f"--eval-every must be at least 1 (got {eval_every})")
     if steps < 2 or rl_batch_size < 1:
         raise UserError(f"--steps must be at least 2 and --rl-batch-size at least 1 (got {steps}, {rl_batch_size})")
     if any(not 0 < lr <= 10 for lr in learning_rates) or len(set(learning_rates)) < len(learning_rates):
@@ -115,7 +118,7 @@ def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning
         raise UserError(f"--memorize must be 0 (skip check 1) or between --rl-batch-size ({rl_batch_size}) and "
                         f"the train split's {len(train)} rows (got {memorize})")  # fmt: skip
     base_cfg = params.experts[domain].model_dump()
-    every = max(1, steps // 3)
+    every = eval_every or max(1, steps // 3)
     # every config is checked before minutes of training
     configs = {(name, lr): ExpertParams.model_validate({
         **base_cfg, "objective": "rl", "rl_steps": steps, "rl_learning_rate": lr, "rl_batch_size": rl_batch_size,
@@ -178,13 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-3, 1e-2],
                         help="check 2's learning rates; check 1 uses the largest")  # fmt: skip
     parser.add_argument("--rl-batch-size", type=int, default=16, help="prompts per step")
+    parser.add_argument("--eval-every", type=int, help="steps between val passes (default: a third of --steps)")
     parser.add_argument("--algorithms", nargs="+", metavar="NAME",
                         help=f"the RL algorithms to run ({', '.join(SHORT_NAMES)}; default: all)")
     parser.add_argument("--tag", help="a pilot's name: writes DOMAIN_rl_diagnosis_TAG... beside the report")
     args = parser.parse_args(argv)
     try:
         report = diagnose(args.params, args.domain, args.memorize, args.steps, args.learning_rates,
-                          args.rl_batch_size, args.tag, args.algorithms)  # fmt: skip
+                          args.rl_batch_size, args.tag, args.algorithms,
+                          args.eval_every)  # fmt: skip
     except UserError as error:
         print(f"rl_diagnosis: {error}", file=sys.stderr)
         return error.exit_code

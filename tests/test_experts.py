@@ -307,6 +307,7 @@ def test_rl_diagnosis_runs_every_algorithm_on_fixed_prompts_and_on_the_train_spl
         (["--memorize", "1", "--rl-batch-size", "2"], "--memorize must be 0 (skip check 1) or between"),
         (["--algorithms", "reinforce", "ppo"], "choose from reinforce, grpo, rloo (got ['reinforce', 'ppo'])"),
         (["--tag", "../x"], "--tag must be letters"),
+        (["--eval-every", "0"], "--eval-every must be at least 1"),
     ]:
         assert rl_diagnosis(["math", *bad]) == 1
         assert message in capsys.readouterr().err
