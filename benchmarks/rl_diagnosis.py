@@ -10,7 +10,9 @@ already past SFT):
 `python -m benchmarks.rl_diagnosis DOMAIN` writes `reports/objective_study/DOMAIN_rl_diagnosis.json`
 and two charts beside it (`..._reward.png`: reward per step in check 1; `..._val.png`: val accuracy
 in check 2); `--tag T` names them `DOMAIN_rl_diagnosis_T...` instead, so a pilot keeps the report.
-`--algorithms reinforce --memorize 0` runs one algorithm and check 2 only (a long-budget run).
+`--algorithms reinforce --memorize 0` runs one algorithm and check 2 only (a long-budget run);
+`--test-gain` also scores each check-2 run's kept z on the test split (greedy) against the start z,
+with a paired bootstrap CI, since val also chose the kept step.
 Needs the stage's outputs (`dvc repro train_expert@DOMAIN`). A study, not a stage.
 """
 
@@ -30,12 +32,14 @@ from bayes_llm.data import prepared
 from bayes_llm.errors import UserError
 from bayes_llm.experts.trainer import Trainer, TrainingError
 from bayes_llm.io import write_json
+from bayes_llm.model.greedy import greedy_scores
 from bayes_llm.model.load import load_base
 from bayes_llm.plots import line_plot
 from bayes_llm.stages.train_expert import expert_domains
+from bayes_llm.stats import paired_bootstrap
 from bayes_llm.svf.decompose import check_base, load_factors
 from bayes_llm.svf.expert import load_expert
-from bayes_llm.svf.scaling import SVF
+from bayes_llm.svf.scaling import SVF, Composer
 from benchmarks.objective_study import curve_mean
 
 REPORT_DIR = paths.REPORTS / "objective_study"
@@ -60,8 +64,30 @@ class _Runs:
         self.factors, self.manifest = load_factors(paths.SVD)
         check_base(self.model, self.manifest, paths.SVD)
         self.start_z = load_expert(paths.expert_file(domain), self.manifest).z
+        self._start_hits: list[float] | None = None
 
-    def run(self, train: list[dict], val: list[dict], cfg: ExpertParams) -> dict:
+    def test_hits(self, z, test: list[dict], cfg: ExpertParams) -> list[float]:
+        """Greedy correctness of z on the test rows (the weights composed once, as the stage does)."""
+        svf = SVF(self.model, self.factors, mode=self.params.svf.mode, max_mult=self.params.svf.max_mult)
+        svf.load_z(z)
+        scales = svf.scales()
+        svf.detach()
+        composer = Composer(self.model, self.factors)
+        composer.merge(scales)
+        try:
+            return greedy_scores(self.model, self.tokenizer, self.kind, test, self.tokens, cfg.eval_batch_size)
+        finally:
+            composer.unmerge()
+
+    def test_gain(self, best_z, test: list[dict], cfg: ExpertParams) -> dict:
+        """The kept z's test accuracy against the start z's, paired per item."""
+        if self._start_hits is None:
+            self._start_hits = self.test_hits(self.start_z, test, cfg)
+        start, kept = self._start_hits, self.test_hits(best_z, test, cfg)
+        return {"start": round(statistics.fmean(start), 4), "kept": round(statistics.fmean(kept), 4),
+                "items": len(test), "gain": paired_bootstrap(start, kept, seed=self.params.seed)}  # fmt: skip
+
+    def run(self, train: list[dict], val: list[dict], cfg: ExpertParams, test: list[dict] | None = None) -> dict:
         svf = SVF(self.model, self.factors, mode=self.params.svf.mode, max_mult=self.params.svf.max_mult)
         svf.load_z(self.start_z)
         started = time.perf_counter()
@@ -75,6 +101,7 @@ class _Runs:
         finally:
             svf.detach()
         rl = [r for r in result.curve if "reward" in r]
+        tested = {"test": self.test_gain(result.best_z, test, cfg)} if test else {}
         return {
             "seconds": round(time.perf_counter() - started, 1),
             "val_start": round(result.base_val, 4),
@@ -83,6 +110,7 @@ class _Runs:
             "reward": [round(r["reward"], 4) for r in rl],
             "grad_norm_mean": curve_mean(rl, "grad_norm", 6),
             "zero_std_groups_mean": curve_mean(rl, "zero_std_groups", 4),
+            **tested,
         }
 
 
@@ -96,7 +124,7 @@ def _quarters(rewards: list[float]) -> dict:
 
 def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning_rates: list[float],
              rl_batch_size: int, tag: str | None = None, algorithms: list[str] | None = None,
-             eval_every: int | None = None) -> dict:  # fmt: skip
+             eval_every: int | None = None, test_gain: bool = False) -> dict:  # fmt: skip
     params = load_params(params_path)
     kind = expert_domains(params, domain)[domain]["answer_kind"]
     if eval_every is not None and eval_every < 1:
@@ -113,6 +141,7 @@ def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning
     chosen = [SHORT_NAMES[a] for a in SHORT_NAMES if algorithms is None or a in algorithms]
     train = prepared.read_split(paths.DATA, domain, "train")
     val = prepared.read_split(paths.DATA, domain, "val")
+    test = prepared.read_split(paths.DATA, domain, "test") if test_gain else None
     # trl's sampler drops a batch it cannot fill: fewer prompts than a batch would train nothing
     if memorize != 0 and not rl_batch_size <= memorize <= len(train):
         raise UserError(f"--memorize must be 0 (skip check 1) or between --rl-batch-size ({rl_batch_size}) and "
@@ -135,7 +164,7 @@ def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning
                   f"{memorized[name]['reward_last_quarter']}, greedy {run.get('val_start')} -> {run.get('val_best')}",
                   flush=True)  # fmt: skip
         for lr in learning_rates:
-            run = runs.run(train, val, configs[name, lr])
+            run = runs.run(train, val, configs[name, lr], test)
             general[f"{name}, lr {lr:g}"] = {**run, **_quarters(run["reward"])}
             print(f"generalize {name} lr {lr:g}: val {run['val_curve'] or run.get('error')}", flush=True)
     report = {
@@ -184,12 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, help="steps between val passes (default: a third of --steps)")
     parser.add_argument("--algorithms", nargs="+", metavar="NAME",
                         help=f"the RL algorithms to run ({', '.join(SHORT_NAMES)}; default: all)")
+    parser.add_argument("--test-gain", action="store_true",
+                        help="score each check-2 run's kept z on the test split against the start z")
     parser.add_argument("--tag", help="a pilot's name: writes DOMAIN_rl_diagnosis_TAG... beside the report")
     args = parser.parse_args(argv)
     try:
         report = diagnose(args.params, args.domain, args.memorize, args.steps, args.learning_rates,
                           args.rl_batch_size, args.tag, args.algorithms,
-                          args.eval_every)  # fmt: skip
+                          args.eval_every, args.test_gain)  # fmt: skip
     except UserError as error:
         print(f"rl_diagnosis: {error}", file=sys.stderr)
         return error.exit_code

@@ -315,10 +315,14 @@ def test_rl_diagnosis_runs_every_algorithm_on_fixed_prompts_and_on_the_train_spl
     assert "no `experts.poetry` entry" in capsys.readouterr().err
     # one algorithm, check 2 only, beside the report (a long-budget run)
     args = ["math", "--algorithms", "rloo", "--memorize", "0", "--steps", "2", "--rl-batch-size", "2", "--tag", "one"]
-    assert rl_diagnosis([*args, "--learning-rates", "0.01"]) == 0
+    assert rl_diagnosis([*args, "--learning-rates", "0.01", "--test-gain"]) == 0
     one = json.loads(Path("reports/objective_study/math_rl_diagnosis_one.json").read_text())
     assert one["memorize"]["runs"] == {} and list(one["generalize"]["runs"]) == ["trl rloo, lr 0.01"]
-    assert len(one["generalize"]["runs"]["trl rloo, lr 0.01"]["reward"]) == 2
+    run = one["generalize"]["runs"]["trl rloo, lr 0.01"]
+    assert len(run["reward"]) == 2 and run["test"]["items"] == len(prepared.read_split(paths.DATA, "math", "test"))
+    assert run["test"]["gain"]["gain_points"] == round(100 * (run["test"]["kept"] - run["test"]["start"]), 2)
+    # the start z is the stage's expert: scored as the stage scored it
+    assert run["test"]["start"] == json.loads(Path("reports/experts/math.json").read_text())["test_accuracy"]["expert"]
     assert not Path("reports/objective_study/math_rl_diagnosis_one_reward.png").exists()
 
 
