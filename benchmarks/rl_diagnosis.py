@@ -24,7 +24,10 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from bayes_llm import paths
 from bayes_llm.config import ExpertParams, load_params
@@ -46,12 +49,12 @@ REPORT_DIR = paths.REPORTS / "objective_study"
 # Sampled groups for every algorithm. They still differ in more than the loss: our REINFORCE draws
 # each step's prompts with replacement, trl's samplers without, each with its own seed.
 SAMPLED = {"num_generations": 8, "temperature": 1.0}
+# --algorithms NAME: (the report's label, the expert params that select it)
 ALGORITHMS = {
-    "reinforce (group baseline)": {"rl_algorithm": "reinforce", "baseline": True},
-    "trl grpo (dapo loss)": {"rl_algorithm": "grpo"},
-    "trl rloo": {"rl_algorithm": "rloo"},
+    "reinforce": ("reinforce (group baseline)", {"rl_algorithm": "reinforce", "baseline": True}),
+    "grpo": ("trl grpo (dapo loss)", {"rl_algorithm": "grpo"}),
+    "rloo": ("trl rloo", {"rl_algorithm": "rloo"}),
 }
-SHORT_NAMES = {"reinforce": "reinforce (group baseline)", "grpo": "trl grpo (dapo loss)", "rloo": "trl rloo"}
 
 
 class _Runs:
@@ -64,30 +67,22 @@ class _Runs:
         self.factors, self.manifest = load_factors(paths.SVD)
         check_base(self.model, self.manifest, paths.SVD)
         self.start_z = load_expert(paths.expert_file(domain), self.manifest).z
-        self._start_hits: list[float] | None = None
+        self._composer: Composer | None = None
 
-    def test_hits(self, z, test: list[dict], cfg: ExpertParams) -> list[float]:
+    def test_hits(self, z: dict[str, torch.Tensor], test: list[dict], batch_size: int) -> list[float]:
         """Greedy correctness of z on the test rows (the weights composed once, as the stage does)."""
         svf = SVF(self.model, self.factors, mode=self.params.svf.mode, max_mult=self.params.svf.max_mult)
         svf.load_z(z)
         scales = svf.scales()
         svf.detach()
-        composer = Composer(self.model, self.factors)
-        composer.merge(scales)
+        self._composer = self._composer or Composer(self.model, self.factors)  # it copies every target weight
+        self._composer.merge(scales)
         try:
-            return greedy_scores(self.model, self.tokenizer, self.kind, test, self.tokens, cfg.eval_batch_size)
+            return greedy_scores(self.model, self.tokenizer, self.kind, test, self.tokens, batch_size)
         finally:
-            composer.unmerge()
+            self._composer.unmerge()
 
-    def test_gain(self, best_z, test: list[dict], cfg: ExpertParams) -> dict:
-        """The kept z's test accuracy against the start z's, paired per item."""
-        if self._start_hits is None:
-            self._start_hits = self.test_hits(self.start_z, test, cfg)
-        start, kept = self._start_hits, self.test_hits(best_z, test, cfg)
-        return {"start": round(statistics.fmean(start), 4), "kept": round(statistics.fmean(kept), 4),
-                "items": len(test), "gain": paired_bootstrap(start, kept, seed=self.params.seed)}  # fmt: skip
-
-    def run(self, train: list[dict], val: list[dict], cfg: ExpertParams, test: list[dict] | None = None) -> dict:
+    def run(self, train: list[dict], val: list[dict], cfg: ExpertParams, test: Tested | None = None) -> dict:
         svf = SVF(self.model, self.factors, mode=self.params.svf.mode, max_mult=self.params.svf.max_mult)
         svf.load_z(self.start_z)
         started = time.perf_counter()
@@ -100,10 +95,11 @@ class _Runs:
             return {"error": str(error), "reward": [], "val_curve": []}
         finally:
             svf.detach()
+        seconds = round(time.perf_counter() - started, 1)  # training and val passes, not the test pass
         rl = [r for r in result.curve if "reward" in r]
-        tested = {"test": self.test_gain(result.best_z, test, cfg)} if test else {}
+        tested = {"test": test.gain(self.test_hits(result.best_z, test.rows, cfg.eval_batch_size))} if test else {}
         return {
-            "seconds": round(time.perf_counter() - started, 1),
+            "seconds": seconds,
             "val_start": round(result.base_val, 4),
             "val_best": round(result.best_val, 4),
             "val_curve": [[r["step"], round(r["val_accuracy"], 4)] for r in result.curve if "val_accuracy" in r],
@@ -112,6 +108,19 @@ class _Runs:
             "zero_std_groups_mean": curve_mean(rl, "zero_std_groups", 4),
             **tested,
         }
+
+
+@dataclass(frozen=True)
+class Tested:
+    """The test rows and the start z's greedy scores on them, the pair every kept z is measured against."""
+
+    rows: list[dict]
+    start: list[float]
+    seed: int
+
+    def gain(self, kept: list[float]) -> dict:
+        return {"start": round(statistics.fmean(self.start), 4), "kept": round(statistics.fmean(kept), 4),
+                "items": len(self.rows), "gain": paired_bootstrap(self.start, kept, seed=self.seed)}  # fmt: skip
 
 
 def _quarters(rewards: list[float]) -> dict:
@@ -135,13 +144,13 @@ def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning
         raise UserError(f"--learning-rates must be distinct values in (0, 10] (got {learning_rates})")
     if tag is not None and not tag.replace("-", "").replace("_", "").isalnum():
         raise UserError(f"--tag must be letters, digits, - or _ (got {tag!r})")
-    unknown = sorted(set(algorithms or []) - set(SHORT_NAMES))
-    if unknown:
-        raise UserError(f"--algorithms: choose from {', '.join(SHORT_NAMES)} (got {algorithms})")
-    chosen = [SHORT_NAMES[a] for a in SHORT_NAMES if algorithms is None or a in algorithms]
+    unknown = sorted(set(algorithms or []) - set(ALGORITHMS))
+    if unknown or algorithms == []:
+        raise UserError(f"--algorithms: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                        f"{', '.join(ALGORITHMS)}")  # fmt: skip
+    chosen = [a for a in ALGORITHMS if algorithms is None or a in algorithms]
     train = prepared.read_split(paths.DATA, domain, "train")
     val = prepared.read_split(paths.DATA, domain, "val")
-    test = prepared.read_split(paths.DATA, domain, "test") if test_gain else None
     # trl's sampler drops a batch it cannot fill: fewer prompts than a batch would train nothing
     if memorize != 0 and not rl_batch_size <= memorize <= len(train):
         raise UserError(f"--memorize must be 0 (skip check 1) or between --rl-batch-size ({rl_batch_size}) and "
@@ -151,22 +160,27 @@ def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning
     # every config is checked before minutes of training
     configs = {(name, lr): ExpertParams.model_validate({
         **base_cfg, "objective": "rl", "rl_steps": steps, "rl_learning_rate": lr, "rl_batch_size": rl_batch_size,
-        "eval_every": every, **SAMPLED, **ALGORITHMS[name]}) for name in chosen for lr in learning_rates}
+        "eval_every": every, **SAMPLED, **ALGORITHMS[name][1]}) for name in chosen for lr in learning_rates}
     runs = _Runs(params, domain, kind)  # fmt: skip
+    test = None
+    if test_gain:  # the start z first: a broken test split fails before minutes of training
+        rows = prepared.read_split(paths.DATA, domain, "test")
+        test = Tested(rows, runs.test_hits(runs.start_z, rows, params.experts[domain].eval_batch_size), params.seed)
 
     fixed = train[:memorize]
     memorized, general = {}, {}
     for name in chosen:
+        label = ALGORITHMS[name][0]
         if memorize:
             run = runs.run(fixed, fixed, configs[name, max(learning_rates)])
-            memorized[name] = {**run, **_quarters(run["reward"])}
-            print(f"memorize {name}: reward {memorized[name]['reward_first_quarter']} -> "
-                  f"{memorized[name]['reward_last_quarter']}, greedy {run.get('val_start')} -> {run.get('val_best')}",
+            memorized[label] = {**run, **_quarters(run["reward"])}
+            print(f"memorize {label}: reward {memorized[label]['reward_first_quarter']} -> "
+                  f"{memorized[label]['reward_last_quarter']}, greedy {run.get('val_start')} -> {run.get('val_best')}",
                   flush=True)  # fmt: skip
         for lr in learning_rates:
             run = runs.run(train, val, configs[name, lr], test)
-            general[f"{name}, lr {lr:g}"] = {**run, **_quarters(run["reward"])}
-            print(f"generalize {name} lr {lr:g}: val {run['val_curve'] or run.get('error')}", flush=True)
+            general[f"{label}, lr {lr:g}"] = {**run, **_quarters(run["reward"])}
+            print(f"generalize {label} lr {lr:g}: val {run['val_curve'] or run.get('error')}", flush=True)
     report = {
         "domain": domain,
         "start": f"the stage's expert z ({paths.expert_file(domain).name})",
@@ -174,7 +188,9 @@ def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning
         "steps": steps,
         "rl_batch_size": rl_batch_size,
         "sampling": SAMPLED,
-        "memorize": {"prompts": memorize, "learning_rate": max(learning_rates), "runs": memorized},
+        "eval_every": every,
+        "memorize": {"prompts": memorize, "learning_rate": max(learning_rates) if memorize else None,
+                     "runs": memorized},
         "generalize": {"train_prompts": len(train), "val_items": min(len(val), params.experts[domain].val_items),
                        "runs": general},
     }  # fmt: skip
@@ -212,9 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rl-batch-size", type=int, default=16, help="prompts per step")
     parser.add_argument("--eval-every", type=int, help="steps between val passes (default: a third of --steps)")
     parser.add_argument("--algorithms", nargs="+", metavar="NAME",
-                        help=f"the RL algorithms to run ({', '.join(SHORT_NAMES)}; default: all)")
+                        help=f"the RL algorithms to run ({', '.join(ALGORITHMS)}; default: all)")  # fmt: skip
     parser.add_argument("--test-gain", action="store_true",
-                        help="score each check-2 run's kept z on the test split against the start z")
+                        help="score each check-2 run's kept z on the test split against the start z")  # fmt: skip
     parser.add_argument("--tag", help="a pilot's name: writes DOMAIN_rl_diagnosis_TAG... beside the report")
     args = parser.parse_args(argv)
     try:

@@ -305,7 +305,7 @@ def test_rl_diagnosis_runs_every_algorithm_on_fixed_prompts_and_on_the_train_spl
         (["--learning-rates", "0.01", "0.01"], "--learning-rates must be distinct"),
         (["--rl-batch-size", "0"], "--rl-batch-size at least 1"),
         (["--memorize", "1", "--rl-batch-size", "2"], "--memorize must be 0 (skip check 1) or between"),
-        (["--algorithms", "reinforce", "ppo"], "choose from reinforce, grpo, rloo (got ['reinforce', 'ppo'])"),
+        (["--algorithms", "reinforce", "ppo"], "--algorithms: unknown ppo; choose from reinforce, grpo, rloo"),
         (["--tag", "../x"], "--tag must be letters"),
         (["--eval-every", "0"], "--eval-every must be at least 1"),
     ]:
@@ -314,15 +314,22 @@ def test_rl_diagnosis_runs_every_algorithm_on_fixed_prompts_and_on_the_train_spl
     assert rl_diagnosis(["poetry"]) == 1
     assert "no `experts.poetry` entry" in capsys.readouterr().err
     # one algorithm, check 2 only, beside the report (a long-budget run)
-    args = ["math", "--algorithms", "rloo", "--memorize", "0", "--steps", "2", "--rl-batch-size", "2", "--tag", "one"]
-    assert rl_diagnosis([*args, "--learning-rates", "0.01", "--test-gain"]) == 0
+    args = ["math", "--algorithms", "rloo", "--memorize", "0", "--steps", "4", "--eval-every", "3",
+            "--rl-batch-size", "2", "--learning-rates", "0.001", "0.01", "--test-gain", "--tag", "one"]  # fmt: skip
+    assert rl_diagnosis(args) == 0
     one = json.loads(Path("reports/objective_study/math_rl_diagnosis_one.json").read_text())
-    assert one["memorize"]["runs"] == {} and list(one["generalize"]["runs"]) == ["trl rloo, lr 0.01"]
-    run = one["generalize"]["runs"]["trl rloo, lr 0.01"]
-    assert len(run["reward"]) == 2 and run["test"]["items"] == len(prepared.read_split(paths.DATA, "math", "test"))
-    assert run["test"]["gain"]["gain_points"] == round(100 * (run["test"]["kept"] - run["test"]["start"]), 2)
-    # the start z is the stage's expert: scored as the stage scored it
-    assert run["test"]["start"] == json.loads(Path("reports/experts/math.json").read_text())["test_accuracy"]["expert"]
+    assert one["memorize"] == {"prompts": 0, "learning_rate": None, "runs": {}} and one["eval_every"] == 3
+    assert list(one["generalize"]["runs"]) == ["trl rloo, lr 0.001", "trl rloo, lr 0.01"]
+    stage = json.loads(Path("reports/experts/math.json").read_text())
+    for run in one["generalize"]["runs"].values():
+        assert len(run["reward"]) == 4 and [step for step, _ in run["val_curve"]] == [0, 3, 4]
+        assert run["reward_last_quarter"] == run["reward"][-1]
+        assert run["test"]["items"] == len(prepared.read_split(paths.DATA, "math", "test"))
+        assert run["test"]["gain"]["gain_points"] == round(100 * (run["test"]["kept"] - run["test"]["start"]), 2)
+        # the start z is the stage's expert, scored as the stage scored it, and the model is clean after each run
+        assert run["test"]["start"] == stage["test_accuracy"]["expert"]
+        assert run["val_start"] == stage["val_accuracy"]["expert"]
+    assert Path("reports/objective_study/math_rl_diagnosis_one_val.png").stat().st_size > 0
     assert not Path("reports/objective_study/math_rl_diagnosis_one_reward.png").exists()
 
 
