@@ -75,7 +75,8 @@ class _Runs:
         svf.load_z(z)
         scales = svf.scales()
         svf.detach()
-        self._composer = self._composer or Composer(self.model, self.factors)  # it copies every target weight
+        # one Composer for every test pass: it keeps a copy of each target weight (the base's) for the run
+        self._composer = self._composer or Composer(self.model, self.factors)
         self._composer.merge(scales)
         try:
             return greedy_scores(self.model, self.tokenizer, self.kind, test, self.tokens, batch_size)

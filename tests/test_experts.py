@@ -15,7 +15,7 @@ import yaml
 
 from bayes_llm import paths
 from bayes_llm.cli import main
-from bayes_llm.config import ExpertParams
+from bayes_llm.config import ExpertParams, load_params
 from bayes_llm.data import prepared
 from bayes_llm.evaluate.base_scores import FILE, BaseScoresError, base_test_scores
 from bayes_llm.experts import trainer as train_module
@@ -29,6 +29,7 @@ from bayes_llm.svf.decompose import load_factors, read_manifest
 from bayes_llm.svf.expert import load_expert, read_expert
 from bayes_llm.svf.scaling import SVF
 from benchmarks.objective_study import main as objective_study
+from benchmarks.rl_diagnosis import _Runs
 from benchmarks.rl_diagnosis import main as rl_diagnosis
 from tests.conftest import ROOT, build_smoke_project, enter_copy
 
@@ -326,11 +327,17 @@ def test_rl_diagnosis_runs_every_algorithm_on_fixed_prompts_and_on_the_train_spl
         assert run["reward_last_quarter"] == run["reward"][-1]
         assert run["test"]["items"] == len(prepared.read_split(paths.DATA, "math", "test"))
         assert run["test"]["gain"]["gain_points"] == round(100 * (run["test"]["kept"] - run["test"]["start"]), 2)
-        # the start z is the stage's expert, scored as the stage scored it, and the model is clean after each run
+        # the start z is the stage's expert, scored as the stage scored it
         assert run["test"]["start"] == stage["test_accuracy"]["expert"]
-        assert run["val_start"] == stage["val_accuracy"]["expert"]
+        assert run["val_start"] == round(stage["val_accuracy"]["expert"], 4)
     assert Path("reports/objective_study/math_rl_diagnosis_one_val.png").stat().st_size > 0
     assert not Path("reports/objective_study/math_rl_diagnosis_one_reward.png").exists()
+    # the smoke model scores 0 everywhere, so check directly that a scored z leaves the weights as they were
+    runs = _Runs(load_params(Path("params.yaml")), "math", "number")
+    before = {name: weight.clone() for name, weight in runs.model.state_dict().items()}
+    rows = prepared.read_split(paths.DATA, "math", "test")[:2]
+    runs.test_hits({n: z * 1.5 for n, z in runs.start_z.items()}, rows, batch_size=2)
+    assert all(torch.equal(before[name], weight) for name, weight in runs.model.state_dict().items())
 
 
 def test_trl_algorithms_need_sampled_groups():
