@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil  # accelerate's own dependency
 import pytest
 import yaml
 
@@ -116,8 +117,13 @@ def test_the_stage_relaunches_itself_and_a_killed_run_resumes(project, tmp_path)
     deadline = time.monotonic() + 180
     while saved_step() < 4 and time.monotonic() < deadline:
         time.sleep(0.05)
+    # The training processes run in their own sessions and die with their launcher, a moment after it:
+    # wait for every one, or process 0 may still write a later checkpoint after killed_at is read.
+    descendants = psutil.Process(process.pid).children(recursive=True)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    _, alive = psutil.wait_procs(descendants, timeout=30)
+    assert not alive, f"training processes outlived their killed launcher: {alive}"
     killed_at = json.loads(state.read_text())["step"]
     assert 4 <= killed_at < 40, "the run ended before it could be killed"
     assert not (runs["killed"] / "models/experts/math.safetensors").exists()
