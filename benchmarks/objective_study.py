@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from bayes_llm import paths
 from bayes_llm.config import ExpertParams, Params, load_params
 from bayes_llm.data import prepared
@@ -69,6 +71,21 @@ def variants(cfg: ExpertParams, rl_steps: int) -> dict[str, dict]:
     }
 
 
+def composed_scores(svf: SVF, z: dict[str, torch.Tensor], factors, tokenizer, kind: str, rows: list[dict],
+                    tokens: int, batch_size: int) -> list[float]:  # fmt: skip
+    """Greedy correctness of z on `rows`, as the stage scores an expert: z's scales from the attached
+    `svf` (detached here), then the weights composed once and restored afterwards."""
+    svf.load_z(z)
+    scales = svf.scales()
+    svf.detach()
+    composer = Composer(svf.model, factors)
+    composer.merge(scales)
+    try:
+        return greedy_scores(svf.model, tokenizer, kind, rows, tokens, batch_size)
+    finally:
+        composer.unmerge()
+
+
 class _Study:
     """The base, its factors and the domain's splits, loaded once for every run."""
 
@@ -92,15 +109,8 @@ class _Study:
         return svf, result
 
     def test_scores(self, svf: SVF, z) -> list[float]:
-        svf.load_z(z)
-        scales = svf.scales()
-        svf.detach()
-        composer = Composer(self.model, self.factors)
-        composer.merge(scales)
-        scores = greedy_scores(self.model, self.tokenizer, self.kind, self.test, self.tokens,
+        return composed_scores(svf, z, self.factors, self.tokenizer, self.kind, self.test, self.tokens,
                                self.params.experts[self.domain].eval_batch_size)  # fmt: skip
-        composer.unmerge()
-        return scores
 
     def step_seconds(self, cfg: ExpertParams, phase: str) -> float:
         """Seconds per training step of `phase` under `cfg`, from a 2-step and a 6-step run after a

@@ -35,15 +35,14 @@ from bayes_llm.data import prepared
 from bayes_llm.errors import UserError
 from bayes_llm.experts.trainer import Trainer, TrainingError
 from bayes_llm.io import write_json
-from bayes_llm.model.greedy import greedy_scores
 from bayes_llm.model.load import load_base
 from bayes_llm.plots import line_plot
 from bayes_llm.stages.train_expert import expert_domains
 from bayes_llm.stats import paired_bootstrap
 from bayes_llm.svf.decompose import check_base, load_factors
 from bayes_llm.svf.expert import load_expert
-from bayes_llm.svf.scaling import SVF, Composer
-from benchmarks.objective_study import curve_mean
+from bayes_llm.svf.scaling import SVF
+from benchmarks.objective_study import composed_scores, curve_mean
 
 REPORT_DIR = paths.REPORTS / "objective_study"
 # Sampled groups for every algorithm. They still differ in more than the loss: our REINFORCE draws
@@ -67,21 +66,11 @@ class _Runs:
         self.factors, self.manifest = load_factors(paths.SVD)
         check_base(self.model, self.manifest, paths.SVD)
         self.start_z = load_expert(paths.expert_file(domain), self.manifest).z
-        self._composer: Composer | None = None
 
     def test_hits(self, z: dict[str, torch.Tensor], test: list[dict], batch_size: int) -> list[float]:
         """Greedy correctness of z on the test rows (the weights composed once, as the stage does)."""
         svf = SVF(self.model, self.factors, mode=self.params.svf.mode, max_mult=self.params.svf.max_mult)
-        svf.load_z(z)
-        scales = svf.scales()
-        svf.detach()
-        # one Composer for every test pass: it keeps a copy of each target weight (the base's) for the run
-        self._composer = self._composer or Composer(self.model, self.factors)
-        self._composer.merge(scales)
-        try:
-            return greedy_scores(self.model, self.tokenizer, self.kind, test, self.tokens, batch_size)
-        finally:
-            self._composer.unmerge()
+        return composed_scores(svf, z, self.factors, self.tokenizer, self.kind, test, self.tokens, batch_size)
 
     def run(self, train: list[dict], val: list[dict], cfg: ExpertParams, test: Tested | None = None) -> dict:
         svf = SVF(self.model, self.factors, mode=self.params.svf.mode, max_mult=self.params.svf.max_mult)
