@@ -7,7 +7,8 @@ writes `reports/scale/ddp.json`: `processes`, `backend`, `max_abs_z_diff` (final
 against one), `steps`, `seconds_1proc`, `seconds_nproc` (the training loop, validation included),
 `speedup`, how the difference grows with the steps (`max_abs_z_diff_by_step`), where it comes from
 (`first_step_rounding`: step 1's gradient, whole batch against the shares' sum, and what Adam's first
-step makes of that), how far training moved z (`max_abs_z_change`, the scale of that difference) and
+step makes of that; `first_gradient`: whether the all-reduce adds anything to the shares' sum), how
+far training moved z (`max_abs_z_change`, the scale of that difference) and
 what the two runs agree on besides (val accuracy, the last losses).
 
 Nothing here writes the pipeline's models or reports other than that file.
@@ -29,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from bayes_llm import paths
 from bayes_llm.config import load_params
 from bayes_llm.errors import UserError
-from bayes_llm.experts.distributed import Shards, relaunch
+from bayes_llm.experts.distributed import Shards, relaunch, threads_per_process
 from bayes_llm.io import write_json
 
 REPORT = paths.REPORTS / "scale" / "ddp.json"
@@ -61,14 +62,20 @@ def split_rounding(svf, tokenizer, rows: list[dict], cfg, seed: int, processes: 
         return g
 
     whole = gradient([sft_loss(svf.model, batch)])
-    split = gradient([sft_loss_share(svf.model, batch, 0.0, Shards(rank, processes)) for rank in range(processes)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads_per_process(processes))  # each share as its process computes it
+    try:
+        split = gradient([sft_loss_share(svf.model, batch, 0.0, Shards(rank, processes)) for rank in range(processes)])
+    finally:
+        torch.set_num_threads(threads)
     eps = 1e-8  # AdamW's default, as the trainer uses it
     step = (cfg.sft_learning_rate * (whole / (whole.abs() + eps) - split / (split.abs() + eps))).abs()
     worst = int(step.argmax())
     return {"max_abs_grad_diff": float((whole - split).abs().max()), "max_abs_grad": float(whole.abs().max()),
             "share_abs_grad_below_1e-7": round(float((whole.abs() < 1e-7).float().mean()), 5),
             "max_abs_first_adam_step_diff": float(step.max()), "abs_grad_there": float(whole[worst].abs()),
-            "abs_grad_diff_there": float((whole - split)[worst].abs())}  # fmt: skip
+            "abs_grad_diff_there": float((whole - split)[worst].abs()),
+            "gradients": {"whole": whole, "split": split}}  # fmt: skip
 
 
 def train_worker(params_file: Path, domain: str, sft_steps: int, rl_steps: int, out: Path,
@@ -103,9 +110,12 @@ def train_worker(params_file: Path, domain: str, sft_steps: int, rl_steps: int, 
                           manifest["svd_fingerprint"], params.base_eval.max_new_tokens[kind], progress=shards.main,
                           shards=shards)  # fmt: skip
         snapshots = _snapshot_z(trainer, svf, steps)
+        first = _keep_first_gradient(shards)
         result = trainer.run()
     if shards.main:
+        gradients = {"first": first["gradient"], **(rounding.pop("gradients") if rounding else {})}
         save_file(snapshots, out / "z.safetensors")
+        save_file(gradients, out / "gradients.safetensors")
         last = {phase: next(r["loss"] for r in reversed(result.curve) if r["phase"] == phase and "loss" in r)
                 for phase, _ in result.phases}  # fmt: skip
         change = max(float((svf.z()[n] - z).abs().max()) for n, z in start.items())
@@ -134,6 +144,21 @@ def _snapshot_z(trainer, svf, steps: int) -> dict:
     return snapshots
 
 
+def _keep_first_gradient(shards: Shards) -> dict:
+    """The gradient of z the trainer's first optimizer step takes (after the all-reduce), kept under
+    "gradient" when that step runs."""
+    kept: dict = {}
+    sum_gradients = shards.sum_gradients
+
+    def sum_and_keep(parameters) -> None:
+        sum_gradients(parameters)
+        if not kept:
+            kept["gradient"] = torch.cat([p.grad.reshape(-1) for p in parameters]).clone()
+
+    object.__setattr__(shards, "sum_gradients", sum_and_keep)  # Shards is frozen; this run's instance only
+    return kept
+
+
 def _run(processes: int, args: argparse.Namespace, out: Path) -> dict:
     out.mkdir(parents=True)
     worker = ["benchmarks.ddp", "--params", str(args.params), "--domain", args.domain, "--sft-steps",
@@ -147,7 +172,8 @@ def _run(processes: int, args: argparse.Namespace, out: Path) -> dict:
         code = relaunch(processes, worker, env)
     if code != 0:
         raise UserError(f"the {processes}-process run failed (exit status {code})")
-    return {**json.loads((out / "run.json").read_text()), "z": load_file(out / "z.safetensors")}
+    return {**json.loads((out / "run.json").read_text()), "z": load_file(out / "z.safetensors"),
+            "gradients": load_file(out / "gradients.safetensors")}
 
 
 def benchmark(args: argparse.Namespace) -> dict:
@@ -168,6 +194,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         "max_abs_z_change": one["z_change"],  # how far training moved z: the scale the diff is measured against
         "max_abs_z_diff_by_step": by_step,
         "first_step_rounding": one["rounding"],
+        "first_gradient": _first_gradients(one["gradients"], many["gradients"]),
         "steps": args.sft_steps + args.rl_steps,
         "seconds_1proc": round(one["seconds"], 3),
         "seconds_nproc": round(many["seconds"], 3),
@@ -183,6 +210,17 @@ def benchmark(args: argparse.Namespace) -> dict:
     }
     write_json(args.out, report)
     return report
+
+
+def _first_gradients(one: dict, many: dict) -> dict:
+    """Step 1's gradient of z as each run's optimizer took it: N processes' all-reduced sum against one
+    process's whole batch, and against the shares' gradients summed in one process (`split_rounding`).
+    Equal to the latter, the all-reduce adds nothing: the whole difference is the split's rounding."""
+    diff = {"max_abs_diff_nproc_vs_1proc": float((many["first"] - one["first"]).abs().max())}
+    if "split" in one:
+        diff["max_abs_diff_nproc_vs_shares_summed_in_1proc"] = float((many["first"] - one["split"]).abs().max())
+        diff["max_abs_diff_1proc_vs_its_rounding_check"] = float((one["first"] - one["whole"]).abs().max())
+    return diff
 
 
 def main(argv: list[str] | None = None) -> int:

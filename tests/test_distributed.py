@@ -82,6 +82,12 @@ def test_two_processes_train_the_same_z_as_one(project, tmp_path, monkeypatch):
     assert report["max_abs_z_diff"] <= 1e-4
     rounding = report["first_step_rounding"]  # the shares' gradients sum to the whole batch's, to rounding
     assert rounding["max_abs_grad"] > 0 and rounding["max_abs_grad_diff"] <= 1e-4 * rounding["max_abs_grad"]
+    # ... and all of it: the all-reduced gradient is the shares' gradients summed in one process, and the
+    # check's whole-batch gradient is the one the one-process trainer stepped with
+    first = report["first_gradient"]
+    assert first["max_abs_diff_nproc_vs_shares_summed_in_1proc"] == 0.0
+    assert first["max_abs_diff_1proc_vs_its_rounding_check"] == 0.0
+    assert first["max_abs_diff_nproc_vs_1proc"] == rounding["max_abs_grad_diff"]
     assert report["val_accuracy"]["1proc"] == report["val_accuracy"]["nproc"]
     assert report["threads"]["per_process"] == threads_per_process(2)  # the cores split, not oversubscribed
 
