@@ -44,8 +44,8 @@ def split_rounding(svf, tokenizer, rows: list[dict], cfg, seed: int, processes: 
     from bayes_llm.experts.distributed import sft_loss_share
     from bayes_llm.experts.objectives import sft_batch, sft_loss
 
-    if cfg.sft_drop_hardest > 0 or cfg.sft_steps == 0:
-        return None  # the shares would gather across processes; there are none here
+    if cfg.sft_drop_hardest > 0 or cfg.sft_steps == 0 or cfg.train_precision != "fp32":
+        return None  # the shares would gather across processes (there are none here), or no SFT step, or bf16
     picks = torch.randint(len(rows), (cfg.sft_batch_size,), generator=torch.Generator().manual_seed(seed * 1_000_003))
     batch = sft_batch(tokenizer, [rows[i] for i in picks.tolist()])
     parameters = svf.parameters()
@@ -63,7 +63,8 @@ def split_rounding(svf, tokenizer, rows: list[dict], cfg, seed: int, processes: 
 
     whole = gradient([sft_loss(svf.model, batch)])
     threads = torch.get_num_threads()
-    torch.set_num_threads(threads_per_process(processes))  # each share as its process computes it
+    # each share on its process's threads (`relaunch` lets a user's OMP_NUM_THREADS win)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", threads_per_process(processes))))
     try:
         split = gradient([sft_loss_share(svf.model, batch, 0.0, Shards(rank, processes)) for rank in range(processes)])
     finally:
@@ -212,15 +213,17 @@ def benchmark(args: argparse.Namespace) -> dict:
     return report
 
 
-def _first_gradients(one: dict, many: dict) -> dict:
-    """Step 1's gradient of z as each run's optimizer took it: N processes' all-reduced sum against one
-    process's whole batch, and against the shares' gradients summed in one process (`split_rounding`).
-    Equal to the latter, the all-reduce adds nothing: the whole difference is the split's rounding."""
-    diff = {"max_abs_diff_nproc_vs_1proc": float((many["first"] - one["first"]).abs().max())}
-    if "split" in one:
-        diff["max_abs_diff_nproc_vs_shares_summed_in_1proc"] = float((many["first"] - one["split"]).abs().max())
-        diff["max_abs_diff_1proc_vs_its_rounding_check"] = float((one["first"] - one["whole"]).abs().max())
-    return diff
+def _first_gradients(one: dict, many: dict) -> dict | None:
+    """Step 1's SFT gradient of z as each run's optimizer took it: N processes' all-reduced sum against
+    one process's whole batch, and against the shares' gradients summed in one process (`split_rounding`).
+    Equal to the latter, the all-reduce adds nothing: the whole difference is the split's rounding. (Two
+    processes' sum is exact in any order; with more, gloo's ring may add in another order than rank order.)
+    None when `split_rounding` is (an RL first step samples other rollouts per process)."""
+    if "split" not in one:
+        return None
+    return {"max_abs_diff_nproc_vs_1proc": float((many["first"] - one["first"]).abs().max()),
+            "max_abs_diff_nproc_vs_shares_summed_in_1proc": float((many["first"] - one["split"]).abs().max()),
+            "max_abs_diff_1proc_vs_its_rounding_check": float((one["first"] - one["whole"]).abs().max())}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,7 +87,6 @@ def test_two_processes_train_the_same_z_as_one(project, tmp_path, monkeypatch):
     first = report["first_gradient"]
     assert first["max_abs_diff_nproc_vs_shares_summed_in_1proc"] == 0.0
     assert first["max_abs_diff_1proc_vs_its_rounding_check"] == 0.0
-    assert first["max_abs_diff_nproc_vs_1proc"] == rounding["max_abs_grad_diff"]
     assert report["val_accuracy"]["1proc"] == report["val_accuracy"]["nproc"]
     assert report["threads"]["per_process"] == threads_per_process(2)  # the cores split, not oversubscribed
 
