@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
 
 from bayes_llm import paths
 from bayes_llm.config import load_params
@@ -111,8 +113,11 @@ def train_worker(params_file: Path, domain: str, sft_steps: int, rl_steps: int, 
                           manifest["svd_fingerprint"], params.base_eval.max_new_tokens[kind], progress=shards.main,
                           shards=shards)  # fmt: skip
         snapshots = _snapshot_z(trainer, svf, steps)
-        first = _keep_first_gradient(shards)
-        result = trainer.run()
+        first, hook = _keep_first_gradient()
+        try:
+            result = trainer.run()
+        finally:
+            hook.remove()
     if shards.main:
         gradients = {"first": first["gradient"], **(rounding.pop("gradients") if rounding else {})}
         save_file(snapshots, out / "z.safetensors")
@@ -145,19 +150,17 @@ def _snapshot_z(trainer, svf, steps: int) -> dict:
     return snapshots
 
 
-def _keep_first_gradient(shards: Shards) -> dict:
-    """The gradient of z the trainer's first optimizer step takes (after the all-reduce), kept under
-    "gradient" when that step runs."""
+def _keep_first_gradient() -> tuple[dict, RemovableHandle]:
+    """The gradient of z the first optimizer step takes (after the all-reduce), kept under "gradient"
+    when that step runs; and the hook's handle, to remove it."""
     kept: dict = {}
-    sum_gradients = shards.sum_gradients
 
-    def sum_and_keep(parameters) -> None:
-        sum_gradients(parameters)
-        if not kept:
-            kept["gradient"] = torch.cat([p.grad.reshape(-1) for p in parameters]).clone()
+    def keep(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        if not kept:  # the optimizer's parameters are z, in svf.parameters()' order
+            kept["gradient"] = torch.cat([p.grad.reshape(-1) for group in optimizer.param_groups
+                                          for p in group["params"]]).clone()  # fmt: skip
 
-    object.__setattr__(shards, "sum_gradients", sum_and_keep)  # Shards is frozen; this run's instance only
-    return kept
+    return kept, register_optimizer_step_pre_hook(keep)
 
 
 def _run(processes: int, args: argparse.Namespace, out: Path) -> dict:
