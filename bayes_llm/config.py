@@ -372,7 +372,7 @@ class ExpertParams(Strict):
     eval_batch_size: PositiveInt = 64
     # bf16: the training forward and backward run under CPU/GPU autocast (matmuls in bfloat16, z and
     # its optimizer in float32): 1.6-1.9x faster steps on a CPU with AVX512-BF16. Validation, the reports
-    # and inference stay float32.
+    # and inference stay float32. Without native bf16 (an AVX2 CPU) it trains in fp32 (Trainer).
     train_precision: Literal["fp32", "bf16"] = "fp32"
     # RL's headroom in the report: pass@1 (greedy) and pass@k of the base and the SFT z on val, k samples
     # at `headroom_temperature` (null: the RL temperature, or 1.0 where RL rolls out greedily). 0: skip.

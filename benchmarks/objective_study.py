@@ -12,6 +12,10 @@ which cancels validation and set-up), so `sft+rl` spends S/2 on each phase. The 
 `--steps VARIANT=N` (repeatable) replays a report's steps exactly on any machine. Without a budget
 the variants keep the configured steps (`--rl-steps` for the RL-only ones).
 
+`--variants NAME ...` runs only those, `--set KEY=VALUE` changes an expert param in every run (after
+the variant's own changes) and `--tag T` writes `DOMAIN_T.{json,md}` instead, so a pilot keeps the
+study's report. Each `sft+rl` run also reports the RL phase's own test gain over its SFT z.
+
 A study, not a stage: it lives outside `bayes_llm/experts` and `reports/experts` (inputs of the
 `train_expert` and `evaluate` stages) so that running or editing it never makes them stale.
 """
@@ -27,6 +31,8 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
+from pydantic import ValidationError
 
 from bayes_llm import paths
 from bayes_llm.config import ExpertParams, Params, load_params
@@ -45,6 +51,10 @@ from bayes_llm.svf.scaling import SVF, Composer
 REPORT_DIR = paths.REPORTS / "objective_study"
 # Sampled-group settings for trl's algorithms (greedy rollouts give a group no variance to learn from).
 SAMPLED = {"num_generations": 4, "temperature": 0.7, "rl_batch_size": 8, "rl_learning_rate": 3e-3}
+# Our REINFORCE on sampled groups with the group-mean baseline, at the settings of the 400-step math
+# runs (rl_diagnosis): 16 prompts x 8 completions at temperature 1.0, lr 0.01.
+SAMPLED_REINFORCE = {"rl_algorithm": "reinforce", "num_generations": 8, "temperature": 1.0, "baseline": True,
+                     "rl_batch_size": 16, "rl_learning_rate": 1e-2}  # fmt: skip
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 TIMING_STEPS = (2, 6)
 MAX_STEPS = 5_000  # a budget that asks for more is a mistyped one (or a timing gone wrong)
@@ -68,7 +78,17 @@ def variants(cfg: ExpertParams, rl_steps: int) -> dict[str, dict]:
         "rl (trl rloo)": {**rl_only, "rl_algorithm": "rloo", **SAMPLED},
         f"sft+rl ({cfg.rl_algorithm}, the default)": {"objective": "sft+rl"},
         "sft+rl (trl rloo)": {"objective": "sft+rl", "rl_algorithm": "rloo", **SAMPLED},
+        "sft+rl (reinforce, sampled groups, baseline)": {"objective": "sft+rl", **SAMPLED_REINFORCE},
     }
+
+
+def variant_params(base: ExpertParams, name: str, changes: dict, overrides: dict) -> ExpertParams:
+    """The domain's params with a variant's changes, then `--set`'s; a clear error where they clash."""
+    try:
+        return ExpertParams.model_validate({**base.model_dump(), **changes, **overrides})
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}" for e in error.errors())
+        raise UserError(f"variant {name!r} with --set {overrides}: {problems}") from None
 
 
 def composed_scores(svf: SVF, z: dict[str, torch.Tensor], factors, tokenizer, kind: str, rows: list[dict],
@@ -99,8 +119,11 @@ class _Study:
         check_base(self.model, self.manifest, paths.SVD)
         self.base = base_test_scores(paths.BASE, domain, self.test, self.tokens)
 
+    def svf(self) -> SVF:
+        return SVF(self.model, self.factors, mode=self.params.svf.mode, max_mult=self.params.svf.max_mult)
+
     def train_z(self, cfg: ExpertParams, seed: int):
-        svf = SVF(self.model, self.factors, mode=self.params.svf.mode, max_mult=self.params.svf.max_mult)
+        svf = self.svf()
         with tempfile.TemporaryDirectory() as checkpoints:  # every run trains from the start
             trainer = Trainer(svf, self.tokenizer, self.kind, self.train, self.val, cfg, seed, Path(checkpoints),
                               self.manifest["svd_fingerprint"], self.tokens, self.progress,
@@ -144,38 +167,57 @@ def _equal_compute(study: _Study, cfg: ExpertParams, budget: float) -> tuple[dic
 def _aggregate(study: _Study, runs: list[dict]) -> dict:
     """Mean gain over seeds with a 95 % t-interval across seeds, and a paired bootstrap of the
     seed-averaged item scores against the base (the item-sampling CI)."""
-    gains = [run["gain"]["gain_points"] for run in runs]
-    mean = statistics.fmean(gains)
-    half = T_975.get(len(gains) - 1, 1.96) * statistics.stdev(gains) / len(gains) ** 0.5 if len(gains) > 1 else None
     averaged = [statistics.fmean(scores) for scores in zip(*(run["scores"] for run in runs), strict=True)]
     return {
         "seeds": [run["seed"] for run in runs],
+        **_across_seeds([run["gain"]["gain_points"] for run in runs]),
+        "pooled": paired_bootstrap(study.base, averaged, seed=study.params.seed),
+        "train_seconds_mean": round(statistics.fmean(run["train_seconds"] for run in runs), 1),
+        **_rl_over_sft(runs),
+    }
+
+
+def _across_seeds(gains: list[float]) -> dict:
+    """Per-seed gains, their mean and its 95 % t-interval across seeds (none for one seed)."""
+    mean = statistics.fmean(gains)
+    half = T_975.get(len(gains) - 1, 1.96) * statistics.stdev(gains) / len(gains) ** 0.5 if len(gains) > 1 else None
+    return {
         "gain_points_per_seed": gains,
         "gain_points_mean": round(mean, 2),
         "seed_ci_low": None if half is None else round(mean - half, 2),
         "seed_ci_high": None if half is None else round(mean + half, 2),
-        "pooled": paired_bootstrap(study.base, averaged, seed=study.params.seed),
-        "train_seconds_mean": round(statistics.fmean(run["train_seconds"] for run in runs), 1),
     }
+
+
+def _rl_over_sft(runs: list[dict]) -> dict:
+    """The RL phase's test gain over the SFT z it started from (sft+rl runs), across seeds."""
+    gains = [run["rl_gain_over_sft"]["gain_points"] for run in runs if "rl_gain_over_sft" in run]
+    return {"rl_over_sft": _across_seeds(gains)} if gains else {}
 
 
 def compare_objectives(params: Params, domain: str, rl_steps: int = 60, seeds: list[int] | None = None,
                        budget_seconds: float | None = None, fixed_steps: dict[str, dict[str, int]] | None = None,
-                       progress: bool = True) -> dict:  # fmt: skip
+                       progress: bool = True, only: list[str] | None = None, overrides: dict | None = None,
+                       tag: str | None = None) -> dict:  # fmt: skip
     if rl_steps < 1:
         raise UserError(f"--rl-steps must be at least 1 (got {rl_steps})")
     if budget_seconds is not None and budget_seconds <= 0:
         raise UserError(f"--budget-seconds must be positive (got {budget_seconds})")
-    seeds = seeds or [params.seed]
-    study = _Study(params, domain, progress)
+    if tag is not None and not tag.replace("-", "").replace("_", "").isalnum():
+        raise UserError(f"--tag must be letters, digits, - or _ (got {tag!r})")
+    seeds, overrides = seeds or [params.seed], overrides or {}
+    expert_domains(params, domain)  # an unknown domain fails here, before the base loads
     base_cfg = params.experts[domain]
     table = variants(base_cfg, rl_steps)
-    unknown = sorted(set(fixed_steps or {}) - set(table))
+    unknown = sorted((set(fixed_steps or {}) | set(only or [])) - set(table))
     if unknown:
-        raise UserError(f"--steps names no variant: {unknown} (variants: {list(table)})")
+        raise UserError(f"--steps or --variants names no variant: {unknown} (variants: {list(table)})")
+    table = {name: changes for name, changes in table.items() if not only or name in only}
+    configs = {name: variant_params(base_cfg, name, changes, overrides) for name, changes in table.items()}
+    study = _Study(params, domain, progress)
     results = []
     for name, changes in table.items():
-        cfg = ExpertParams.model_validate({**base_cfg.model_dump(), **changes})
+        cfg = configs[name]
         step_seconds = None
         if fixed_steps and name in fixed_steps:
             steps = fixed_steps[name]
@@ -190,6 +232,12 @@ def compare_objectives(params: Params, domain: str, rl_steps: int = 60, seeds: l
             svf, result = study.train_z(cfg, seed)
             scores = study.test_scores(svf, result.best_z)
             rl = [r for r in result.curve if r["phase"] == "rl" and "reward" in r]
+            over_sft = {}
+            if result.sft_z is not None and "rl" in cfg.objective:  # the RL phase against the z it started from
+                sft = scores if result.best_z is result.sft_z else study.test_scores(study.svf(), result.sft_z)
+                over_sft = {"rl_kept": result.best_z is not result.sft_z,
+                            "sft_test_accuracy": round(sum(sft) / len(sft), 4),
+                            "rl_gain_over_sft": paired_bootstrap(sft, scores, seed=params.seed)}  # fmt: skip
             runs.append({
                 "seed": seed,
                 "steps": dict(result.phases),
@@ -200,6 +248,7 @@ def compare_objectives(params: Params, domain: str, rl_steps: int = 60, seeds: l
                 "rl_reward_first_last": [rl[0]["reward"], rl[-1]["reward"]] if rl else None,
                 "rl_grad_norm_mean": curve_mean(rl, "grad_norm", 6),
                 "rl_zero_std_groups_mean": curve_mean(rl, "zero_std_groups", 4),
+                **over_sft,
                 "scores": scores,
             })  # fmt: skip
             if progress:
@@ -210,11 +259,12 @@ def compare_objectives(params: Params, domain: str, rl_steps: int = 60, seeds: l
             del run["scores"]
         results.append({"variant": name, "changes": changes, "steps": dict(runs[0]["steps"]),
                         "step_seconds": step_seconds, **summary, "runs": runs})  # fmt: skip
-    report = {"domain": domain, "seeds": seeds, "budget_seconds": budget_seconds,
+    report = {"domain": domain, "seeds": seeds, "budget_seconds": budget_seconds, "overrides": overrides,
               "base_test_accuracy": round(sum(study.base) / len(study.base), 4), "test_items": len(study.base),
               "variants": results, "started_from": base_cfg.model_dump()}  # fmt: skip
-    write_json(REPORT_DIR / f"{domain}.json", report)
-    with atomic_path(REPORT_DIR / f"{domain}.md") as tmp:
+    stem = domain + (f"_{tag}" if tag else "")
+    write_json(REPORT_DIR / f"{stem}.json", report)
+    with atomic_path(REPORT_DIR / f"{stem}.md") as tmp:
         tmp.write_text(markdown(report))
     return report
 
@@ -222,15 +272,19 @@ def compare_objectives(params: Params, domain: str, rl_steps: int = 60, seeds: l
 def markdown(report: dict) -> str:
     budget = report["budget_seconds"]
     compute = f"equal compute: {budget:g} s of training steps each" if budget else "the configured steps"
+    if report.get("overrides"):
+        compute += f"; every run with {report['overrides']}"
     lines = [
         f"# Objectives compared: {report['domain']} (seeds {report['seeds']}, {report['test_items']} test items)",
         "",
         f"Base test accuracy {100 * report['base_test_accuracy']:.1f} %; {compute}. Each z keeps its best val "
         "step. Gain: mean over seeds with a 95 % t-interval across seeds; pooled: the seed-averaged item "
-        "scores against the base (paired bootstrap).",
+        "scores against the base (paired bootstrap). RL over SFT: an sft+rl run's test gain over its own SFT z "
+        "(0 where RL never beat the SFT z on val), per seed and mean [seed CI].",
         "",
-        "| variant | steps | train s | gain per seed | mean gain [seed CI] | pooled [95 % CI] | RL reward first→last |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | steps | train s | gain per seed | mean gain [seed CI] | pooled [95 % CI] | RL reward first→last "
+        "| RL over SFT |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for v in report["variants"]:
         steps = " + ".join(f"{phase} {n}" for phase, n in v["steps"].items())
@@ -239,9 +293,15 @@ def markdown(report: dict) -> str:
         pooled = v["pooled"]
         rewards = [r["rl_reward_first_last"] for r in v["runs"] if r["rl_reward_first_last"]]
         reward = "; ".join(f"{a:.2f} → {b:.2f}" for a, b in rewards) or "–"
+        over = v.get("rl_over_sft")
+        over_sft = "–"
+        if over:
+            ci = "" if over["seed_ci_low"] is None else f" [{over['seed_ci_low']:+.1f}, {over['seed_ci_high']:+.1f}]"
+            over_sft = ", ".join(f"{g:+.1f}" for g in over["gain_points_per_seed"])
+            over_sft += f"; {over['gain_points_mean']:+.1f}{ci}"
         lines.append(f"| {v['variant']} | {steps} | {v['train_seconds_mean']:.0f} | {per_seed} | "
                      f"{v['gain_points_mean']:+.1f}{seed_ci} | {pooled['gain_points']:+.1f} "
-                     f"[{pooled['ci_low']:+.1f}, {pooled['ci_high']:+.1f}] | {reward} |")  # fmt: skip
+                     f"[{pooled['ci_low']:+.1f}, {pooled['ci_high']:+.1f}] | {reward} | {over_sft} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -255,6 +315,17 @@ def _steps_arg(value: str) -> tuple[str, dict[str, int]]:
     if not name or not steps or set(steps) - {"sft", "rl"} or min(steps.values()) < 1:
         raise argparse.ArgumentTypeError(f"{value!r}: expected VARIANT=sft:N,rl:M with N, M >= 1")
     return name, steps
+
+
+def _set_arg(value: str) -> tuple[str, object]:
+    """'rl_learning_rate=0.02' → ('rl_learning_rate', 0.02): the value read as YAML (numbers, true/false)."""
+    key, sep, raw = value.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{value!r}: expected KEY=VALUE, e.g. rl_learning_rate=0.02")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise argparse.ArgumentTypeError(f"{value!r}: VALUE is not YAML ({error})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,11 +346,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-seconds", type=float, help="equal compute: seconds of training steps per run")
     parser.add_argument("--steps", type=_steps_arg, action="append", default=[],
                         help="VARIANT=sft:N,rl:M: a variant's steps as a report records them (repeatable)")  # fmt: skip
+    parser.add_argument("--variants", nargs="+", metavar="NAME", help="only these variants (names as in the report)")
+    parser.add_argument("--set", type=_set_arg, action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="an experts.DOMAIN param for every run, after the variant's changes, e.g. "
+                        "rl_learning_rate=0.02 (repeatable; VALUE is read as YAML)")  # fmt: skip
+    parser.add_argument("--tag", help="a pilot's name: writes DOMAIN_TAG.{json,md} instead of DOMAIN.{json,md}")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
         report = compare_objectives(load_params(args.params), args.domain, args.rl_steps, args.seeds,
-                                    args.budget_seconds, dict(args.steps), progress=not args.quiet)  # fmt: skip
+                                    args.budget_seconds, dict(args.steps), progress=not args.quiet,
+                                    only=args.variants, overrides=dict(args.overrides), tag=args.tag)  # fmt: skip
     except UserError as error:
         print(f"objective_study: {error}", file=sys.stderr)
         return error.exit_code

@@ -247,7 +247,7 @@ def test_compare_objectives_reports_every_variant_against_the_base(workdir_proje
     assert objective_study(["math", "--quiet", "--rl-steps", "2", "--seeds", "0", "1"]) == 0
     report = json.loads(Path("reports/objective_study/math.json").read_text())
     algorithms = [v["changes"].get("rl_algorithm") for v in report["variants"]]
-    assert algorithms == [None, "reinforce", "grpo", "rloo", None, "rloo"] and report["seeds"] == [0, 1]
+    assert algorithms == [None, "reinforce", "grpo", "rloo", None, "rloo", "reinforce"] and report["seeds"] == [0, 1]
     for variant in report["variants"]:
         gains = [run["gain"]["gain_points"] for run in variant["runs"]]
         assert gains == variant["gain_points_per_seed"] and [r["seed"] for r in variant["runs"]] == [0, 1]
@@ -258,14 +258,48 @@ def test_compare_objectives_reports_every_variant_against_the_base(workdir_proje
     assert rl["rl_grad_norm_mean"] >= 0 and 0 <= rl["rl_zero_std_groups_mean"] <= 1
     assert report["variants"][1]["steps"] == {"rl": 2} and report["variants"][4]["steps"] == {"sft": 2, "rl": 2}
     table = Path("reports/objective_study/math.md").read_text()
-    assert table.count("\n| ") == 7  # header + one row per variant
+    assert table.count("\n| ") == 8  # header + one row per variant
     assert not Path("models/experts").exists()  # a comparison writes no expert
     assert objective_study(["math", "--quiet", "--rl-steps", "0"]) == 1
     assert objective_study(["poetry", "--quiet"]) == 1
     assert objective_study(["math", "--quiet", "--steps", "sfft=sft:2"]) == 1
     err = capsys.readouterr().err
     assert "--rl-steps must be at least 1" in err and "no `experts.poetry` entry" in err
-    assert "--steps names no variant: ['sfft']" in err
+    assert "--steps or --variants names no variant: ['sfft']" in err
+
+
+def test_a_pilot_runs_chosen_variants_with_changed_params_under_its_own_name(workdir_project, capsys):
+    study = Path("reports/objective_study/math.json")
+    before = study.read_bytes() if study.exists() else None
+    name = "sft+rl (reinforce, sampled groups, baseline)"
+    args = ["math", "--quiet", "--variants", name, "--set", "rl_batch_size=2", "--set", "eval_every=1",
+            "--seeds", "0", "1", "--tag", "pilot"]  # fmt: skip
+    assert objective_study(args) == 0
+    report = json.loads(Path("reports/objective_study/math_pilot.json").read_text())
+    assert (study.read_bytes() if study.exists() else None) == before  # the study's own report is left alone
+    [variant] = report["variants"]
+    assert variant["variant"] == name and report["overrides"] == {"rl_batch_size": 2, "eval_every": 1}
+    assert variant["changes"]["num_generations"] == 8 and variant["changes"]["baseline"] is True
+    for run in variant["runs"]:  # the RL phase against the SFT z it started from, on the same test items
+        over = run["rl_gain_over_sft"]
+        assert over["items"] == 12 and over["gain_points"] == pytest.approx(
+            100 * (run["test_accuracy"] - run["sft_test_accuracy"]), abs=0.02)
+        assert run["rl_kept"] or over["gain_points"] == 0
+    gains = [run["rl_gain_over_sft"]["gain_points"] for run in variant["runs"]]
+    assert variant["rl_over_sft"]["gain_points_per_seed"] == gains
+    assert variant["rl_over_sft"]["gain_points_mean"] == round(sum(gains) / 2, 2)
+    assert "RL over SFT" in Path("reports/objective_study/math_pilot.md").read_text()
+    assert objective_study(["math", "--quiet", "--variants", "sfft"]) == 1
+    assert objective_study(["math", "--quiet", "--set", "rl_lr=0.1"]) == 1
+    greedy = "rl (reinforce, greedy ±1)"
+    assert objective_study(["math", "--quiet", "--variants", greedy, "--set", "num_generations=4"]) == 1
+    assert objective_study(["math", "--quiet", "--tag", "../x"]) == 1
+    err = capsys.readouterr().err
+    assert "names no variant: ['sfft']" in err and "rl_lr: Extra inputs are not permitted" in err
+    assert "greedy rollouts (temperature 0) are all the same" in err and "--tag must be letters" in err
+    with pytest.raises(SystemExit):
+        objective_study(["math", "--set", "rl_steps"])
+    assert "expected KEY=VALUE" in capsys.readouterr().err
 
 
 def test_equal_compute_sets_steps_from_a_timing_run_and_replays_them(workdir_project):
