@@ -164,6 +164,18 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_identical(project, tm
     assert report["resumed_from_step"] == killed_at
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_trains_in_fp32_where_the_device_has_no_native_bf16(workdir_project, monkeypatch, capsys, native):
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: native)
+    _set_expert(Path("."), "reasoning", objective="sft", train_precision="bf16")
+    assert main(["train-expert", "reasoning", "--quiet"]) == 0
+    report = json.loads(Path("reports/experts/reasoning.json").read_text())
+    assert report.get("train_precision_used") == (None if native else "fp32")  # only a fallback is noted
+    assert ("no native bfloat16" in capsys.readouterr().out) is not native
+    expert = read_expert(Path("models/experts/reasoning.safetensors"))
+    assert expert.training["train_precision"] == "bf16"  # what was asked for; the report says what ran
+
+
 def test_a_checkpoint_is_resumed_only_by_a_run_on_the_same_rows(project, tmp_path, monkeypatch):
     monkeypatch.chdir(project)
     model, tokenizer = load_checkpoint("models/base")
@@ -182,6 +194,11 @@ def test_a_checkpoint_is_resumed_only_by_a_run_on_the_same_rows(project, tmp_pat
     assert fingerprint(rows, [{**rows[0], "answer": "3"}, *rows[1:]]) != same  # a changed val answer
     assert fingerprint(rows, [*rows, rows[0]]) == same  # beyond val_items: not validated on, not part of the run
     assert fingerprint(rows, rows, eval_tokens=8) != same  # val answers of another length: other scores
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: True)
+    cfg = ExpertParams(objective="sft", sft_steps=2, sft_batch_size=2, val_items=4, train_precision="bf16")
+    in_bf16 = fingerprint(rows, rows)
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: False)
+    assert fingerprint(rows, rows) != in_bf16  # a bf16 checkpoint is not resumed in fp32, where bf16 fell back
 
 
 def test_a_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(project, tmp_path, monkeypatch):
