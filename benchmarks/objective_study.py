@@ -242,6 +242,7 @@ def compare_objectives(params: Params, domain: str, rl_steps: int = 60, seeds: l
                 "seed": seed,
                 "steps": dict(result.phases),
                 "train_seconds": round(result.seconds, 1),
+                "train_precision": result.precision,  # bf16 falls back to fp32 without native bf16
                 "val_accuracy": {"base": result.base_val, "best": result.best_val, "sft": result.sft_val},
                 "test_accuracy": round(sum(scores) / len(scores), 4),
                 "gain": paired_bootstrap(study.base, scores, seed=params.seed),
@@ -318,14 +319,19 @@ def _steps_arg(value: str) -> tuple[str, dict[str, int]]:
 
 
 def _set_arg(value: str) -> tuple[str, object]:
-    """'rl_learning_rate=0.02' → ('rl_learning_rate', 0.02): the value read as YAML (numbers, true/false)."""
+    """'rl_learning_rate=1e-2' → ('rl_learning_rate', 0.01): the value read as JSON (1e-2 is a number
+    there, a string to YAML 1.1), else as YAML (true, bf16)."""
     key, sep, raw = value.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"{value!r}: expected KEY=VALUE, e.g. rl_learning_rate=0.02")
     try:
+        return key.strip(), json.loads(raw)
+    except ValueError:
+        pass
+    try:
         return key.strip(), yaml.safe_load(raw)
     except yaml.YAMLError as error:
-        raise argparse.ArgumentTypeError(f"{value!r}: VALUE is not YAML ({error})") from None
+        raise argparse.ArgumentTypeError(f"{value!r}: VALUE is neither JSON nor YAML ({error})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -285,23 +286,29 @@ def test_compare_objectives_reports_every_variant_against_the_base(workdir_proje
     assert "--steps or --variants names no variant: ['sfft']" in err
 
 
-def test_a_pilot_runs_chosen_variants_with_changed_params_under_its_own_name(workdir_project, capsys):
+def test_a_pilot_runs_chosen_variants_with_changed_params_under_its_own_name(workdir_project, monkeypatch, capsys):
     study = Path("reports/objective_study/math.json")
     before = study.read_bytes() if study.exists() else None
+    # every val pass beats the last, so each RL phase is kept and its SFT z is scored on its own
+    rising = itertools.count()
+    monkeypatch.setattr(train_module.Trainer, "validate", lambda self: next(rising))
     name = "sft+rl (reinforce, sampled groups, baseline)"
-    args = ["math", "--quiet", "--variants", name, "--set", "rl_batch_size=2", "--set", "eval_every=1",
-            "--seeds", "0", "1", "--tag", "pilot"]  # fmt: skip
+    args = ["math", "--quiet", "--variants", "sft", name, "--set", "rl_batch_size=2", "--set", "eval_every=1",
+            "--set", "rl_learning_rate=1e-2", "--seeds", "0", "1", "--tag", "pilot"]  # fmt: skip
     assert objective_study(args) == 0
     report = json.loads(Path("reports/objective_study/math_pilot.json").read_text())
     assert (study.read_bytes() if study.exists() else None) == before  # the study's own report is left alone
-    [variant] = report["variants"]
-    assert variant["variant"] == name and report["overrides"] == {"rl_batch_size": 2, "eval_every": 1}
+    sft, variant = report["variants"]
+    assert variant["variant"] == name and report["overrides"] == {"rl_batch_size": 2, "eval_every": 1,
+                                                                  "rl_learning_rate": 0.01}  # fmt: skip
     assert variant["changes"]["num_generations"] == 8 and variant["changes"]["baseline"] is True
-    for run in variant["runs"]:  # the RL phase against the SFT z it started from, on the same test items
+    assert "rl_over_sft" not in sft and all("rl_gain_over_sft" not in run for run in sft["runs"])
+    for alone, run in zip(sft["runs"], variant["runs"], strict=True):  # the same seed's SFT z, scored apart
+        assert run["rl_kept"] and run["sft_test_accuracy"] == alone["test_accuracy"]
         over = run["rl_gain_over_sft"]
         assert over["items"] == 12 and over["gain_points"] == pytest.approx(
             100 * (run["test_accuracy"] - run["sft_test_accuracy"]), abs=0.02)
-        assert run["rl_kept"] or over["gain_points"] == 0
+        assert run["train_precision"] == "fp32"
     gains = [run["rl_gain_over_sft"]["gain_points"] for run in variant["runs"]]
     assert variant["rl_over_sft"]["gain_points_per_seed"] == gains
     assert variant["rl_over_sft"]["gain_points_mean"] == round(sum(gains) / 2, 2)

@@ -61,6 +61,7 @@ class TrainResult:
     seconds: float
     resumed_from: int | None = None
     phases: list[tuple[str, int]] = field(default_factory=list)
+    precision: str = "fp32"  # what trained: bf16 falls back to fp32 without native bf16
 
 
 def native_bf16(device: str) -> bool:
@@ -68,7 +69,7 @@ def native_bf16(device: str) -> bool:
     an AVX2-only CPU (AMD EPYC) a 256x512 @ 512x512 matmul took 104 ms under bf16 autocast against 1.1 ms
     in fp32, and a default reasoning step 21 s."""
     if device == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)  # pre-Ampere GPUs emulate it
     if device == "cpu":
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return True  # other backends: autocast decides
@@ -177,8 +178,8 @@ class Trainer:
         # choices are too coarse to tell close steps apart.
         self.cloze = cloze
         self.progress, self.log = progress and self.shards.main, log if self.shards.main else (lambda _: None)
-        # bf16 only where the hardware has it (as torch's CUDA autocast turns itself off without it):
-        # emulated, it is about 100x slower than fp32. The stage's report says when this fell back.
+        # bf16 only where the hardware has it: emulated, it is about 100x slower than fp32 (CPU autocast
+        # would run it; CUDA autocast refuses it). The stage's report says when this fell back.
         self.precision = cfg.train_precision
         if self.precision == "bf16" and not native_bf16(next(svf.model.parameters()).device.type):
             self.precision = "fp32"
@@ -191,7 +192,8 @@ class Trainer:
         # The rows too: a checkpoint of a run on other data (a re-prepared split) is not this run's.
         data = hashlib.sha256(json.dumps([list(train_rows), self.val_rows], sort_keys=True, default=str).encode())
         scoring = f"{svf.mode}:{svf.max_mult}:{eval_tokens}{':cloze' if cloze else ''}"
-        run = f"{fingerprint}:{data.hexdigest()}:{cfg.model_dump_json()}:{self.precision}:{scoring}:{seed}{processes}"
+        fallback = f":{self.precision}" if self.precision != cfg.train_precision else ""  # a bf16 run's is not ours
+        run = f"{fingerprint}:{data.hexdigest()}:{cfg.model_dump_json()}{fallback}:{scoring}:{seed}{processes}"
         run_fingerprint = hashlib.sha256(run.encode()).hexdigest()
         self.checkpoint = _Checkpoint(checkpoint_dir, run_fingerprint)
         self.curve: list[dict] = []
@@ -304,7 +306,7 @@ class Trainer:
         return TrainResult(best_z=self.best.z, best_val=self.best.val, sft_z=self.best.sft_z,
                            sft_val=self.best.sft_val, base_val=self.best.base_val, curve=self.curve, steps=self.total,
                            seconds=time.perf_counter() - started, resumed_from=start if restored else None,
-                           phases=self.phases)  # fmt: skip
+                           phases=self.phases, precision=self.precision)  # fmt: skip
 
     def _finish(self, step: int, record: dict) -> None:
         """After a step's update: stop on non-finite values, validate, keep the best z, checkpoint."""
@@ -341,7 +343,7 @@ class Trainer:
             self.bar.update()
 
         trl_phase(self.model, self.tokenizer, self.kind, self.train_rows, self.cfg, self.seed, step, steps,
-                  self.optimizer, on_step)  # fmt: skip
+                  self.optimizer, on_step, bf16=self.precision == "bf16")  # fmt: skip
 
     def _train_mode(self, step: int) -> torch.Generator:
         self.model.train()

@@ -50,8 +50,10 @@ def trl_phase(
     steps: int,
     optimizer: torch.optim.Optimizer,
     on_step: Callable[[int, dict], None],
+    bf16: bool = False,
 ) -> None:
-    """`steps` optimizer steps of trl's GRPO or RLOO on `model`; `on_step(global step, record)` after each."""
+    """`steps` optimizer steps of trl's GRPO or RLOO on `model`; `on_step(global step, record)` after each.
+    `bf16`: autocast as the trainer decided (trl's own default is bf16 wherever fp16 is off)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
@@ -79,6 +81,7 @@ def trl_phase(
             learning_rate=cfg.rl_learning_rate,
             seed=seed + first_step,
             use_cpu=True,
+            bf16=bf16,
             gradient_checkpointing=False,  # trl's default; it would stay switched on in the caller's model
             logging_steps=1,
             save_strategy="no",

@@ -125,8 +125,8 @@ def train_expert(params: Params, domain: str, progress: bool = True) -> dict | N
         report["rl_gain_over_sft"] = paired_bootstrap(own["sft"], own["expert"], seed=params.seed)
     if headroom:
         report["headroom"] = headroom
-    if trainer.precision != cfg.train_precision:  # bf16 asked for, no native bf16 here (Trainer)
-        report["train_precision_used"] = trainer.precision
+    if result.precision != cfg.train_precision:  # bf16 asked for, no native bf16 here (Trainer)
+        report["train_precision_used"] = result.precision
 
     expert = Expert(
         domain=domain,
