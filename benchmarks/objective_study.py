@@ -60,6 +60,12 @@ TIMING_STEPS = (2, 6)
 MAX_STEPS = 5_000  # a budget that asks for more is a mistyped one (or a timing gone wrong)
 
 
+def check_tag(tag: str | None) -> None:
+    """A pilot's `--tag` names report files: letters, digits, - and _ only."""
+    if tag is not None and not tag.replace("-", "").replace("_", "").isalnum():
+        raise UserError(f"--tag must be letters, digits, - or _ (got {tag!r})")
+
+
 def curve_mean(records: list[dict], key: str, digits: int) -> float | None:
     """Mean of `key` over RL curve records; None unless every record has it (a step that logged no
     gradient norm must not read as a zero gradient)."""
@@ -203,8 +209,7 @@ def compare_objectives(params: Params, domain: str, rl_steps: int = 60, seeds: l
         raise UserError(f"--rl-steps must be at least 1 (got {rl_steps})")
     if budget_seconds is not None and budget_seconds <= 0:
         raise UserError(f"--budget-seconds must be positive (got {budget_seconds})")
-    if tag is not None and not tag.replace("-", "").replace("_", "").isalnum():
-        raise UserError(f"--tag must be letters, digits, - or _ (got {tag!r})")
+    check_tag(tag)
     seeds, overrides = seeds or [params.seed], overrides or {}
     expert_domains(params, domain)  # an unknown domain fails here, before the base loads
     base_cfg = params.experts[domain]
@@ -234,8 +239,9 @@ def compare_objectives(params: Params, domain: str, rl_steps: int = 60, seeds: l
             rl = [r for r in result.curve if r["phase"] == "rl" and "reward" in r]
             over_sft = {}
             if result.sft_z is not None and "rl" in cfg.objective:  # the RL phase against the z it started from
-                sft = scores if result.best_z is result.sft_z else study.test_scores(study.svf(), result.sft_z)
-                over_sft = {"rl_kept": result.best_z is not result.sft_z,
+                kept = result.best_z is not result.sft_z
+                sft = study.test_scores(study.svf(), result.sft_z) if kept else scores
+                over_sft = {"rl_kept": kept,
                             "sft_test_accuracy": round(sum(sft) / len(sft), 4),
                             "rl_gain_over_sft": paired_bootstrap(sft, scores, seed=params.seed)}  # fmt: skip
             runs.append({
@@ -355,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", metavar="NAME", help="only these variants (names as in the report)")
     parser.add_argument("--set", type=_set_arg, action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                         help="an experts.DOMAIN param for every run, after the variant's changes, e.g. "
-                        "rl_learning_rate=0.02 (repeatable; VALUE is read as YAML)")  # fmt: skip
+                        "rl_learning_rate=1e-2 (repeatable; VALUE is read as JSON, else YAML)")  # fmt: skip
     parser.add_argument("--tag", help="a pilot's name: writes DOMAIN_TAG.{json,md} instead of DOMAIN.{json,md}")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)

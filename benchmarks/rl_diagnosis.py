@@ -42,7 +42,7 @@ from bayes_llm.stats import paired_bootstrap
 from bayes_llm.svf.decompose import check_base, load_factors
 from bayes_llm.svf.expert import load_expert
 from bayes_llm.svf.scaling import SVF
-from benchmarks.objective_study import composed_scores, curve_mean
+from benchmarks.objective_study import check_tag, composed_scores, curve_mean
 
 REPORT_DIR = paths.REPORTS / "objective_study"
 # Sampled groups for every algorithm. They still differ in more than the loss: our REINFORCE draws
@@ -132,8 +132,7 @@ def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning
         raise UserError(f"--steps must be at least 2 and --rl-batch-size at least 1 (got {steps}, {rl_batch_size})")
     if any(not 0 < lr <= 10 for lr in learning_rates) or len(set(learning_rates)) < len(learning_rates):
         raise UserError(f"--learning-rates must be distinct values in (0, 10] (got {learning_rates})")
-    if tag is not None and not tag.replace("-", "").replace("_", "").isalnum():
-        raise UserError(f"--tag must be letters, digits, - or _ (got {tag!r})")
+    check_tag(tag)
     unknown = sorted(set(algorithms or []) - set(ALGORITHMS))
     if unknown or algorithms == []:
         raise UserError(f"--algorithms: unknown {', '.join(unknown) or '(none given)'}; choose from "
