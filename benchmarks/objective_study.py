@@ -173,14 +173,19 @@ def _equal_compute(study: _Study, cfg: ExpertParams, budget: float) -> tuple[dic
 def _aggregate(study: _Study, runs: list[dict]) -> dict:
     """Mean gain over seeds with a 95 % t-interval across seeds, and a paired bootstrap of the
     seed-averaged item scores against the base (the item-sampling CI)."""
-    averaged = [statistics.fmean(scores) for scores in zip(*(run["scores"] for run in runs), strict=True)]
+    averaged = _seed_averaged(runs, "scores")
     return {
         "seeds": [run["seed"] for run in runs],
         **_across_seeds([run["gain"]["gain_points"] for run in runs]),
         "pooled": paired_bootstrap(study.base, averaged, seed=study.params.seed),
         "train_seconds_mean": round(statistics.fmean(run["train_seconds"] for run in runs), 1),
-        **_rl_over_sft(runs),
+        **_rl_over_sft(study, runs),
     }
+
+
+def _seed_averaged(runs: list[dict], key: str) -> list[float]:
+    """Each test item's score averaged over the seeds' runs."""
+    return [statistics.fmean(scores) for scores in zip(*(run[key] for run in runs), strict=True)]
 
 
 def _across_seeds(gains: list[float]) -> dict:
@@ -195,10 +200,16 @@ def _across_seeds(gains: list[float]) -> dict:
     }
 
 
-def _rl_over_sft(runs: list[dict]) -> dict:
-    """The RL phase's test gain over the SFT z it started from (sft+rl runs), across seeds."""
-    gains = [run["rl_gain_over_sft"]["gain_points"] for run in runs if "rl_gain_over_sft" in run]
-    return {"rl_over_sft": _across_seeds(gains)} if gains else {}
+def _rl_over_sft(study: _Study, runs: list[dict]) -> dict:
+    """The RL phase's test gain over the SFT z it started from (sft+rl runs): across seeds, and pooled
+    (the seed-averaged item scores of the kept z against those of the SFT z, paired bootstrap)."""
+    runs = [run for run in runs if "rl_gain_over_sft" in run]
+    if not runs:
+        return {}
+    pooled = paired_bootstrap(_seed_averaged(runs, "sft_scores"), _seed_averaged(runs, "scores"),
+                              seed=study.params.seed)  # fmt: skip
+    return {"rl_over_sft": {**_across_seeds([run["rl_gain_over_sft"]["gain_points"] for run in runs]),
+                            "pooled": pooled}}  # fmt: skip
 
 
 def compare_objectives(params: Params, domain: str, rl_steps: int = 60, seeds: list[int] | None = None,
@@ -243,7 +254,8 @@ def compare_objectives(params: Params, domain: str, rl_steps: int = 60, seeds: l
                 sft = study.test_scores(study.svf(), result.sft_z) if kept else scores
                 over_sft = {"rl_kept": kept,
                             "sft_test_accuracy": round(sum(sft) / len(sft), 4),
-                            "rl_gain_over_sft": paired_bootstrap(sft, scores, seed=params.seed)}  # fmt: skip
+                            "rl_gain_over_sft": paired_bootstrap(sft, scores, seed=params.seed),
+                            "sft_scores": sft}  # fmt: skip
             runs.append({
                 "seed": seed,
                 "steps": dict(result.phases),
@@ -264,6 +276,7 @@ def compare_objectives(params: Params, domain: str, rl_steps: int = 60, seeds: l
         summary = _aggregate(study, runs)
         for run in runs:
             del run["scores"]
+            run.pop("sft_scores", None)
         results.append({"variant": name, "changes": changes, "steps": dict(runs[0]["steps"]),
                         "step_seconds": step_seconds, **summary, "runs": runs})  # fmt: skip
     report = {"domain": domain, "seeds": seeds, "budget_seconds": budget_seconds, "overrides": overrides,
@@ -287,7 +300,7 @@ def markdown(report: dict) -> str:
         f"Base test accuracy {100 * report['base_test_accuracy']:.1f} %; {compute}. Each z keeps its best val "
         "step. Gain: mean over seeds with a 95 % t-interval across seeds; pooled: the seed-averaged item "
         "scores against the base (paired bootstrap). RL over SFT: an sft+rl run's test gain over its own SFT z "
-        "(0 where RL never beat the SFT z on val), per seed and mean [seed CI].",
+        "(0 where RL never beat the SFT z on val), per seed, mean [seed CI] and pooled [95 % CI].",
         "",
         "| variant | steps | train s | gain per seed | mean gain [seed CI] | pooled [95 % CI] | RL reward first→last "
         "| RL over SFT |",
@@ -306,6 +319,9 @@ def markdown(report: dict) -> str:
             ci = "" if over["seed_ci_low"] is None else f" [{over['seed_ci_low']:+.1f}, {over['seed_ci_high']:+.1f}]"
             over_sft = ", ".join(f"{g:+.1f}" for g in over["gain_points_per_seed"])
             over_sft += f"; {over['gain_points_mean']:+.1f}{ci}"
+            if "pooled" in over:
+                low, high = over["pooled"]["ci_low"], over["pooled"]["ci_high"]
+                over_sft += f"; pooled {over['pooled']['gain_points']:+.1f} [{low:+.1f}, {high:+.1f}]"
         lines.append(f"| {v['variant']} | {steps} | {v['train_seconds_mean']:.0f} | {per_seed} | "
                      f"{v['gain_points_mean']:+.1f}{seed_ci} | {pooled['gain_points']:+.1f} "
                      f"[{pooled['ci_low']:+.1f}, {pooled['ci_high']:+.1f}] | {reward} | {over_sft} |")  # fmt: skip

@@ -312,7 +312,11 @@ def test_a_pilot_runs_chosen_variants_with_changed_params_under_its_own_name(wor
     gains = [run["rl_gain_over_sft"]["gain_points"] for run in variant["runs"]]
     assert variant["rl_over_sft"]["gain_points_per_seed"] == gains
     assert variant["rl_over_sft"]["gain_points_mean"] == round(sum(gains) / 2, 2)
-    assert "RL over SFT" in Path("reports/objective_study/math_pilot.md").read_text()
+    pooled = variant["rl_over_sft"]["pooled"]  # the seed-averaged items: its mean is the mean of the seeds'
+    assert pooled["items"] == 12 and pooled["gain_points"] == pytest.approx(sum(gains) / 2, abs=0.02)
+    assert pooled["ci_low"] <= pooled["gain_points"] <= pooled["ci_high"]
+    assert all("sft_scores" not in run and "scores" not in run for run in variant["runs"])
+    assert "; pooled " in Path("reports/objective_study/math_pilot.md").read_text()
     assert objective_study(["math", "--quiet", "--variants", "sfft"]) == 1
     assert objective_study(["math", "--quiet", "--set", "rl_lr=0.1"]) == 1
     greedy = "rl (reinforce, greedy ±1)"
