@@ -201,15 +201,19 @@ def _across_seeds(gains: list[float]) -> dict:
 
 
 def _rl_over_sft(study: _Study, runs: list[dict]) -> dict:
-    """The RL phase's test gain over the SFT z it started from (sft+rl runs): across seeds, and pooled
-    (the seed-averaged item scores of the kept z against those of the SFT z, paired bootstrap)."""
+    """The RL phase's test gain over the SFT z it started from (sft+rl runs), for the z kept and for the
+    RL phase's last z: across seeds, and pooled (the seed-averaged item scores against those of the SFT
+    z, paired bootstrap)."""
     runs = [run for run in runs if "rl_gain_over_sft" in run]
     if not runs:
         return {}
-    pooled = paired_bootstrap(_seed_averaged(runs, "sft_scores"), _seed_averaged(runs, "scores"),
-                              seed=study.params.seed)  # fmt: skip
-    return {"rl_over_sft": {**_across_seeds([run["rl_gain_over_sft"]["gain_points"] for run in runs]),
-                            "pooled": pooled}}  # fmt: skip
+    sft = _seed_averaged(runs, "sft_scores")
+    return {
+        name: {**_across_seeds([run[gain]["gain_points"] for run in runs]),
+               "pooled": paired_bootstrap(sft, _seed_averaged(runs, scores), seed=study.params.seed)}
+        for name, gain, scores in (("rl_over_sft", "rl_gain_over_sft", "scores"),
+                                   ("rl_last_over_sft", "rl_last_gain_over_sft", "last_scores"))
+    }  # fmt: skip
 
 
 def compare_objectives(params: Params, domain: str, rl_steps: int = 60, seeds: list[int] | None = None,
@@ -246,16 +250,22 @@ def compare_objectives(params: Params, domain: str, rl_steps: int = 60, seeds: l
         runs = []
         for seed in seeds:
             svf, result = study.train_z(cfg, seed)
+            last_z = svf.z()  # the last step's z, whether or not val kept it
             scores = study.test_scores(svf, result.best_z)
             rl = [r for r in result.curve if r["phase"] == "rl" and "reward" in r]
             over_sft = {}
             if result.sft_z is not None and "rl" in cfg.objective:  # the RL phase against the z it started from
                 kept = result.best_z is not result.sft_z
                 sft = study.test_scores(study.svf(), result.sft_z) if kept else scores
+                # What RL did before val chose: its last z, scored unless it is the z kept.
+                last_kept = all(torch.equal(last_z[n], result.best_z[n]) for n in last_z)
+                last = scores if last_kept else study.test_scores(study.svf(), last_z)
                 over_sft = {"rl_kept": kept,
                             "sft_test_accuracy": round(sum(sft) / len(sft), 4),
                             "rl_gain_over_sft": paired_bootstrap(sft, scores, seed=params.seed),
-                            "sft_scores": sft}  # fmt: skip
+                            "rl_last_test_accuracy": round(sum(last) / len(last), 4),
+                            "rl_last_gain_over_sft": paired_bootstrap(sft, last, seed=params.seed),
+                            "sft_scores": sft, "last_scores": last}  # fmt: skip
             runs.append({
                 "seed": seed,
                 "steps": dict(result.phases),
@@ -275,8 +285,8 @@ def compare_objectives(params: Params, domain: str, rl_steps: int = 60, seeds: l
                       f"(base {sum(study.base) / len(study.base):.3f})", flush=True)  # fmt: skip
         summary = _aggregate(study, runs)
         for run in runs:
-            del run["scores"]
-            run.pop("sft_scores", None)
+            for key in ("scores", "sft_scores", "last_scores"):
+                run.pop(key, None)
         results.append({"variant": name, "changes": changes, "steps": dict(runs[0]["steps"]),
                         "step_seconds": step_seconds, **summary, "runs": runs})  # fmt: skip
     report = {"domain": domain, "seeds": seeds, "budget_seconds": budget_seconds, "overrides": overrides,
@@ -300,11 +310,12 @@ def markdown(report: dict) -> str:
         f"Base test accuracy {100 * report['base_test_accuracy']:.1f} %; {compute}. Each z keeps its best val "
         "step. Gain: mean over seeds with a 95 % t-interval across seeds; pooled: the seed-averaged item "
         "scores against the base (paired bootstrap). RL over SFT: an sft+rl run's test gain over its own SFT z "
-        "(0 where RL never beat the SFT z on val), per seed, mean [seed CI] and pooled [95 % CI].",
+        "(0 where RL never beat the SFT z on val), per seed, mean [seed CI] and pooled [95 % CI]; RL's last z "
+        "over SFT: the same for the RL phase's last z, whether or not val kept it.",
         "",
         "| variant | steps | train s | gain per seed | mean gain [seed CI] | pooled [95 % CI] | RL reward first→last "
-        "| RL over SFT |",
-        "|---|---|---|---|---|---|---|---|",
+        "| RL over SFT | RL's last z over SFT |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for v in report["variants"]:
         steps = " + ".join(f"{phase} {n}" for phase, n in v["steps"].items())
@@ -313,19 +324,22 @@ def markdown(report: dict) -> str:
         pooled = v["pooled"]
         rewards = [r["rl_reward_first_last"] for r in v["runs"] if r["rl_reward_first_last"]]
         reward = "; ".join(f"{a:.2f} → {b:.2f}" for a, b in rewards) or "–"
-        over = v.get("rl_over_sft")
-        over_sft = "–"
-        if over:
-            ci = "" if over["seed_ci_low"] is None else f" [{over['seed_ci_low']:+.1f}, {over['seed_ci_high']:+.1f}]"
-            over_sft = ", ".join(f"{g:+.1f}" for g in over["gain_points_per_seed"])
-            over_sft += f"; {over['gain_points_mean']:+.1f}{ci}"
-            if "pooled" in over:
-                low, high = over["pooled"]["ci_low"], over["pooled"]["ci_high"]
-                over_sft += f"; pooled {over['pooled']['gain_points']:+.1f} [{low:+.1f}, {high:+.1f}]"
         lines.append(f"| {v['variant']} | {steps} | {v['train_seconds_mean']:.0f} | {per_seed} | "
                      f"{v['gain_points_mean']:+.1f}{seed_ci} | {pooled['gain_points']:+.1f} "
-                     f"[{pooled['ci_low']:+.1f}, {pooled['ci_high']:+.1f}] | {reward} | {over_sft} |")  # fmt: skip
+                     f"[{pooled['ci_low']:+.1f}, {pooled['ci_high']:+.1f}] | {reward} | "
+                     f"{_over_sft_cell(v.get('rl_over_sft'))} | "
+                     f"{_over_sft_cell(v.get('rl_last_over_sft'))} |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _over_sft_cell(over: dict | None) -> str:
+    """'per seed; mean [seed CI]; pooled gain [95 % CI]' of an RL-over-SFT summary."""
+    if not over:
+        return "–"
+    ci = "" if over["seed_ci_low"] is None else f" [{over['seed_ci_low']:+.1f}, {over['seed_ci_high']:+.1f}]"
+    cell = ", ".join(f"{g:+.1f}" for g in over["gain_points_per_seed"]) + f"; {over['gain_points_mean']:+.1f}{ci}"
+    pooled = over["pooled"]
+    return cell + f"; pooled {pooled['gain_points']:+.1f} [{pooled['ci_low']:+.1f}, {pooled['ci_high']:+.1f}]"
 
 
 def _steps_arg(value: str) -> tuple[str, dict[str, int]]:

@@ -316,7 +316,18 @@ def test_a_pilot_runs_chosen_variants_with_changed_params_under_its_own_name(wor
     assert pooled["items"] == 12 and pooled["gain_points"] == pytest.approx(sum(gains) / 2, abs=0.02)
     assert pooled["ci_low"] <= pooled["gain_points"] <= pooled["ci_high"]
     assert all("sft_scores" not in run and "scores" not in run for run in variant["runs"])
+    for run in variant["runs"]:  # val rose at every step, so the z kept is the RL phase's last
+        assert run["rl_last_gain_over_sft"] == run["rl_gain_over_sft"]
+    assert variant["rl_last_over_sft"] == variant["rl_over_sft"] and "rl_last_over_sft" not in sft
     assert "; pooled " in Path("reports/objective_study/math_pilot.md").read_text()
+    # val never rises: neither SFT nor RL is kept, and the RL phase's last z is scored on its own
+    falling = itertools.count(0, -1)
+    monkeypatch.setattr(train_module.Trainer, "validate", lambda self: next(falling))
+    assert objective_study([*args[:-5], "--seeds", "0", "--tag", "falling"]) == 0
+    run = json.loads(Path("reports/objective_study/math_falling.json").read_text())["variants"][1]["runs"][0]
+    assert not run["rl_kept"] and run["rl_gain_over_sft"]["gain_points"] == 0
+    assert run["rl_last_gain_over_sft"]["gain_points"] == pytest.approx(
+        100 * (run["rl_last_test_accuracy"] - run["sft_test_accuracy"]), abs=0.02)
     assert objective_study(["math", "--quiet", "--variants", "sfft"]) == 1
     assert objective_study(["math", "--quiet", "--set", "rl_lr=0.1"]) == 1
     greedy = "rl (reinforce, greedy ±1)"
