@@ -29,6 +29,7 @@ from bayes_llm.stats import paired_bootstrap
 from bayes_llm.svf.decompose import load_factors, read_manifest
 from bayes_llm.svf.expert import load_expert, read_expert
 from bayes_llm.svf.scaling import SVF
+from benchmarks.objective_study import _Study
 from benchmarks.objective_study import main as objective_study
 from benchmarks.rl_diagnosis import _Runs
 from benchmarks.rl_diagnosis import main as rl_diagnosis
@@ -320,12 +321,18 @@ def test_a_pilot_runs_chosen_variants_with_changed_params_under_its_own_name(wor
         assert run["rl_last_gain_over_sft"] == run["rl_gain_over_sft"]
     assert variant["rl_last_over_sft"] == variant["rl_over_sft"] and "rl_last_over_sft" not in sft
     assert "; pooled " in Path("reports/objective_study/math_pilot.md").read_text()
-    # val never rises: neither SFT nor RL is kept, and the RL phase's last z is scored on its own
+    # val never rises: neither SFT nor RL is kept, and the RL phase's last z (greedy ±1 moves it) is
+    # scored on its own: test scores for the kept z and for the last, none apart for the SFT z (kept)
     falling = itertools.count(0, -1)
     monkeypatch.setattr(train_module.Trainer, "validate", lambda self: next(falling))
-    assert objective_study([*args[:-5], "--seeds", "0", "--tag", "falling"]) == 0
-    run = json.loads(Path("reports/objective_study/math_falling.json").read_text())["variants"][1]["runs"][0]
-    assert not run["rl_kept"] and run["rl_gain_over_sft"]["gain_points"] == 0
+    scored = []
+    test_scores = _Study.test_scores
+    monkeypatch.setattr(_Study, "test_scores", lambda self, *a: scored.append(1) or test_scores(self, *a))
+    default = "sft+rl (reinforce, the default)"
+    assert objective_study(["math", "--quiet", "--variants", default, "--set", "rl_batch_size=2", "--set",
+                            "rl_learning_rate=1e-2", "--seeds", "0", "--tag", "falling"]) == 0  # fmt: skip
+    run = json.loads(Path("reports/objective_study/math_falling.json").read_text())["variants"][0]["runs"][0]
+    assert len(scored) == 2 and not run["rl_kept"] and run["rl_gain_over_sft"]["gain_points"] == 0
     assert run["rl_last_gain_over_sft"]["gain_points"] == pytest.approx(
         100 * (run["rl_last_test_accuracy"] - run["sft_test_accuracy"]), abs=0.02)
     assert objective_study(["math", "--quiet", "--variants", "sfft"]) == 1
