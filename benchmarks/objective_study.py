@@ -14,7 +14,8 @@ the variants keep the configured steps (`--rl-steps` for the RL-only ones).
 
 `--variants NAME ...` runs only those, `--set KEY=VALUE` changes an expert param in every run (after
 the variant's own changes) and `--tag T` writes `DOMAIN_T.{json,md}` instead, so a pilot keeps the
-study's report. Each `sft+rl` run also reports the RL phase's own test gain over its SFT z.
+study's report. Each `sft+rl` run also reports the RL phase's own test gain over its SFT z, for the z
+val kept and for the RL phase's last z (what RL did before val chose).
 
 A study, not a stage: it lives outside `bayes_llm/experts` and `reports/experts` (inputs of the
 `train_expert` and `evaluate` stages) so that running or editing it never makes them stale.
@@ -179,7 +180,7 @@ def _aggregate(study: _Study, runs: list[dict]) -> dict:
         **_across_seeds([run["gain"]["gain_points"] for run in runs]),
         "pooled": paired_bootstrap(study.base, averaged, seed=study.params.seed),
         "train_seconds_mean": round(statistics.fmean(run["train_seconds"] for run in runs), 1),
-        **_rl_over_sft(study, runs),
+        **_rl_over_sft(runs, study.params.seed),
     }
 
 
@@ -200,7 +201,7 @@ def _across_seeds(gains: list[float]) -> dict:
     }
 
 
-def _rl_over_sft(study: _Study, runs: list[dict]) -> dict:
+def _rl_over_sft(runs: list[dict], seed: int) -> dict:
     """The RL phase's test gain over the SFT z it started from (sft+rl runs), for the z kept and for the
     RL phase's last z: across seeds, and pooled (the seed-averaged item scores against those of the SFT
     z, paired bootstrap)."""
@@ -208,12 +209,12 @@ def _rl_over_sft(study: _Study, runs: list[dict]) -> dict:
     if not runs:
         return {}
     sft = _seed_averaged(runs, "sft_scores")
-    return {
-        name: {**_across_seeds([run[gain]["gain_points"] for run in runs]),
-               "pooled": paired_bootstrap(sft, _seed_averaged(runs, scores), seed=study.params.seed)}
-        for name, gain, scores in (("rl_over_sft", "rl_gain_over_sft", "scores"),
-                                   ("rl_last_over_sft", "rl_last_gain_over_sft", "last_scores"))
-    }  # fmt: skip
+    summary = {}
+    for name, gain, scores in (("rl_over_sft", "rl_gain_over_sft", "scores"),
+                               ("rl_last_over_sft", "rl_last_gain_over_sft", "last_scores")):
+        summary[name] = {**_across_seeds([run[gain]["gain_points"] for run in runs]),
+                         "pooled": paired_bootstrap(sft, _seed_averaged(runs, scores), seed=seed)}
+    return summary
 
 
 def compare_objectives(params: Params, domain: str, rl_steps: int = 60, seeds: list[int] | None = None,
@@ -250,7 +251,7 @@ def compare_objectives(params: Params, domain: str, rl_steps: int = 60, seeds: l
         runs = []
         for seed in seeds:
             svf, result = study.train_z(cfg, seed)
-            last_z = svf.z()  # the last step's z, whether or not val kept it
+            last_z = svf.z()  # the last step's z, whether or not val kept it: before test_scores loads the best
             scores = study.test_scores(svf, result.best_z)
             rl = [r for r in result.curve if r["phase"] == "rl" and "reward" in r]
             over_sft = {}
@@ -258,8 +259,8 @@ def compare_objectives(params: Params, domain: str, rl_steps: int = 60, seeds: l
                 kept = result.best_z is not result.sft_z
                 sft = study.test_scores(study.svf(), result.sft_z) if kept else scores
                 # What RL did before val chose: its last z, scored unless it is the z kept.
-                last_kept = all(torch.equal(last_z[n], result.best_z[n]) for n in last_z)
-                last = scores if last_kept else study.test_scores(study.svf(), last_z)
+                last_is_kept = all(torch.equal(last_z[n], result.best_z[n]) for n in last_z)
+                last = scores if last_is_kept else study.test_scores(study.svf(), last_z)
                 over_sft = {"rl_kept": kept,
                             "sft_test_accuracy": round(sum(sft) / len(sft), 4),
                             "rl_gain_over_sft": paired_bootstrap(sft, scores, seed=params.seed),

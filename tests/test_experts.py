@@ -316,25 +316,11 @@ def test_a_pilot_runs_chosen_variants_with_changed_params_under_its_own_name(wor
     pooled = variant["rl_over_sft"]["pooled"]  # the seed-averaged items: its mean is the mean of the seeds'
     assert pooled["items"] == 12 and pooled["gain_points"] == pytest.approx(sum(gains) / 2, abs=0.02)
     assert pooled["ci_low"] <= pooled["gain_points"] <= pooled["ci_high"]
-    assert all("sft_scores" not in run and "scores" not in run for run in variant["runs"])
+    assert not any({"scores", "sft_scores", "last_scores"} & set(run) for run in variant["runs"])
     for run in variant["runs"]:  # val rose at every step, so the z kept is the RL phase's last
         assert run["rl_last_gain_over_sft"] == run["rl_gain_over_sft"]
     assert variant["rl_last_over_sft"] == variant["rl_over_sft"] and "rl_last_over_sft" not in sft
     assert "; pooled " in Path("reports/objective_study/math_pilot.md").read_text()
-    # val never rises: neither SFT nor RL is kept, and the RL phase's last z (greedy ±1 moves it) is
-    # scored on its own: test scores for the kept z and for the last, none apart for the SFT z (kept)
-    falling = itertools.count(0, -1)
-    monkeypatch.setattr(train_module.Trainer, "validate", lambda self: next(falling))
-    scored = []
-    test_scores = _Study.test_scores
-    monkeypatch.setattr(_Study, "test_scores", lambda self, *a: scored.append(1) or test_scores(self, *a))
-    default = "sft+rl (reinforce, the default)"
-    assert objective_study(["math", "--quiet", "--variants", default, "--set", "rl_batch_size=2", "--set",
-                            "rl_learning_rate=1e-2", "--seeds", "0", "--tag", "falling"]) == 0  # fmt: skip
-    run = json.loads(Path("reports/objective_study/math_falling.json").read_text())["variants"][0]["runs"][0]
-    assert len(scored) == 2 and not run["rl_kept"] and run["rl_gain_over_sft"]["gain_points"] == 0
-    assert run["rl_last_gain_over_sft"]["gain_points"] == pytest.approx(
-        100 * (run["rl_last_test_accuracy"] - run["sft_test_accuracy"]), abs=0.02)
     assert objective_study(["math", "--quiet", "--variants", "sfft"]) == 1
     assert objective_study(["math", "--quiet", "--set", "rl_lr=0.1"]) == 1
     greedy = "rl (reinforce, greedy ±1)"
@@ -346,6 +332,47 @@ def test_a_pilot_runs_chosen_variants_with_changed_params_under_its_own_name(wor
     with pytest.raises(SystemExit):
         objective_study(["math", "--set", "rl_steps"])
     assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("val", "passes"), [
+    ([0, 1, 2, 3, -1, -2], ("kept", "sft", "last")),  # RL kept at its first step, then val falls
+    ([0, -1, -2, -3, -4, -5], ("kept", "last")),  # nothing kept: the kept z is the SFT z, scored once
+])  # fmt: skip
+def test_the_rl_phase_is_scored_for_the_z_kept_and_for_its_last_z(workdir_project, monkeypatch, val, passes):
+    vals = iter(val)  # the base, 2 SFT steps and 3 RL steps, each validated
+    monkeypatch.setattr(train_module.Trainer, "validate", lambda self: next(vals))
+    finals, run = [], train_module.Trainer.run
+
+    def run_and_keep_the_last_z(self):
+        result = run(self)
+        finals.append(self.svf.z())
+        return result
+
+    monkeypatch.setattr(train_module.Trainer, "run", run_and_keep_the_last_z)
+    # each test pass scores another share of the 12 items right, so every gain tells the passes apart
+    patterns = {"kept": [1.0] * 6 + [0.0] * 6, "sft": [1.0] * 3 + [0.0] * 9, "last": [1.0] * 9 + [0.0] * 3}
+    scored = []
+
+    def fake_scores(self, svf, z):
+        svf.detach()
+        scored.append(z)
+        return patterns[passes[len(scored) - 1]]
+
+    monkeypatch.setattr(_Study, "test_scores", fake_scores)
+    assert objective_study(["math", "--quiet", "--variants", "sft+rl (reinforce, the default)", "--set",
+                            "sft_steps=2", "--set", "rl_steps=3", "--set", "eval_every=1", "--tag", "last"]) == 0
+    variant = json.loads(Path("reports/objective_study/math_last.json").read_text())["variants"][0]
+    (run,) = variant["runs"]
+    assert len(scored) == len(passes) and all(torch.equal(scored[-1][n], z) for n, z in finals[0].items())
+    assert not all(torch.equal(scored[0][n], z) for n, z in finals[0].items())  # the last z is not the kept
+    sft = patterns["sft"] if run["rl_kept"] else patterns["kept"]
+    seed = load_params(Path("params.yaml")).seed
+    assert run["rl_kept"] == ("sft" in passes)
+    assert run["rl_gain_over_sft"] == variant["rl_over_sft"]["pooled"] == paired_bootstrap(sft, patterns["kept"],
+                                                                                           seed=seed)  # fmt: skip
+    assert run["rl_last_gain_over_sft"] == variant["rl_last_over_sft"]["pooled"] \
+        == paired_bootstrap(sft, patterns["last"], seed=seed)
+    assert run["rl_last_test_accuracy"] == 0.75 and run["rl_last_gain_over_sft"]["gain_points"] > 0
 
 
 def test_equal_compute_sets_steps_from_a_timing_run_and_replays_them(workdir_project):
