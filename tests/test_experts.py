@@ -341,10 +341,10 @@ def test_a_pilot_runs_chosen_variants_with_changed_params_under_its_own_name(wor
 def test_the_rl_phase_is_scored_for_the_z_kept_and_for_its_last_z(workdir_project, monkeypatch, val, passes):
     vals = iter(val)  # the base, 2 SFT steps and 3 RL steps, each validated
     monkeypatch.setattr(train_module.Trainer, "validate", lambda self: next(vals))
-    finals, run = [], train_module.Trainer.run
+    finals, train = [], train_module.Trainer.run
 
     def run_and_keep_the_last_z(self):
-        result = run(self)
+        result = train(self)
         finals.append(self.svf.z())
         return result
 
