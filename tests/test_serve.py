@@ -162,6 +162,21 @@ def test_a_mixed_batch_answers_as_each_blend_alone_with_its_own_limits(tiny, tmp
     assert first == again
 
 
+def test_a_row_that_ends_early_is_answered_before_its_batch_ends(tiny, tmp_path):
+    model, factors, (a, _) = tiny
+    _, tokenizer = load_checkpoint(str(save_tiny_checkpoint("bamba", tmp_path / "tok")))
+    scheduler = Scheduler(TinyEngine(model, tokenizer, factors, {"a": a}))
+    events: list[tuple[int, str]] = []
+    jobs = [Job("", [1, 5, 6], Sampling(max_tokens=n, ignore_eos=True), Routing(strategy="base"),
+                lambda event, payload, i=i: events.append((i, event)))
+            for i, n in enumerate([1, 12])]  # fmt: skip
+    scheduler._serve(jobs)
+    assert events.count((0, "done")) == 1 and events.count((1, "done")) == 1
+    # the short row's `done` comes while the long one is still generating, not after the batch
+    assert events.index((0, "done")) < max(i for i, e in enumerate(events) if e == (1, "text"))
+    assert jobs[0].answered and jobs[1].answered
+
+
 def test_a_failing_batch_answers_its_requests_with_an_error_and_the_next_batch_runs(tiny, tmp_path):
     model, factors, (a, _) = tiny
     _, tokenizer = load_checkpoint(str(save_tiny_checkpoint("bamba", tmp_path / "tok")))

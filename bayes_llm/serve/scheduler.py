@@ -4,7 +4,8 @@ then pass 2 for every row at once with that row's own blend (`serve.rowwise`).
 One worker thread owns the model. A batch is formed from whatever is waiting when the worker is free
 (up to `max_batch`, waiting at most `max_wait` for more after the first request) and runs to its end:
 rows that finish early (EOS, their own `max_tokens`, a stop string, a client that went away) stop
-being streamed and are padded until the batch ends. New requests wait for the next batch rather than
+being streamed and are answered at once (their `done` does not wait for the batch), then padded
+until the batch ends. New requests wait for the next batch rather than
 join a running one: a row's Mamba state and attention KV cache are rows of the batch's cache tensors,
 built by one prefill over the left-padded prompts, and a late row would need its own prefill spliced
 into those tensors (continuous batching is future work).
@@ -74,6 +75,7 @@ class Job:
     emit: Callable[[str, Any], None]  # (event, payload): routed, text, done, error; called from the worker
     stream: bool = True  # False: the text comes in one piece when the row ends
     routed: bool = False  # its pass-1 result was emitted
+    answered: bool = False  # its `done` was emitted: nothing more is sent for it
     started_output: bool = False  # some of its answer was emitted (a failed batch cannot rerun it then)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
@@ -82,8 +84,8 @@ class Job:
 class _Row:
     """Pass-2 state of one job: its tokens so far, what was streamed, and why it stopped."""
 
-    def __init__(self, job: Job, tokenizer) -> None:
-        self.job, self.tokenizer = job, tokenizer
+    def __init__(self, job: Job, tokenizer, on_end: Callable[[_Row], None] = lambda row: None) -> None:
+        self.job, self.tokenizer, self.on_end = job, tokenizer, on_end
         self.ids: list[int] = []
         self.sent = 0  # characters of the decoded text already emitted
         self.finish: str | None = None
@@ -131,6 +133,7 @@ class _Row:
         if text is not None and reason != "cancelled":
             self._send(text)
         self.finish, self.finished_at = reason, time.perf_counter()
+        self.on_end(self)
 
 
 class _Streamer(BaseStreamer):
@@ -252,7 +255,12 @@ class Scheduler:
                 if not job.routed:  # (a job rerun alone after a failed batch was routed already)
                     job.emit("routed", {"blend": shown, "posterior": posterior, "strategy": job.routing.strategy})
                     job.routed = True
-            rows = [_Row(job, self.engine.tokenizer) for job in batch]
+
+            def answer(row: _Row) -> None:  # as a row ends: a short answer does not wait for the batch
+                if row.finish != "cancelled":
+                    self._answer(row, started, routed, len(batch))
+
+            rows = [_Row(job, self.engine.tokenizer, answer) for job in batch]
             if self.batching == "mixed":
                 scales = [self._scales(blend) for blend, _ in routes]
                 with self.rowwise.rows(scales):
@@ -266,8 +274,9 @@ class Scheduler:
                     self._generate([rows[i] for i in index])
         except Exception as error:  # one bad batch must not stop the server, nor one bad row the batch
             # Rows that have not answered yet run again alone, so only the request that breaks fails.
-            retry = [job for job in batch if not job.started_output] if len(batch) > 1 else []
-            failed = [job for job in batch if all(job is not other for other in retry)]
+            open_jobs = [job for job in batch if not job.answered]
+            retry = [job for job in open_jobs if not job.started_output] if len(batch) > 1 else []
+            failed = [job for job in open_jobs if all(job is not other for other in retry)]
             self.stats["errors"] += bool(failed)
             for job in failed:
                 job.emit("error", f"{type(error).__name__}: {error}")
@@ -280,15 +289,20 @@ class Scheduler:
         self.stats["cancelled"] += sum(row.finish == "cancelled" for row in rows)
         self.stats["first_pass_seconds"] += routed - started
         self.stats["generate_seconds"] += done - routed
-        for row in rows:
-            end = row.finished_at or done
-            row.job.emit("done", {
-                "finish_reason": row.finish or "length",
-                "prompt_tokens": len(row.job.model_ids),
-                "completion_tokens": len(row.ids),
-                "timing_ms": {"queue": _ms(started - row.job.submitted), "first_pass": _ms(routed - started),
-                              "generate": _ms(end - routed), "batch_rows": len(batch)},
-            })  # fmt: skip
+        for row in rows:  # the cancelled ones (their clients left: nobody reads this)
+            if not row.job.answered:
+                self._answer(row, started, routed, len(batch))
+
+    def _answer(self, row: _Row, started: float, routed: float, batch_rows: int) -> None:
+        row.job.answered = True
+        end = row.finished_at or time.perf_counter()
+        row.job.emit("done", {
+            "finish_reason": row.finish or "length",
+            "prompt_tokens": len(row.job.model_ids),
+            "completion_tokens": len(row.ids),
+            "timing_ms": {"queue": _ms(started - row.job.submitted), "first_pass": _ms(routed - started),
+                          "generate": _ms(end - routed), "batch_rows": batch_rows},
+        })  # fmt: skip
 
     def _scales(self, blend: dict[str, float]):
         return blend_scales(self.engine.expert_scales, blend) if blend else None
