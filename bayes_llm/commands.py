@@ -157,6 +157,13 @@ def _strategy(text: str) -> str:
     raise argparse.ArgumentTypeError(f"{text!r}: use prompt | cls | fewshot | base | expert:<domain>")
 
 
+def _wait_ms(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 60_000:  # (inf and nan too: the worker's queue wait cannot take them)
+        raise argparse.ArgumentTypeError(f"{text}: give milliseconds from 0 to 60000")
+    return value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -219,7 +226,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=_positive, default=16, help="requests per batch (default: %(default)s)")
     parser.add_argument(
         "--max-wait-ms",
-        type=float,
+        type=_wait_ms,
         default=10.0,
         help="how long a batch waits for more requests after its first (default: %(default)s)",
     )

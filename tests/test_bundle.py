@@ -78,3 +78,9 @@ def test_a_bundle_needs_a_manifest(project, tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="not valid JSON"):
         verify(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"format_version": 1, "files": [], "experts": {}}')
+    with pytest.raises(BundleError, match="missing or empty: name, version, base_fingerprint, files, experts, params"):
+        verify(tmp_path)
+    (tmp_path / "manifest.json").write_text("[1]")
+    with pytest.raises(BundleError, match="format version None"):
+        verify(tmp_path)

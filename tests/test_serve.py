@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 from bayes_llm.bundle.manifest import BundleError, verify
 from bayes_llm.experts.distributed import free_port
 from bayes_llm.model.load import load_checkpoint
+from bayes_llm.serve.app import _script_json
 from bayes_llm.serve.rowwise import RowwiseSVF
 from bayes_llm.serve.scheduler import Job, Routing, Sampling, Scheduler
 from bayes_llm.svf.blend import blend_scales
@@ -330,6 +331,9 @@ def test_concurrent_requests_with_different_blends_share_a_batch_and_match_runni
         ({"messages": [{"role": "user", "content": "hi"}], "bayes_llm": {"strategy": "base", "expert": "math"}},
          400, "give one of"),
         ({"messages": [{"role": "user", "content": "hi"}], "bayes_llm": {"blend": {"\ud800": 1}}}, 400, "no expert"),
+        ({"messages": [{"role": "user", "content": "hi"}], "bayes_llm": {"strategy": "expert:"}}, 400, "no expert"),
+        ({"messages": [{"role": "user", "content": "hi \ud800"}]}, 400, "not valid Unicode"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, 400, "not valid Unicode"),
     ],
 )
 def test_bad_requests_get_a_4xx_that_names_the_problem(server, body, status, says):
@@ -360,6 +364,16 @@ def test_malformed_and_oversize_bodies_and_unknown_routes(server, client):
     greedy = client.completions.create(model=server["model"], prompt="Question: What is 1 + 1?\nAnswer:",
                                        max_tokens=4)  # fmt: skip
     assert tiny_t.choices[0].text == greedy.choices[0].text
+    top_only = client.completions.create(model=server["model"], prompt="Question: What is 1 + 1?\nAnswer:",
+                                         max_tokens=4, temperature=1.0, top_p=0)  # fmt: skip
+    assert top_only.choices[0].text == greedy.choices[0].text  # top_p 0: the top token only, as OpenAI's
+    # a megabyte prompt is refused by its length before it is tokenized (which would stall the server)
+    long = httpx.post(f"{url}/v1/completions", json={"model": server["model"], "prompt": "x" * 900_000}, timeout=60)
+    assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
+    assert client.models.retrieve(server["model"]).id == server["model"]
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.models.retrieve("gpt-4")
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
     assert httpx.get(f"{url}/v1/nothing").status_code == 404
     assert httpx.get(f"{url}/v1/completions").status_code == 405
     with pytest.raises(openai.BadRequestError, match="no expert"):
@@ -435,3 +449,18 @@ def test_demo_page_streams_the_answer_and_draws_the_posterior(server, tmp_path):
 def test_serve_help_explains_itself():
     done = subprocess.run([sys.executable, "-m", "bayes_llm", "serve", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "OpenAI" in done.stdout and "--batching" in done.stdout
+
+
+def test_serve_refuses_a_wait_its_worker_cannot_take(tiny, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bayes_llm", "serve", "--bundle", str(tmp_path), "--max-wait-ms",
+                           "inf"], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2 and "give milliseconds from 0 to 60000" in done.stderr
+    model, factors, (a, _) = tiny
+    _, tokenizer = load_checkpoint(str(save_tiny_checkpoint("bamba", tmp_path / "tok")))
+    with pytest.raises(ValueError, match="max_wait"):
+        Scheduler(TinyEngine(model, tokenizer, factors, {"a": a}), max_wait=float("nan"))
+
+
+def test_the_demo_page_keeps_a_bundle_name_out_of_its_script():
+    name = 'x</script><script>alert(1)</script>'
+    assert "<" not in _script_json(name) and json.loads(_script_json([name])) == [name]

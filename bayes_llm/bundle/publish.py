@@ -16,7 +16,7 @@ from pathlib import Path
 from bayes_llm import paths
 from bayes_llm.config import load_params
 from bayes_llm.errors import UserError
-from bayes_llm.io import read_json
+from bayes_llm.io import atomic_path, read_json
 from bayes_llm.pipeline import Workspace, tool
 
 TRACKED_STATE = ["dvc.lock", "params.yaml", "reports"]  # what a version's commit records
@@ -70,7 +70,8 @@ def set_bundle_version(params_file: Path, version: str) -> None:
     pattern = re.compile(r"^(bundle:\n(?:[ \t]+.*\n|\n)*?[ \t]+version:[ \t]*)(\S+)", re.MULTILINE)
     if not pattern.search(text):
         raise PublishError(f"{params_file}: no bundle.version to set")
-    params_file.write_text(pattern.sub(lambda m: m[1] + version, text, count=1))
+    with atomic_path(params_file) as staged:  # an interrupted rewrite leaves the old params whole
+        staged.write_text(pattern.sub(lambda m: m[1] + version, text, count=1))
     if load_params(params_file).bundle.version != version:
         raise PublishError(f"{params_file}: bundle.version did not take the value {version}")
 

@@ -94,6 +94,9 @@ class Server:
         self.context = int(getattr(engine.model.config, "max_position_embeddings", 2048))
         self.max_tokens_limit = min(max_tokens_limit, self.context - 1)
         self.max_prompt_tokens = max_prompt_tokens or self.context - 1
+        # No token stands for more characters than its vocabulary string has (byte-level BPE: one per
+        # byte), so a text longer than this is refused without tokenizing it.
+        self.max_prompt_chars = self.max_prompt_tokens * max(map(len, engine.tokenizer.get_vocab()))
 
     # --- a request → jobs ----------------------------------------------------------------------
 
@@ -116,7 +119,11 @@ class Server:
             return Routing(strategy="blend", blend=tuple(sorted(weights.items())))
         strategy = ext.strategy or self.defaults.strategy or "prompt"
         if strategy.startswith("expert:"):
-            return self.routing(Extension(expert=strategy.split(":", 1)[1]))
+            expert = strategy.split(":", 1)[1]
+            if expert not in domains:
+                raise RequestError(f"bayes_llm.strategy: no expert {expert!r} (experts: {', '.join(domains)})",
+                                   "bayes_llm.strategy", code="unknown_expert")  # fmt: skip
+            return Routing(strategy=strategy)
         if strategy not in ("prompt", "cls", "base"):
             raise RequestError(f"bayes_llm.strategy: {strategy!r}: use prompt | cls | base | expert:<domain> "
                                "(fewshot needs examples: `bayes-llm generate --strategy fewshot`)",
@@ -133,6 +140,10 @@ class Server:
 
     def encode(self, text: str, max_tokens: int | None, param: str) -> list[int]:
         """The prompt's token ids; refused when it leaves no room for `max_tokens` (or, unset, for one token)."""
+        if len(text) > self.max_prompt_chars:
+            raise RequestError(f"{param}: the prompt is {len(text)} characters: more than the model's context of "
+                               f"{self.context} tokens can hold (prompts: at most {self.max_prompt_tokens} tokens)",
+                               param, code="context_length_exceeded")  # fmt: skip
         tokenizer = self.engine.tokenizer
         bos = tokenizer.bos_token
         # A chat model's text is sent as given (its template's turns carry their own start); a plain base
@@ -167,7 +178,7 @@ class Server:
                                "model", 404, "model_not_found")  # fmt: skip
 
 
-def _submit(server: Server, texts: list[tuple[str, str]], body: Sampled, max_tokens: int | None, param: str):
+async def _submit(server: Server, texts: list[tuple[str, str]], body: Sampled, max_tokens: int | None, param: str):
     """Jobs for (route text, model text) pairs, validated before any is queued; events → one queue.
     Unset `max_tokens` is 64, or what the context leaves after the longest prompt."""
     routing = server.routing(body.bayes_llm)
@@ -175,7 +186,9 @@ def _submit(server: Server, texts: list[tuple[str, str]], body: Sampled, max_tok
         raise RequestError(f"max_tokens: {max_tokens} is more than this server allows ({server.max_tokens_limit})",
                            "max_tokens")  # fmt: skip
     params = [param] if len(texts) == 1 else [f"{param}.{i}" for i in range(len(texts))]
-    ids = [server.encode(model_text, max_tokens, where) for (_, model_text), where in zip(texts, params, strict=True)]
+    # Tokenized off the event loop: a long prompt must not stall the other requests' streams.
+    ids = await asyncio.to_thread(lambda: [server.encode(model_text, max_tokens, where)
+                                           for (_, model_text), where in zip(texts, params, strict=True)])  # fmt: skip
     sampling = server.sampling(body, max_tokens or min(DEFAULT_MAX_TOKENS, server.context - max(map(len, ids))))
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
@@ -212,6 +225,11 @@ def _usage(results: list[dict]) -> dict[str, int]:
     prompt = sum(r.get("prompt_tokens", 0) for r in results)
     completion = sum(r.get("completion_tokens", 0) for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _script_json(value) -> str:
+    """JSON to put inside a <script>: a bundle's names are not trusted to hold no `</script>`."""
+    return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def _sse(data: dict | str) -> bytes:
@@ -324,7 +342,7 @@ def create_app(server: Server, max_body_bytes: int = 1 << 20) -> FastAPI:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if body.stream and len(prompts) > 1:
             raise RequestError("prompt: stream one prompt per request", "prompt")
-        jobs, events = _submit(server, [(p, p) for p in prompts], body, body.max_tokens, "prompt")
+        jobs, events = await _submit(server, [(p, p) for p in prompts], body, body.max_tokens, "prompt")
         return await respond(request, jobs, events, body, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -332,28 +350,38 @@ def create_app(server: Server, max_body_bytes: int = 1 << 20) -> FastAPI:
         server.check_model(body.model)
         if body.max_tokens and body.max_completion_tokens and body.max_tokens != body.max_completion_tokens:
             raise RequestError("max_tokens and max_completion_tokens differ: give one", "max_completion_tokens")
-        jobs, events = _submit(server, [server.chat_text(body)], body, body.max_completion_tokens or body.max_tokens,
-                               "messages")  # fmt: skip
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        jobs, events = await _submit(server, [server.chat_text(body)], body, max_tokens, "messages")
         return await respond(request, jobs, events, body, chat=True)
 
-    @app.get("/v1/models")
-    async def models():
+    def card() -> dict:
         engine = server.engine
-        card = {"id": server.model_id, "object": "model", "created": 0, "owned_by": "bayes-llm",
+        return {"id": server.model_id, "object": "model", "created": 0, "owned_by": "bayes-llm",
                 "bayes_llm": {"experts": engine.domains, "strategies": ["base", *sorted(engine.controllers),
                                                                         *(f"expert:{d}" for d in engine.domains)],
                               "default_strategy": server.defaults.strategy, "context": server.context}}  # fmt: skip
-        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        server.check_model(model)
+        return card()
 
     @app.get("/health")
     async def health():
         stats = server.scheduler.stats
-        return {"status": "ok", "model": server.model_id, "batching": server.scheduler.batching,
-                "waiting": server.scheduler.waiting, **{k: round(v, 3) for k, v in stats.items()}}  # fmt: skip
+        alive = server.scheduler.alive
+        body = {"status": "ok" if alive else "the scheduler thread has stopped", "model": server.model_id,
+                "batching": server.scheduler.batching, "waiting": server.scheduler.waiting,
+                **{k: round(v, 3) for k, v in stats.items()}}  # fmt: skip
+        return JSONResponse(body, 200 if alive else 503)
 
     page = resources.files("bayes_llm.serve").joinpath("demo.html").read_text()
-    page = page.replace("__MODEL__", json.dumps(server.model_id))
-    page = page.replace("__EXPERTS__", json.dumps(server.engine.domains))
+    page = page.replace("__MODEL__", _script_json(server.model_id))
+    page = page.replace("__EXPERTS__", _script_json(server.engine.domains))
 
     @app.get("/", response_class=HTMLResponse)
     async def demo():

@@ -9,11 +9,21 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from bayes_llm.svf.blend import BlendMode
 
-Text = Annotated[str, Field(min_length=1)]
+
+def _encodable(value: str) -> str:
+    try:  # a lone surrogate (half an emoji, cut by a client) is valid JSON but no text a tokenizer takes
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"not valid Unicode text ({error.reason} at character {error.start})") from None
+    return value
+
+
+Unicode = Annotated[str, AfterValidator(_encodable)]
+Text = Annotated[Unicode, Field(min_length=1)]
 Weight = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
 
 
@@ -47,7 +57,7 @@ class Sampled(Strict):
     model: Text
     max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 (the default here): greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0, description="0: the top token only")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[Text] | None = None
@@ -76,12 +86,12 @@ class CompletionRequest(Sampled):
 
 class TextPart(Strict):
     type: Literal["text"]
-    text: str
+    text: Unicode
 
 
 class Message(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Unicode | list[TextPart]
     name: str | None = None
 
     def text(self) -> str:

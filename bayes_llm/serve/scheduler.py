@@ -198,6 +198,8 @@ class _Sampler(LogitsProcessor):
 class Scheduler:
     def __init__(self, engine: Engine, max_batch: int = 16, max_wait: float = 0.01,
                  batching: Batching = "mixed", decode_threads: int | None = None) -> None:  # fmt: skip
+        if not 0 <= max_wait <= 60:  # (the worker's queue wait cannot take inf or nan)
+            raise ValueError(f"max_wait: {max_wait} s: give 0 to 60 seconds")
         self.engine, self.max_batch, self.max_wait, self.batching = engine, max_batch, max_wait, batching
         self.decode_threads = decode_threads
         self.rowwise = RowwiseSVF(engine.model, engine.factors)
@@ -222,6 +224,10 @@ class Scheduler:
     @property
     def waiting(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     # --- the worker ----------------------------------------------------------------------------
 
