@@ -17,13 +17,15 @@ import numpy as np
 import openai
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from PIL import Image
 from transformers import AutoModelForCausalLM
 
 from bayes_llm.bundle.manifest import BundleError, verify
 from bayes_llm.experts.distributed import free_port
 from bayes_llm.model.load import load_checkpoint
-from bayes_llm.serve.app import _script_json
+from bayes_llm.serve.app import Server, _script_json, create_app
+from bayes_llm.serve.protocol import Extension
 from bayes_llm.serve.rowwise import RowwiseSVF
 from bayes_llm.serve.scheduler import Job, Routing, Sampling, Scheduler
 from bayes_llm.svf.blend import blend_scales
@@ -367,7 +369,7 @@ def test_malformed_and_oversize_bodies_and_unknown_routes(server, client):
     top_only = client.completions.create(model=server["model"], prompt="Question: What is 1 + 1?\nAnswer:",
                                          max_tokens=4, temperature=1.0, top_p=0)  # fmt: skip
     assert top_only.choices[0].text == greedy.choices[0].text  # top_p 0: the top token only, as OpenAI's
-    # a megabyte prompt is refused by its length before it is tokenized (which would stall the server)
+    # a long prompt is tokenized off the event loop, then refused
     long = httpx.post(f"{url}/v1/completions", json={"model": server["model"], "prompt": "x" * 900_000}, timeout=60)
     assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
     assert client.models.retrieve(server["model"]).id == server["model"]
@@ -464,3 +466,15 @@ def test_serve_refuses_a_wait_its_worker_cannot_take(tiny, tmp_path):
 def test_the_demo_page_keeps_a_bundle_name_out_of_its_script():
     name = 'x</script><script>alert(1)</script>'
     assert "<" not in _script_json(name) and json.loads(_script_json([name])) == [name]
+
+
+def test_health_says_503_once_the_worker_thread_is_gone(tiny, tmp_path):
+    model, factors, (a, _) = tiny
+    _, tokenizer = load_checkpoint(str(save_tiny_checkpoint("bamba", tmp_path / "tok")))
+    engine = TinyEngine(model, tokenizer, factors, {"a": a})
+    scheduler = Scheduler(engine)
+    with TestClient(create_app(Server(engine, scheduler, "tiny", Extension()))) as client:  # starts the worker
+        assert client.get("/health").status_code == 200
+        scheduler.stop()
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "the scheduler thread has stopped"

@@ -136,9 +136,8 @@ def verify(bundle: Path, base_dir: Path | None = None) -> dict:
     bundle = Path(bundle)
     path = bundle / MANIFEST
     manifest = read_json(path, BundleError, "not a bundle (build one with `dvc repro bundle`)")
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        version = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise BundleError(f"{path}: format version {version!r}, expected {FORMAT_VERSION}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{path}: format version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
     # The keys the commands and the server read: a hand-edited or truncated manifest is refused by name.
     shape = {"name": str, "version": str, "base_fingerprint": str, "files": dict, "experts": dict, "params": dict}
     wrong = [key for key, kind in shape.items() if not isinstance(manifest.get(key), kind) or not manifest[key]]

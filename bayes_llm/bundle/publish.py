@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,6 +73,7 @@ def set_bundle_version(params_file: Path, version: str) -> None:
         raise PublishError(f"{params_file}: no bundle.version to set")
     with atomic_path(params_file) as staged:  # an interrupted rewrite leaves the old params whole
         staged.write_text(pattern.sub(lambda m: m[1] + version, text, count=1))
+        shutil.copymode(params_file, staged)  # (the temp file is private: 0600)
     if load_params(params_file).bundle.version != version:
         raise PublishError(f"{params_file}: bundle.version did not take the value {version}")
 

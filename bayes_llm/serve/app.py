@@ -94,9 +94,6 @@ class Server:
         self.context = int(getattr(engine.model.config, "max_position_embeddings", 2048))
         self.max_tokens_limit = min(max_tokens_limit, self.context - 1)
         self.max_prompt_tokens = max_prompt_tokens or self.context - 1
-        # No token stands for more characters than its vocabulary string has (byte-level BPE: one per
-        # byte), so a text longer than this is refused without tokenizing it.
-        self.max_prompt_chars = self.max_prompt_tokens * max(map(len, engine.tokenizer.get_vocab()))
 
     # --- a request → jobs ----------------------------------------------------------------------
 
@@ -140,10 +137,6 @@ class Server:
 
     def encode(self, text: str, max_tokens: int | None, param: str) -> list[int]:
         """The prompt's token ids; refused when it leaves no room for `max_tokens` (or, unset, for one token)."""
-        if len(text) > self.max_prompt_chars:
-            raise RequestError(f"{param}: the prompt is {len(text)} characters: more than the model's context of "
-                               f"{self.context} tokens can hold (prompts: at most {self.max_prompt_tokens} tokens)",
-                               param, code="context_length_exceeded")  # fmt: skip
         tokenizer = self.engine.tokenizer
         bos = tokenizer.bos_token
         # A chat model's text is sent as given (its template's turns carry their own start); a plain base

@@ -9,21 +9,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from bayes_llm.svf.blend import BlendMode
 
-
-def _encodable(value: str) -> str:
-    try:  # a lone surrogate (half an emoji, cut by a client) is valid JSON but no text a tokenizer takes
-        value.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise ValueError(f"not valid Unicode text ({error.reason} at character {error.start})") from None
-    return value
-
-
-Unicode = Annotated[str, AfterValidator(_encodable)]
-Text = Annotated[Unicode, Field(min_length=1)]
+Text = Annotated[str, Field(min_length=1)]  # (pydantic refuses a lone surrogate in a constrained str)
 Weight = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
 
 
@@ -86,13 +76,23 @@ class CompletionRequest(Sampled):
 
 class TextPart(Strict):
     type: Literal["text"]
-    text: Unicode
+    text: str
+
+    @field_validator("text")
+    @classmethod
+    def _unicode(cls, value: str) -> str:
+        return _encodable(value)
 
 
 class Message(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Unicode | list[TextPart]
+    content: str | list[TextPart]
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _unicode(cls, value: str | list[TextPart]) -> str | list[TextPart]:
+        return _encodable(value) if isinstance(value, str) else value
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
@@ -101,3 +101,11 @@ class Message(Strict):
 class ChatRequest(Sampled):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
+
+
+def _encodable(value: str) -> str:
+    try:  # a lone surrogate (half an emoji, cut by a client) is valid JSON but no text a tokenizer takes
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"not valid Unicode text ({error.reason} at character {error.start})") from None
+    return value
