@@ -84,7 +84,7 @@ class Job:
 class _Row:
     """Pass-2 state of one job: its tokens so far, what was streamed, and why it stopped."""
 
-    def __init__(self, job: Job, tokenizer, on_end: Callable[[_Row], None] = lambda row: None) -> None:
+    def __init__(self, job: Job, tokenizer, on_end: Callable[[_Row], None]) -> None:
         self.job, self.tokenizer, self.on_end = job, tokenizer, on_end
         self.ids: list[int] = []
         self.sent = 0  # characters of the decoded text already emitted
@@ -279,7 +279,7 @@ class Scheduler:
                     self.engine.use_blend(dict(key))
                     self._generate([rows[i] for i in index])
         except Exception as error:  # one bad batch must not stop the server, nor one bad row the batch
-            # Rows that have not answered yet run again alone, so only the request that breaks fails.
+            # Rows that have sent nothing yet run again alone, so only the request that breaks fails.
             open_jobs = [job for job in batch if not job.answered]
             retry = [job for job in open_jobs if not job.started_output] if len(batch) > 1 else []
             failed = [job for job in open_jobs if all(job is not other for other in retry)]
