@@ -429,6 +429,11 @@ class DistributedParams(Strict):
     # gloo: CPU processes. NCCL (a GPU per process) waits for the trainer's GPU path: experts train
     # on the CPU today.
     backend: Literal["gloo"] = "gloo"
+    # null: each process computes its share of a batch and the gradients are all-reduced, the same z as
+    # one process up to float rounding. S: every batch is cut into S fixed shares, whatever the number
+    # of processes (one included), their gradients added in share order: the same z bit for bit for
+    # any processes <= S (and sampled rollouts too), at the price of S smaller passes per step.
+    shares: Annotated[int, Field(ge=1, le=1024)] | None = None
 
 
 class DispatchParams(Strict):
@@ -539,12 +544,21 @@ class Params(Strict):
     @model_validator(mode="after")
     def _shardable(self) -> Params:
         """Every process needs rows of every batch; trl's trainers run their own accelerate."""
-        n = self.distributed.processes
-        for domain, cfg in self.experts.items() if n > 1 else ():
+        n, shares = self.distributed.processes, self.distributed.shares
+        if shares is not None and shares < n:
+            raise ValueError(f"distributed.shares ({shares}) < distributed.processes ({n}): a process would get "
+                             "no share of a batch")  # fmt: skip
+        for domain, cfg in self.experts.items():
             for key in ("sft_batch_size", "rl_batch_size", "val_items"):
                 if getattr(cfg, key) < n:
                     raise ValueError(f"experts.{domain}.{key} ({getattr(cfg, key)}) < distributed.processes ({n}): "
                                      "a process would get no rows")  # fmt: skip
+            for key in ("sft_batch_size", "rl_batch_size") if shares is not None else ():
+                if getattr(cfg, key) < shares:
+                    raise ValueError(f"experts.{domain}.{key} ({getattr(cfg, key)}) < distributed.shares ({shares}): "
+                                     "a share would get no rows")  # fmt: skip
+            if n == 1:
+                continue
             if "rl" in cfg.objective and cfg.rl_algorithm != "reinforce":
                 raise ValueError(
                     f"experts.{domain}: distributed.processes > 1 trains rl_algorithm reinforce only "

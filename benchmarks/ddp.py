@@ -1,15 +1,18 @@
 """Data-parallel expert training: does N processes' z equal one process's, and how much faster is it?
 
-`python -m benchmarks.ddp` trains one domain's z twice from the pipeline's base, SVD and data (run
-`dvc repro decompose` first): once in one process (all cores), once as N processes under `accelerate
-launch` (gloo, the cores split between them), with the same params, seed and global batches. It
-writes `reports/scale/ddp.json`: `processes`, `backend`, `max_abs_z_diff` (final z, N processes
-against one), `steps`, `seconds_1proc`, `seconds_nproc` (the training loop, validation included),
-`speedup`, how the difference grows with the steps (`max_abs_z_diff_by_step`), where it comes from
-(`first_step_rounding`: step 1's gradient, whole batch against the shares' sum, and what Adam's first
-step makes of that; `first_gradient`: whether the all-reduce adds anything to the shares' sum), how
-far training moved z (`max_abs_z_change`, the scale of that difference) and
-what the two runs agree on besides (val accuracy, the last losses).
+`python -m benchmarks.ddp` trains one domain's z from the pipeline's base, SVD and data (run `dvc
+repro decompose` first): in one process (all cores) and as N processes under `accelerate launch`
+(gloo, the cores split between them), with the same params, seed and global batches; and that twice,
+with `distributed.shares` (each batch cut into fixed shares whose gradients are added in share order,
+`--shares`, default N) and without (each process's gradient all-reduced). It writes
+`reports/scale/ddp.json`: `processes`, `backend`, `shares`, `max_abs_z_diff` (final z, N processes
+against one, with shares), `steps`, `seconds_1proc`, `seconds_nproc` (the training loop, validation
+included), `speedup`, how the difference grows with the steps (`max_abs_z_diff_by_step`), how far
+training moved z (`max_abs_z_change`, the scale of that difference), what the runs agree on besides
+(val accuracy, the last losses); and under `all_reduce` the same for the runs without shares, with
+where their difference comes from (`first_step_rounding`: step 1's gradient, whole batch against the
+shares' sum, and what Adam's first step makes of that; `first_gradient`: whether the all-reduce adds
+anything to the shares' sum).
 
 Nothing here writes the pipeline's models or reports other than that file.
 """
@@ -43,7 +46,7 @@ def split_rounding(svf, tokenizer, rows: list[dict], cfg, seed: int, processes: 
     """Where the N-process z departs from one process's, measured in one process: step 1's SFT
     gradient on the whole batch against the sum of the `processes` shares' gradients (what the
     all-reduce adds up), and the difference Adam's first step (lr · g/|g|) makes of it."""
-    from bayes_llm.experts.distributed import sft_loss_share
+    from bayes_llm.experts.distributed import sft_part_losses
     from bayes_llm.experts.objectives import sft_batch, sft_loss
 
     if cfg.sft_drop_hardest > 0 or cfg.sft_steps == 0 or cfg.train_precision != "fp32":
@@ -68,7 +71,8 @@ def split_rounding(svf, tokenizer, rows: list[dict], cfg, seed: int, processes: 
     # each share on its process's threads (`relaunch` lets a user's OMP_NUM_THREADS win)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", threads_per_process(processes))))
     try:
-        split = gradient([sft_loss_share(svf.model, batch, 0.0, Shards(rank, processes)) for rank in range(processes)])
+        split = gradient([loss for rank in range(processes)
+                          for loss in sft_part_losses(svf.model, batch, 0.0, [Shards(rank, processes)], Shards())])
     finally:
         torch.set_num_threads(threads)
     eps = 1e-8  # AdamW's default, as the trainer uses it
@@ -82,7 +86,7 @@ def split_rounding(svf, tokenizer, rows: list[dict], cfg, seed: int, processes: 
 
 
 def train_worker(params_file: Path, domain: str, sft_steps: int, rl_steps: int, out: Path,
-                 processes: int = 2) -> None:  # fmt: skip
+                 processes: int = 2, shares: int | None = None) -> None:  # fmt: skip
     """One run of the trainer (in every process of a distributed run); process 0 saves the final z."""
     from bayes_llm.data import prepared
     from bayes_llm.experts.trainer import Trainer
@@ -100,14 +104,15 @@ def train_worker(params_file: Path, domain: str, sft_steps: int, rl_steps: int, 
         "objective": "+".join(name for name, n in (("sft", sft_steps), ("rl", rl_steps)) if n),
         "sft_steps": sft_steps, "rl_steps": rl_steps, "eval_every": steps, "checkpoint_every": steps,
     })  # fmt: skip
-    shards = Shards.from_launcher()
+    shards = Shards.from_launcher(shares)
     model, tokenizer = load_base()
     factors, manifest = load_factors(paths.SVD)
     check_base(model, manifest, paths.SVD)
     svf = SVF(model, factors, mode=params.svf.mode, max_mult=params.svf.max_mult)
     rows = {split: prepared.read_split(paths.DATA, domain, split) for split in ("train", "val")}
     start = svf.z()
-    rounding = None if shards.world > 1 else split_rounding(svf, tokenizer, rows["train"], cfg, params.seed, processes)
+    one_all_reduce = shards.world == 1 and not shares
+    rounding = split_rounding(svf, tokenizer, rows["train"], cfg, params.seed, processes) if one_all_reduce else None
     with tempfile.TemporaryDirectory() as checkpoints:
         trainer = Trainer(svf, tokenizer, kind, rows["train"], rows["val"], cfg, params.seed, Path(checkpoints),
                           manifest["svd_fingerprint"], params.base_eval.max_new_tokens[kind], progress=shards.main,
@@ -163,11 +168,11 @@ def _keep_first_gradient() -> tuple[dict, RemovableHandle]:
     return kept, register_optimizer_step_pre_hook(keep)
 
 
-def _run(processes: int, args: argparse.Namespace, out: Path) -> dict:
+def _run(processes: int, shares: int | None, args: argparse.Namespace, out: Path) -> dict:
     out.mkdir(parents=True)
     worker = ["benchmarks.ddp", "--params", str(args.params), "--domain", args.domain, "--sft-steps",
               str(args.sft_steps), "--rl-steps", str(args.rl_steps), "--processes", str(args.processes),
-              "--worker", str(out)]  # fmt: skip
+              "--shares", str(shares or 0), "--worker", str(out)]  # fmt: skip
     # The workers import this module from wherever the project (the working directory) is.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if processes == 1:
@@ -180,36 +185,51 @@ def _run(processes: int, args: argparse.Namespace, out: Path) -> dict:
             "gradients": load_file(out / "gradients.safetensors")}
 
 
+def compare(args: argparse.Namespace, shares: int | None, scratch: Path) -> dict:
+    """One process against `args.processes`, both with `distributed.shares` = shares."""
+    one = _run(1, shares, args, scratch / "one")
+    many = _run(args.processes, shares, args, scratch / "many")
+    by_step = {step: max(float((one["z"][n] - many["z"][n]).abs().max()) for n in one["z"] if n.startswith(f"{step}/"))
+               for step in checkpoints_of(args.sft_steps + args.rl_steps)}  # fmt: skip
+    return {
+        "shares": shares,
+        "max_abs_z_diff": by_step[args.sft_steps + args.rl_steps],
+        "max_abs_z_change": one["z_change"],  # how far training moved z: the scale the diff is measured against
+        "max_abs_z_diff_by_step": by_step,
+        "seconds_1proc": round(one["seconds"], 3),
+        "seconds_nproc": round(many["seconds"], 3),
+        "speedup": round(one["seconds"] / many["seconds"], 3),
+        "val_accuracy": {"1proc": one["val"], "nproc": many["val"]},
+        "last_loss": {"1proc": one["last_loss"], "nproc": many["last_loss"]},
+        **({} if shares else {"first_step_rounding": one["rounding"],
+                              "first_gradient": _first_gradients(one["gradients"], many["gradients"])}),
+        "threads": {"1proc": one["threads"], "per_process": many["threads"]},
+        "z_values": sum(z.numel() for n, z in one["z"].items() if n.startswith(f"{args.sft_steps + args.rl_steps}/")),
+        "global_batch": one["batch"],
+    }
+
+
 def benchmark(args: argparse.Namespace) -> dict:
     if args.processes < 2:
         raise UserError(f"--processes must be at least 2 (got {args.processes})")
     if args.sft_steps < 0 or args.rl_steps < 0 or args.sft_steps + args.rl_steps == 0:
         raise UserError("--sft-steps and --rl-steps must be >= 0, and not both 0")
+    shares = args.shares or args.processes
+    if shares < args.processes:
+        raise UserError(f"--shares ({shares}) must be at least --processes ({args.processes})")
     with tempfile.TemporaryDirectory() as scratch:
-        one = _run(1, args, Path(scratch, "one"))
-        many = _run(args.processes, args, Path(scratch, "many"))
-    by_step = {step: max(float((one["z"][n] - many["z"][n]).abs().max()) for n in one["z"] if n.startswith(f"{step}/"))
-               for step in checkpoints_of(args.sft_steps + args.rl_steps)}  # fmt: skip
-    diff = by_step[args.sft_steps + args.rl_steps]
+        exact = compare(args, shares, Path(scratch, "shares"))
+        all_reduce = compare(args, None, Path(scratch, "all_reduce"))
+    common = ("threads", "z_values", "global_batch")
     report = {
         "processes": args.processes,
         "backend": "gloo",
-        "max_abs_z_diff": diff,
-        "max_abs_z_change": one["z_change"],  # how far training moved z: the scale the diff is measured against
-        "max_abs_z_diff_by_step": by_step,
-        "first_step_rounding": one["rounding"],
-        "first_gradient": _first_gradients(one["gradients"], many["gradients"]),
+        **{key: value for key, value in exact.items() if key not in common},
         "steps": args.sft_steps + args.rl_steps,
-        "seconds_1proc": round(one["seconds"], 3),
-        "seconds_nproc": round(many["seconds"], 3),
-        "speedup": round(one["seconds"] / many["seconds"], 3),
         "domain": args.domain,
         "phases": {"sft": args.sft_steps, "rl": args.rl_steps},
-        "global_batch": one["batch"],
-        "threads": {"1proc": one["threads"], "per_process": many["threads"]},
-        "z_values": sum(z.numel() for n, z in one["z"].items() if n.startswith(f"{args.sft_steps + args.rl_steps}/")),
-        "val_accuracy": {"1proc": one["val"], "nproc": many["val"]},
-        "last_loss": {"1proc": one["last_loss"], "nproc": many["last_loss"]},
+        **{key: exact[key] for key in common},
+        "all_reduce": {key: value for key, value in all_reduce.items() if key not in common},
         "cpu_count": os.cpu_count(),
     }
     write_json(args.out, report)
@@ -235,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--domain", default="math", help="a domain with an experts entry (default: %(default)s)")
     parser.add_argument("--processes", type=int, default=2, help="processes of the data-parallel run (default: 2)")
+    parser.add_argument("--shares", type=int, default=0,
+                        help="distributed.shares of the exact runs (default: --processes); the all-reduce runs "
+                             "(shares null) are compared too")  # fmt: skip
     parser.add_argument("--sft-steps", type=int, default=40, help="SFT steps (default: %(default)s)")
     parser.add_argument("--rl-steps", type=int, default=10, help="RL steps after SFT (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=REPORT, help="report file (default: %(default)s)")
@@ -242,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.worker:
-            train_worker(args.params, args.domain, args.sft_steps, args.rl_steps, args.worker, args.processes)
+            train_worker(args.params, args.domain, args.sft_steps, args.rl_steps, args.worker, args.processes,
+                         args.shares or None)  # fmt: skip
             return 0
         print(json.dumps(benchmark(args), indent=2))
         return 0

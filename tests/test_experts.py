@@ -20,7 +20,8 @@ from bayes_llm.config import ExpertParams, load_params
 from bayes_llm.data import prepared
 from bayes_llm.evaluate.base_scores import FILE, BaseScoresError, base_test_scores
 from bayes_llm.experts import trainer as train_module
-from bayes_llm.experts.objectives import reinforce_loss, rollouts, sft_batch, sft_loss
+from bayes_llm.experts.distributed import Shards, sft_part_losses
+from bayes_llm.experts.objectives import reinforce_loss, rollouts, sft_batch, sft_loss, token_nll
 from bayes_llm.experts.trainer import Trainer, TrainingError
 from bayes_llm.model.greedy import greedy_scores
 from bayes_llm.model.load import load_checkpoint
@@ -485,6 +486,23 @@ def test_loss_truncation_leaves_out_the_hardest_sequences(project):
         assert float(sft_loss(model, batch, drop_hardest=1e-6)) == pytest.approx(full, rel=1e-5)
         assert float(sft_loss(model, batch, drop_hardest=0.5)) == pytest.approx(min(alone), rel=1e-3)
     assert max(alone) - min(alone) > 20 * 1e-3 * min(alone)  # the rows differ well beyond the tolerance
+
+
+@pytest.mark.parametrize("drop_hardest", [0.0, 0.5])
+def test_the_parts_of_a_batch_add_up_to_its_loss(project, drop_hardest):
+    """Fixed shares in one process (`distributed.shares`): the parts' losses sum to the batch's, loss
+    truncation ranking the whole batch's sequences, not each part's."""
+    model, tokenizer = load_checkpoint(str(project / "models/base"))
+    rows = [{"prompt": "What is 1 + 1?", "answer": "2"}, {"prompt": "What is 1 + 1?", "answer": "zq xv #### qz vx"},
+            {"prompt": "Which is larger?", "answer": "9"}, {"prompt": "Sum 4 5?", "answer": "4 + 5 = 9 #### 9"}]
+    with torch.no_grad():  # easiest first: truncation keeps the first part whole and nothing of the second
+        nll, mask = token_nll(model, sft_batch(tokenizer, rows))
+        rows = [rows[i] for i in (nll.sum(dim=1) / mask.sum(dim=1)).argsort().tolist()]
+        batch = sft_batch(tokenizer, rows)
+        losses = sft_part_losses(model, batch, drop_hardest, Shards(shares=2).parts(), Shards(shares=2))
+        whole = float(sft_loss(model, batch, drop_hardest))
+    assert len(losses) == 2 and sum(map(float, losses)) == pytest.approx(whole, rel=1e-5)
+    assert (float(losses[1]) == 0.0) == (drop_hardest > 0)
 
 
 def test_rollouts_mask_everything_after_eos(project):

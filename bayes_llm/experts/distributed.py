@@ -7,6 +7,12 @@ of z. Every process then takes the same optimizer step, so N processes train the
 process with the same global batch, up to the order of float sums (sampled RL rollouts are seeded
 per process, so those draw other samples than one process would).
 
+With `distributed.shares` S the batch is instead cut into S fixed shares whatever the number of
+processes, one process included: each process computes the gradients of its run of them, and every
+process adds all S in share order. A share's gradient does not depend on which process (or how many
+threads) computed it, so any number of processes up to S trains the same z, bit for bit, and sampled
+rollouts (seeded per share) are the same too. The price: one process runs S smaller passes a step.
+
 `accelerate launch` (torch.distributed.run underneath) starts the processes; a stage asked for more
 than one process relaunches itself through it (`relaunch`), so `dvc.yaml` runs the same command for
 any number of processes.
@@ -42,17 +48,18 @@ class Shards:
 
     rank: int = 0
     world: int = 1
+    shares: int | None = None  # distributed.shares: fixed shares of every batch, added in order
 
     @classmethod
-    def from_launcher(cls) -> Shards:
+    def from_launcher(cls, shares: int | None = None) -> Shards:
         """The processes `accelerate launch` started (one process when it did not start this one)."""
         if world_size() <= 1:
-            return cls()
+            return cls(shares=shares)
         from accelerate import PartialState
 
         die_with_parent()  # torch.distributed.run starts each process in its own session
         state = PartialState(cpu=True, backend="gloo")  # the trainer runs on the CPU
-        return cls(state.process_index, state.num_processes)
+        return cls(state.process_index, state.num_processes, shares)
 
     @property
     def main(self) -> bool:
@@ -67,6 +74,14 @@ class Shards:
     def share(self, items: Sequence[T]) -> list[T]:
         start, end = self.bounds(len(items))
         return list(items[start:end])
+
+    def parts(self) -> list[Shards]:
+        """The parts of each global batch this process computes, as places to slice the batch by (their
+        `world` is the number of parts the batch is cut into; they do not communicate): its own share,
+        or its run of the fixed `shares`."""
+        if self.shares is None:
+            return [Shards(self.rank, self.world)]
+        return [Shards(i, self.shares) for i in range(*self.bounds(self.shares))]
 
     def sum(self, value: float) -> float:
         if self.world == 1:
@@ -83,34 +98,74 @@ class Shards:
 
         return gather_object(values)
 
-    def sum_gradients(self, parameters: Sequence[torch.nn.Parameter]) -> None:
-        """Sum the gradients of z over the processes: one flat all-reduce."""
-        if self.world == 1:
+    def backward(self, losses: Sequence[torch.Tensor], parameters: Sequence[torch.nn.Parameter]) -> None:
+        """Set the gradients of z to the global batch's: the losses are this process's `parts()`.
+        Without `shares`: its one loss's gradient, summed over the processes by one flat all-reduce
+        (in whatever order gloo adds). With `shares`: each part's gradient on its own, gathered from
+        every process, and all added in share order on each."""
+        if self.shares is None:
+            (loss,) = losses
+            loss.backward()
+            if self.world > 1:
+                from accelerate.utils import reduce
+
+                _set_flat_gradient(parameters, reduce(_flat_gradient(parameters), reduction="sum"))
             return
-        from accelerate.utils import reduce
+        mine = []
+        for loss in losses:
+            for p in parameters:
+                p.grad = None
+            loss.backward()
+            mine.append(_flat_gradient(parameters))
+        grads = torch.stack(mine)
+        if self.world > 1:  # padded to the longest run of shares, gathered in rank order
+            from accelerate.utils import gather
 
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-        total = reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="sum")
-        for p, piece in zip(parameters, total.split([g.numel() for g in grads]), strict=True):
-            p.grad = piece.view_as(p).clone()
+            most = -(-self.shares // self.world)
+            padded = torch.cat([grads, grads.new_zeros(most - len(grads), grads.shape[1])])
+            everyone = gather(padded)
+            runs = [Shards(rank, self.world).bounds(self.shares) for rank in range(self.world)]
+            grads = torch.cat([everyone[rank * most : rank * most + end - start]
+                               for rank, (start, end) in enumerate(runs)])  # fmt: skip
+        total = grads[0].clone()
+        for grad in grads[1:]:  # one at a time, in share order: the same float sums in any split
+            total += grad
+        _set_flat_gradient(parameters, total)
 
 
-def sft_loss_share(model, batch: dict[str, torch.Tensor], drop_hardest: float, shards: Shards) -> torch.Tensor:
-    """This process's share of `objectives.sft_loss` on the global batch: its rows' token loss over
-    the global count of (kept) target tokens, computed the way `sft_loss` computes it. Loss truncation
-    ranks the whole batch's sequences, so their mean losses are gathered first."""
+def _flat_gradient(parameters: Sequence[torch.nn.Parameter]) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in parameters])
+
+
+def _set_flat_gradient(parameters: Sequence[torch.nn.Parameter], flat: torch.Tensor) -> None:
+    pieces = flat.split([p.numel() for p in parameters])
+    for p, piece in zip(parameters, pieces, strict=True):
+        p.grad = piece.view_as(p).clone()
+
+
+def sft_part_losses(model, batch: dict[str, torch.Tensor], drop_hardest: float, parts: Sequence[Shards],
+                    shards: Shards) -> list[torch.Tensor]:  # fmt: skip
+    """Each part's share of `objectives.sft_loss` on the global batch (`parts`: this process's
+    `shards.parts()`): its rows' token loss over the global count of (kept) target tokens, computed the
+    way `sft_loss` computes it. Loss truncation ranks the whole batch's sequences, so their mean losses
+    are gathered from every process first."""
     from bayes_llm.experts.objectives import token_nll
 
-    start, end = shards.bounds(len(batch["input_ids"]))
-    local = {k: v[start:end] for k, v in batch.items()}
+    n = len(batch["input_ids"])
+    bounds = [part.bounds(n) for part in parts]
+    locals_ = [{k: v[start:end] for k, v in batch.items()} for start, end in bounds]
     targets = (batch["labels"][:, 1:] != -100).float()
     if drop_hardest == 0:  # transformers' own loss (its mean over our tokens), as one process takes it
-        return model(**local).loss * (targets[start:end].sum() / targets.sum())
-    nll, mask = token_nll(model, local)
-    mine = (nll.detach().sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)).tolist()
-    per_sequence = torch.tensor(shards.gather(mine), dtype=nll.dtype)
-    keep = per_sequence.argsort()[: max(1, round(len(per_sequence) * (1 - drop_hardest)))]
-    return nll[[int(i) - start for i in keep if start <= i < end]].sum() / targets[keep].sum().clamp_min(1.0)
+        return [model(**local).loss * (targets[start:end].sum() / targets.sum())
+                for local, (start, end) in zip(locals_, bounds, strict=True)]  # fmt: skip
+    nlls = [token_nll(model, local) for local in locals_]
+    means = [nll.detach().sum(dim=1) / mask.sum(dim=1).clamp_min(1.0) for nll, mask in nlls]
+    mine = [value for mean in means for value in mean.tolist()]
+    per_sequence = torch.tensor(shards.gather(mine), dtype=nlls[0][0].dtype)
+    keep = per_sequence.argsort()[: max(1, round(len(per_sequence) * (1 - drop_hardest)))].tolist()
+    kept = targets[keep].sum().clamp_min(1.0)
+    return [nll[[i - start for i in keep if start <= i < end]].sum() / kept
+            for (nll, _), (start, end) in zip(nlls, bounds, strict=True)]  # fmt: skip
 
 
 def die_with_parent() -> None:

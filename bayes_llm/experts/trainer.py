@@ -8,9 +8,11 @@ state, best z, curve) ends bit-identical to one that was never interrupted.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+import operator
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 
 from bayes_llm.config import ExpertParams
 from bayes_llm.errors import UserError
-from bayes_llm.experts.distributed import Shards, sft_loss_share
+from bayes_llm.experts.distributed import Shards, sft_part_losses
 from bayes_llm.experts.objectives import completion_logprobs, reinforce_loss, rollouts, sft_batch, sft_loss
 from bayes_llm.io import staged_dir
 from bayes_llm.model.cloze import cloze_scores
@@ -150,6 +152,11 @@ def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def _total(values: list[float]) -> float:
+    """The parts' values added in order (one part's unchanged, -0.0 included: the curve keeps its bits)."""
+    return functools.reduce(operator.add, values)
+
+
 class Trainer:
     """Trains z of `svf` for one domain; `run()` returns the best z and the curve."""
 
@@ -187,8 +194,11 @@ class Trainer:
                      "where autocast is about 100x slower; training in fp32")  # fmt: skip
         self.phases = phases_of(cfg)
         self.total = sum(steps for _, steps in self.phases)
-        # A run with N processes resumes only its own kind of checkpoint (its z differs by rounding).
+        # A run with N processes resumes only its own kind of checkpoint (its z differs by rounding); with
+        # fixed shares, any number of processes trains the same z, so resumes any of that kind.
         processes = f":{self.shards.world}" if self.shards.world > 1 else ""
+        if self.shards.shares is not None:
+            processes = f":shares={self.shards.shares}"
         # The rows too: a checkpoint of a run on other data (a re-prepared split) is not this run's.
         data = hashlib.sha256(json.dumps([list(train_rows), self.val_rows], sort_keys=True, default=str).encode())
         scoring = f"{svf.mode}:{svf.max_mult}:{eval_tokens}{':cloze' if cloze else ''}"
@@ -210,25 +220,34 @@ class Trainer:
         scores = self.shards.gather(scores)
         return sum(scores) / max(len(scores), 1)
 
-    def sft_step(self, step: int) -> tuple[torch.Tensor, dict]:
+    def sft_step(self, step: int) -> tuple[list[torch.Tensor], dict]:
+        """The losses of this process's parts of the step's batch (`Shards.parts`), and the step's record."""
         generator = self._train_mode(step)
         picks = torch.randint(len(self.train_rows), (self.cfg.sft_batch_size,), generator=generator).tolist()
+        parts = self.shards.parts()
         with self._autocast():
             batch = sft_batch(self.tokenizer, [self.train_rows[i] for i in picks])
-            if self.shards.world == 1:
-                loss = sft_loss(self.model, batch, self.cfg.sft_drop_hardest)
+            if parts[0].world == 1:
+                losses = [sft_loss(self.model, batch, self.cfg.sft_drop_hardest)]
             else:  # the global batch (one process's padding), this process's rows of it
-                loss = sft_loss_share(self.model, batch, self.cfg.sft_drop_hardest, self.shards)
-        return loss, {"loss": self.shards.sum(float(loss.detach()))}
+                losses = sft_part_losses(self.model, batch, self.cfg.sft_drop_hardest, parts, self.shards)
+        return losses, {"loss": self.shards.sum(_total([float(loss.detach()) for loss in losses]))}
 
-    def rl_step(self, step: int) -> tuple[torch.Tensor, dict]:
-        """Transformer²'s REINFORCE: ±1 reward (minus the group mean with `baseline`), KL to z = 1 with `beta`."""
-        cfg = self.cfg
+    def rl_step(self, step: int) -> tuple[list[torch.Tensor], dict]:
+        """Transformer²'s REINFORCE: ±1 reward (minus the group mean with `baseline`), KL to z = 1 with
+        `beta`; the losses of this process's parts of the step's batch, and the step's record."""
         generator = self._train_mode(step)
-        picks = torch.randint(len(self.train_rows), (cfg.rl_batch_size,), generator=generator).tolist()
-        rows = self.shards.share([self.train_rows[i] for i in picks])  # whole groups: baselines stay local
-        # Sampling seeded per step and process (greedy rollouts are the same in any split).
-        torch.manual_seed((self.seed * 1_000_003 + step) * self.shards.world + self.shards.rank)
+        picks = torch.randint(len(self.train_rows), (self.cfg.rl_batch_size,), generator=generator).tolist()
+        rows = [self.train_rows[i] for i in picks]
+        losses, records = zip(*(self._rl_part(step, rows, part) for part in self.shards.parts()), strict=True)
+        keys = ("loss", "reward", "kl")
+        return list(losses), {key: self.shards.sum(_total([record[key] for record in records])) for key in keys}
+
+    def _rl_part(self, step: int, picked: list[dict], part: Shards) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
+        rows = part.share(picked)  # whole groups: baselines stay within a part
+        # Sampling seeded per step and part (greedy rollouts are the same in any split).
+        torch.manual_seed((self.seed * 1_000_003 + step) * part.world + part.rank)
         self.model.eval()  # rollouts as the policy acts at test time (no dropout either way)
         batch = rollouts(self.model, self.tokenizer, rows, cfg.num_generations, cfg.temperature, cfg.max_new_tokens)
         group_rows = [row for row in rows for _ in range(cfg.num_generations)]
@@ -242,11 +261,10 @@ class Trainer:
         with self._autocast():
             logprobs = completion_logprobs(self.model, batch)
         loss, kl = reinforce_loss(logprobs, batch.completion_mask, advantages, ref, cfg.beta)
-        if self.shards.world > 1:  # this process's share of the global batch's mean
+        if part.world > 1:  # this part's share of the global batch's mean
             share = len(rows) / cfg.rl_batch_size
             loss, kl, reward = loss * share, kl * share, reward * share
-        sums = self.shards.sum
-        return loss, {"loss": sums(float(loss.detach())), "reward": sums(float(reward.mean())), "kl": sums(kl)}
+        return loss, {"loss": float(loss.detach()), "reward": float(reward.mean()), "kl": kl}
 
     def save_checkpoint(self, step: int, phase: str) -> None:
         self.checkpoint.save(step, phase, self.svf, self.optimizer, self.best, self.curve)
@@ -290,10 +308,9 @@ class Trainer:
             if phase == "rl" and self.cfg.rl_algorithm != "reinforce":
                 self._trl_phase(step, length - within)
                 break
-            loss, record = self.sft_step(step) if phase == "sft" else self.rl_step(step)
+            losses, record = self.sft_step(step) if phase == "sft" else self.rl_step(step)
             if math.isfinite(record["loss"]):  # a non-finite loss must not reach z: _finish() stops the run
-                loss.backward()
-                self.shards.sum_gradients(self.svf.parameters())
+                self.shards.backward(losses, self.svf.parameters())
                 grads = [p.grad.norm() for p in self.svf.parameters() if p.grad is not None]
                 record["grad_norm"] = round(float(torch.stack(grads).norm()), 6) if grads else 0.0
                 self.optimizer.step()

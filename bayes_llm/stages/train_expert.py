@@ -58,7 +58,7 @@ def train_expert(params: Params, domain: str, progress: bool = True) -> dict | N
     infos = expert_domains(params, domain)
     cfg = params.experts[domain]
     started = time.perf_counter()
-    shards = Shards.from_launcher()
+    shards = Shards.from_launcher(params.distributed.shares)
     model, tokenizer = load_base()
     factors, manifest = load_factors(paths.SVD)
     check_base(model, manifest, paths.SVD)
