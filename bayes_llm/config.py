@@ -553,7 +553,7 @@ class Params(Strict):
                 if getattr(cfg, key) < n:
                     raise ValueError(f"experts.{domain}.{key} ({getattr(cfg, key)}) < distributed.processes ({n}): "
                                      "a process would get no rows")  # fmt: skip
-            for key in ("sft_batch_size", "rl_batch_size") if shares is not None else ():
+            for key in ("sft_batch_size", "rl_batch_size", "val_items") if shares is not None else ():
                 if getattr(cfg, key) < shares:
                     raise ValueError(f"experts.{domain}.{key} ({getattr(cfg, key)}) < distributed.shares ({shares}): "
                                      "a share would get no rows")  # fmt: skip
@@ -585,8 +585,11 @@ def _format_errors(error: ValidationError, source: str) -> str:
     for item in error.errors():
         path = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-"))
         # Union members show up as extra loc parts ('local', 'hub'); keep them: they say which shape.
-        got = f" (got {item['input']!r})" if item["type"] not in ("missing", "extra_forbidden") else ""
-        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        # A check across keys (a model validator) has the whole block as its input: its message names them.
+        whole_block = isinstance(item["input"], dict) and item["type"] == "value_error"
+        shown = item["type"] not in ("missing", "extra_forbidden") and not whole_block
+        got = f" (got {item['input']!r})" if shown else ""
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
         lines.append(f"  {path or '<root>'}: {message}{got}")
     return "\n".join(lines)
 

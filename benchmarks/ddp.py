@@ -28,12 +28,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from bayes_llm import paths
-from bayes_llm.config import load_params
+from bayes_llm.config import load_params, parse_params
 from bayes_llm.errors import UserError
 from bayes_llm.experts.distributed import Shards, relaunch, threads_per_process
 from bayes_llm.io import write_json
@@ -46,7 +47,7 @@ def split_rounding(svf, tokenizer, rows: list[dict], cfg, seed: int, processes: 
     """Where the N-process z departs from one process's, measured in one process: step 1's SFT
     gradient on the whole batch against the sum of the `processes` shares' gradients (what the
     all-reduce adds up), and the difference Adam's first step (lr · g/|g|) makes of it."""
-    from bayes_llm.experts.distributed import sft_part_losses
+    from bayes_llm.experts.distributed import sft_part_loss
     from bayes_llm.experts.objectives import sft_batch, sft_loss
 
     if cfg.sft_drop_hardest > 0 or cfg.sft_steps == 0 or cfg.train_precision != "fp32":
@@ -71,8 +72,7 @@ def split_rounding(svf, tokenizer, rows: list[dict], cfg, seed: int, processes: 
     # each share on its process's threads (`relaunch` lets a user's OMP_NUM_THREADS win)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", threads_per_process(processes))))
     try:
-        split = gradient([loss for rank in range(processes)
-                          for loss in sft_part_losses(svf.model, batch, 0.0, [Shards(rank, processes)], Shards())])
+        split = gradient([sft_part_loss(svf.model, batch, Shards(rank, processes), None) for rank in range(processes)])
     finally:
         torch.set_num_threads(threads)
     eps = 1e-8  # AdamW's default, as the trainer uses it
@@ -215,8 +215,11 @@ def benchmark(args: argparse.Namespace) -> dict:
     if args.sft_steps < 0 or args.rl_steps < 0 or args.sft_steps + args.rl_steps == 0:
         raise UserError("--sft-steps and --rl-steps must be >= 0, and not both 0")
     shares = args.shares or args.processes
-    if shares < args.processes:
-        raise UserError(f"--shares ({shares}) must be at least --processes ({args.processes})")
+    # The schema's own checks (shares >= processes, every batch and val split at least that large).
+    load_params(args.params)  # a missing or broken file says so first
+    raw = yaml.safe_load(args.params.read_text())
+    raw["distributed"] = {**(raw.get("distributed") or {}), "processes": args.processes, "shares": shares}
+    parse_params(raw, f"{args.params} with --processes {args.processes} --shares {shares}")
     with tempfile.TemporaryDirectory() as scratch:
         exact = compare(args, shares, Path(scratch, "shares"))
         all_reduce = compare(args, None, Path(scratch, "all_reduce"))

@@ -20,7 +20,7 @@ from bayes_llm.config import ExpertParams, load_params
 from bayes_llm.data import prepared
 from bayes_llm.evaluate.base_scores import FILE, BaseScoresError, base_test_scores
 from bayes_llm.experts import trainer as train_module
-from bayes_llm.experts.distributed import Shards, sft_part_losses
+from bayes_llm.experts.distributed import Shards, kept_sequences, sft_part_loss
 from bayes_llm.experts.objectives import reinforce_loss, rollouts, sft_batch, sft_loss, token_nll
 from bayes_llm.experts.trainer import Trainer, TrainingError
 from bayes_llm.model.greedy import greedy_scores
@@ -499,7 +499,9 @@ def test_the_parts_of_a_batch_add_up_to_its_loss(project, drop_hardest):
         nll, mask = token_nll(model, sft_batch(tokenizer, rows))
         rows = [rows[i] for i in (nll.sum(dim=1) / mask.sum(dim=1)).argsort().tolist()]
         batch = sft_batch(tokenizer, rows)
-        losses = sft_part_losses(model, batch, drop_hardest, Shards(shares=2).parts(), Shards(shares=2))
+        parts, shards = Shards(shares=2).parts(), Shards(shares=2)
+        keep = kept_sequences(model, batch, drop_hardest, parts, shards) if drop_hardest else None
+        losses = [sft_part_loss(model, batch, part, keep) for part in parts]
         whole = float(sft_loss(model, batch, drop_hardest))
     assert len(losses) == 2 and sum(map(float, losses)) == pytest.approx(whole, rel=1e-5)
     assert (float(losses[1]) == 0.0) == (drop_hardest > 0)

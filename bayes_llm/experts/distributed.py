@@ -8,10 +8,12 @@ process with the same global batch, up to the order of float sums (sampled RL ro
 per process, so those draw other samples than one process would).
 
 With `distributed.shares` S the batch is instead cut into S fixed shares whatever the number of
-processes, one process included: each process computes the gradients of its run of them, and every
-process adds all S in share order. A share's gradient does not depend on which process (or how many
-threads) computed it, so any number of processes up to S trains the same z, bit for bit, and sampled
-rollouts (seeded per share) are the same too. The price: one process runs S smaller passes a step.
+processes, one process included: each process computes the gradients of its run of them, one share
+at a time, and every process adds all S in share order. A share is the same rows, padding and kernels
+whichever process computes it, so any number of processes up to S trains the same z, bit for bit
+(`benchmarks.ddp` checks the bits: a kernel whose sums followed the thread count would show there),
+and sampled rollouts (seeded per share) are the same too. Val splits into the same shares. The price:
+one process runs S smaller passes a step (and loss truncation a ranking pass first).
 
 `accelerate launch` (torch.distributed.run underneath) starts the processes; a stage asked for more
 than one process relaunches itself through it (`relaunch`), so `dvc.yaml` runs the same command for
@@ -21,12 +23,14 @@ any number of processes.
 from __future__ import annotations
 
 import ctypes
+import functools
+import operator
 import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -98,39 +102,43 @@ class Shards:
 
         return gather_object(values)
 
-    def backward(self, losses: Sequence[torch.Tensor], parameters: Sequence[torch.nn.Parameter]) -> None:
-        """Set the gradients of z to the global batch's: the losses are this process's `parts()`.
-        Without `shares`: its one loss's gradient, summed over the processes by one flat all-reduce
-        (in whatever order gloo adds). With `shares`: each part's gradient on its own, gathered from
-        every process, and all added in share order on each."""
+    def backward(self, parts: Iterable[tuple[torch.Tensor, dict[str, float]]],
+                 parameters: Sequence[torch.nn.Parameter]) -> dict[str, float]:  # fmt: skip
+        """Set the gradients of z to the global batch's, from this process's `parts()`' losses, each
+        computed and back-propagated before the next (one part's graph at a time); return the step's
+        record, the parts' records added up. Without `shares`: the one part's gradient and record,
+        summed over the processes by an all-reduce (in whatever order gloo adds). With `shares`: each
+        part's gradient and record on its own, gathered from every process and added in share order."""
         if self.shares is None:
-            (loss,) = losses
+            ((loss, record),) = parts
             loss.backward()
             if self.world > 1:
                 from accelerate.utils import reduce
 
                 _set_flat_gradient(parameters, reduce(_flat_gradient(parameters), reduction="sum"))
-            return
-        mine = []
-        for loss in losses:
+            return {key: self.sum(value) for key, value in record.items()}
+        grads, records = [], []
+        for loss, record in parts:
             for p in parameters:
                 p.grad = None
             loss.backward()
-            mine.append(_flat_gradient(parameters))
-        grads = torch.stack(mine)
+            grads.append(_flat_gradient(parameters))
+            records.append(record)
+        mine = torch.stack(grads)
         if self.world > 1:  # padded to the longest run of shares, gathered in rank order
             from accelerate.utils import gather
 
             most = -(-self.shares // self.world)
-            padded = torch.cat([grads, grads.new_zeros(most - len(grads), grads.shape[1])])
-            everyone = gather(padded)
+            everyone = gather(torch.cat([mine, mine.new_zeros(most - len(mine), mine.shape[1])]))
             runs = [Shards(rank, self.world).bounds(self.shares) for rank in range(self.world)]
-            grads = torch.cat([everyone[rank * most : rank * most + end - start]
-                               for rank, (start, end) in enumerate(runs)])  # fmt: skip
-        total = grads[0].clone()
-        for grad in grads[1:]:  # one at a time, in share order: the same float sums in any split
+            mine = torch.cat([everyone[rank * most : rank * most + end - start]
+                              for rank, (start, end) in enumerate(runs)])  # fmt: skip
+            records = self.gather(records)
+        total = mine[0].clone()
+        for grad in mine[1:]:  # one at a time, in share order: the same float sums in any split
             total += grad
         _set_flat_gradient(parameters, total)
+        return {key: functools.reduce(operator.add, [record[key] for record in records]) for key in records[0]}
 
 
 def _flat_gradient(parameters: Sequence[torch.nn.Parameter]) -> torch.Tensor:
@@ -143,29 +151,34 @@ def _set_flat_gradient(parameters: Sequence[torch.nn.Parameter], flat: torch.Ten
         p.grad = piece.view_as(p).clone()
 
 
-def sft_part_losses(model, batch: dict[str, torch.Tensor], drop_hardest: float, parts: Sequence[Shards],
-                    shards: Shards) -> list[torch.Tensor]:  # fmt: skip
-    """Each part's share of `objectives.sft_loss` on the global batch (`parts`: this process's
-    `shards.parts()`): its rows' token loss over the global count of (kept) target tokens, computed the
-    way `sft_loss` computes it. Loss truncation ranks the whole batch's sequences, so their mean losses
-    are gathered from every process first."""
+def kept_sequences(model, batch: dict[str, torch.Tensor], drop_hardest: float, parts: Sequence[Shards],
+                   shards: Shards) -> list[int]:  # fmt: skip
+    """Loss truncation's choice over the whole global batch (`objectives.sft_loss`'s): the rows of the
+    sequences with the lowest mean token loss, ranked on every process's parts' means (no gradient)."""
     from bayes_llm.experts.objectives import token_nll
 
     n = len(batch["input_ids"])
-    bounds = [part.bounds(n) for part in parts]
-    locals_ = [{k: v[start:end] for k, v in batch.items()} for start, end in bounds]
+    means = []
+    with torch.no_grad():
+        for start, end in (part.bounds(n) for part in parts):
+            nll, mask = token_nll(model, {k: v[start:end] for k, v in batch.items()})
+            means += (nll.sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)).tolist()
+    per_sequence = torch.tensor(shards.gather(means), dtype=nll.dtype)
+    return per_sequence.argsort()[: max(1, round(len(per_sequence) * (1 - drop_hardest)))].tolist()
+
+
+def sft_part_loss(model, batch: dict[str, torch.Tensor], part: Shards, keep: list[int] | None) -> torch.Tensor:
+    """A part's share of `objectives.sft_loss` on the global batch: its rows' token loss over the global
+    count of target tokens (those of the `keep` rows under loss truncation), as `sft_loss` computes it."""
+    from bayes_llm.experts.objectives import token_nll
+
+    start, end = part.bounds(len(batch["input_ids"]))
+    local = {k: v[start:end] for k, v in batch.items()}
     targets = (batch["labels"][:, 1:] != -100).float()
-    if drop_hardest == 0:  # transformers' own loss (its mean over our tokens), as one process takes it
-        return [model(**local).loss * (targets[start:end].sum() / targets.sum())
-                for local, (start, end) in zip(locals_, bounds, strict=True)]  # fmt: skip
-    nlls = [token_nll(model, local) for local in locals_]
-    means = [nll.detach().sum(dim=1) / mask.sum(dim=1).clamp_min(1.0) for nll, mask in nlls]
-    mine = [value for mean in means for value in mean.tolist()]
-    per_sequence = torch.tensor(shards.gather(mine), dtype=nlls[0][0].dtype)
-    keep = per_sequence.argsort()[: max(1, round(len(per_sequence) * (1 - drop_hardest)))].tolist()
-    kept = targets[keep].sum().clamp_min(1.0)
-    return [nll[[i - start for i in keep if start <= i < end]].sum() / kept
-            for (nll, _), (start, end) in zip(nlls, bounds, strict=True)]  # fmt: skip
+    if keep is None:  # transformers' own loss (its mean over our tokens), as one process takes it
+        return model(**local).loss * (targets[start:end].sum() / targets.sum())
+    nll, _ = token_nll(model, local)
+    return nll[[i - start for i in keep if start <= i < end]].sum() / targets[keep].sum().clamp_min(1.0)
 
 
 def die_with_parent() -> None:

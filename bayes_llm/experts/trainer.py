@@ -8,14 +8,12 @@ state, best z, curve) ends bit-identical to one that was never interrupted.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
-import operator
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from tqdm.auto import tqdm
 
 from bayes_llm.config import ExpertParams
 from bayes_llm.errors import UserError
-from bayes_llm.experts.distributed import Shards, sft_part_losses
+from bayes_llm.experts.distributed import Shards, kept_sequences, sft_part_loss
 from bayes_llm.experts.objectives import completion_logprobs, reinforce_loss, rollouts, sft_batch, sft_loss
 from bayes_llm.io import staged_dir
 from bayes_llm.model.cloze import cloze_scores
@@ -152,11 +150,6 @@ def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def _total(values: list[float]) -> float:
-    """The parts' values added in order (one part's unchanged, -0.0 included: the curve keeps its bits)."""
-    return functools.reduce(operator.add, values)
-
-
 class Trainer:
     """Trains z of `svf` for one domain; `run()` returns the best z and the curve."""
 
@@ -211,37 +204,48 @@ class Trainer:
 
     # -- named steps ---------------------------------------------------------------------------
     def validate(self) -> float:
-        rows = self.shards.share(self.val_rows)
-        if self.cloze:
-            scores = cloze_scores(self.model, self.tokenizer, rows, self.cfg.eval_batch_size)
-        else:
-            scores = greedy_scores(self.model, self.tokenizer, self.kind, rows, self.eval_tokens,
-                                   self.cfg.eval_batch_size)  # fmt: skip
+        """Val accuracy: each part's rows scored on their own (with fixed shares, the same batches and
+        padding for any number of processes), every process's scores gathered."""
+        scores = []
+        for part in self.shards.parts():
+            rows = part.share(self.val_rows)
+            if self.cloze:
+                scores += cloze_scores(self.model, self.tokenizer, rows, self.cfg.eval_batch_size)
+            else:
+                scores += greedy_scores(self.model, self.tokenizer, self.kind, rows, self.eval_tokens,
+                                        self.cfg.eval_batch_size)  # fmt: skip
         scores = self.shards.gather(scores)
         return sum(scores) / max(len(scores), 1)
 
-    def sft_step(self, step: int) -> tuple[list[torch.Tensor], dict]:
-        """The losses of this process's parts of the step's batch (`Shards.parts`), and the step's record."""
+    def sft_parts(self, step: int) -> Iterator[tuple[torch.Tensor, dict]]:
+        """The loss and record of each of this process's parts of the step's batch (`Shards.parts`), one
+        at a time (`Shards.backward` back-propagates each before the next is computed)."""
         generator = self._train_mode(step)
         picks = torch.randint(len(self.train_rows), (self.cfg.sft_batch_size,), generator=generator).tolist()
-        parts = self.shards.parts()
-        with self._autocast():
-            batch = sft_batch(self.tokenizer, [self.train_rows[i] for i in picks])
-            if parts[0].world == 1:
-                losses = [sft_loss(self.model, batch, self.cfg.sft_drop_hardest)]
-            else:  # the global batch (one process's padding), this process's rows of it
-                losses = sft_part_losses(self.model, batch, self.cfg.sft_drop_hardest, parts, self.shards)
-        return losses, {"loss": self.shards.sum(_total([float(loss.detach()) for loss in losses]))}
+        batch = sft_batch(self.tokenizer, [self.train_rows[i] for i in picks])
+        parts, drop = self.shards.parts(), self.cfg.sft_drop_hardest
+        if parts[0].world == 1:
+            with self._autocast():
+                loss = sft_loss(self.model, batch, drop)
+            yield loss, {"loss": float(loss.detach())}
+            return
+        keep = None  # the global batch (one process's padding), this process's rows of it
+        if drop > 0:
+            with self._autocast():
+                keep = kept_sequences(self.model, batch, drop, parts, self.shards)
+        for part in parts:
+            with self._autocast():
+                loss = sft_part_loss(self.model, batch, part, keep)
+            yield loss, {"loss": float(loss.detach())}
 
-    def rl_step(self, step: int) -> tuple[list[torch.Tensor], dict]:
+    def rl_parts(self, step: int) -> Iterator[tuple[torch.Tensor, dict]]:
         """Transformer²'s REINFORCE: ±1 reward (minus the group mean with `baseline`), KL to z = 1 with
-        `beta`; the losses of this process's parts of the step's batch, and the step's record."""
+        `beta`; the loss and record of each of this process's parts of the step's batch, one at a time."""
         generator = self._train_mode(step)
         picks = torch.randint(len(self.train_rows), (self.cfg.rl_batch_size,), generator=generator).tolist()
         rows = [self.train_rows[i] for i in picks]
-        losses, records = zip(*(self._rl_part(step, rows, part) for part in self.shards.parts()), strict=True)
-        keys = ("loss", "reward", "kl")
-        return list(losses), {key: self.shards.sum(_total([record[key] for record in records])) for key in keys}
+        for part in self.shards.parts():
+            yield self._rl_part(step, rows, part)
 
     def _rl_part(self, step: int, picked: list[dict], part: Shards) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
@@ -308,9 +312,9 @@ class Trainer:
             if phase == "rl" and self.cfg.rl_algorithm != "reinforce":
                 self._trl_phase(step, length - within)
                 break
-            losses, record = self.sft_step(step) if phase == "sft" else self.rl_step(step)
+            parts = self.sft_parts(step) if phase == "sft" else self.rl_parts(step)
+            record = self.shards.backward(parts, self.svf.parameters())
             if math.isfinite(record["loss"]):  # a non-finite loss must not reach z: _finish() stops the run
-                self.shards.backward(losses, self.svf.parameters())
                 grads = [p.grad.norm() for p in self.svf.parameters() if p.grad is not None]
                 record["grad_norm"] = round(float(torch.stack(grads).norm()), 6) if grads else 0.0
                 self.optimizer.step()
