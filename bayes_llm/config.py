@@ -585,9 +585,9 @@ def _format_errors(error: ValidationError, source: str) -> str:
     for item in error.errors():
         path = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-"))
         # Union members show up as extra loc parts ('local', 'hub'); keep them: they say which shape.
-        # A check across keys (a model validator) has the whole block as its input: its message names them.
-        whole_block = isinstance(item["input"], dict) and item["type"] == "value_error"
-        shown = item["type"] not in ("missing", "extra_forbidden") and not whole_block
+        # A check across the top-level keys has all the params as its input: its message names the keys.
+        whole_params = not item["loc"] and item["type"] == "value_error"
+        shown = item["type"] not in ("missing", "extra_forbidden") and not whole_params
         got = f" (got {item['input']!r})" if shown else ""
         message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
         lines.append(f"  {path or '<root>'}: {message}{got}")

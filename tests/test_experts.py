@@ -20,7 +20,7 @@ from bayes_llm.config import ExpertParams, load_params
 from bayes_llm.data import prepared
 from bayes_llm.evaluate.base_scores import FILE, BaseScoresError, base_test_scores
 from bayes_llm.experts import trainer as train_module
-from bayes_llm.experts.distributed import Shards, kept_sequences, sft_part_loss
+from bayes_llm.experts.distributed import Shards, kept_sequences, sft_part_loss, sft_share_loss
 from bayes_llm.experts.objectives import reinforce_loss, rollouts, sft_batch, sft_loss, token_nll
 from bayes_llm.experts.trainer import Trainer, TrainingError
 from bayes_llm.model.greedy import greedy_scores
@@ -489,9 +489,10 @@ def test_loss_truncation_leaves_out_the_hardest_sequences(project):
 
 
 @pytest.mark.parametrize("drop_hardest", [0.0, 0.5])
-def test_the_parts_of_a_batch_add_up_to_its_loss(project, drop_hardest):
-    """Fixed shares in one process (`distributed.shares`): the parts' losses sum to the batch's, loss
-    truncation ranking the whole batch's sequences, not each part's."""
+def test_the_parts_of_a_batch_add_up_to_its_loss(project, drop_hardest, monkeypatch):
+    """The parts' losses sum to the batch's, loss truncation ranking the whole batch's sequences, not
+    each part's: fixed shares in one process (`distributed.shares`), and each process's share of an
+    all-reduced gradient (two processes played in one, their gather answered with both halves' means)."""
     model, tokenizer = load_checkpoint(str(project / "models/base"))
     rows = [{"prompt": "What is 1 + 1?", "answer": "2"}, {"prompt": "What is 1 + 1?", "answer": "zq xv #### qz vx"},
             {"prompt": "Which is larger?", "answer": "9"}, {"prompt": "Sum 4 5?", "answer": "4 + 5 = 9 #### 9"}]
@@ -503,8 +504,12 @@ def test_the_parts_of_a_batch_add_up_to_its_loss(project, drop_hardest):
         keep = kept_sequences(model, batch, drop_hardest, parts, shards) if drop_hardest else None
         losses = [sft_part_loss(model, batch, part, keep) for part in parts]
         whole = float(sft_loss(model, batch, drop_hardest))
-    assert len(losses) == 2 and sum(map(float, losses)) == pytest.approx(whole, rel=1e-5)
-    assert (float(losses[1]) == 0.0) == (drop_hardest > 0)
+        means = (nll.sum(dim=1) / mask.sum(dim=1)).sort().values.tolist()  # rank order = the new row order
+        monkeypatch.setattr(Shards, "gather", lambda self, values: means)
+        shares = [sft_share_loss(model, batch, drop_hardest, Shards(rank, 2)) for rank in range(2)]
+    for parted in (losses, shares):
+        assert len(parted) == 2 and sum(map(float, parted)) == pytest.approx(whole, rel=1e-5)
+        assert (float(parted[1]) == 0.0) == (drop_hardest > 0)
 
 
 def test_rollouts_mask_everything_after_eos(project):

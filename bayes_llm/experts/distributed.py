@@ -153,18 +153,16 @@ def _set_flat_gradient(parameters: Sequence[torch.nn.Parameter], flat: torch.Ten
 
 def kept_sequences(model, batch: dict[str, torch.Tensor], drop_hardest: float, parts: Sequence[Shards],
                    shards: Shards) -> list[int]:  # fmt: skip
-    """Loss truncation's choice over the whole global batch (`objectives.sft_loss`'s): the rows of the
-    sequences with the lowest mean token loss, ranked on every process's parts' means (no gradient)."""
+    """Loss truncation's choice over the whole global batch (`objectives.sft_loss`'s), ranked on every
+    process's parts' sequence means from a no-gradient pass (the parts are back-propagated one by one)."""
     from bayes_llm.experts.objectives import token_nll
 
     n = len(batch["input_ids"])
     means = []
     with torch.no_grad():
         for start, end in (part.bounds(n) for part in parts):
-            nll, mask = token_nll(model, {k: v[start:end] for k, v in batch.items()})
-            means += (nll.sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)).tolist()
-    per_sequence = torch.tensor(shards.gather(means), dtype=nll.dtype)
-    return per_sequence.argsort()[: max(1, round(len(per_sequence) * (1 - drop_hardest)))].tolist()
+            means += _sequence_means(*token_nll(model, {k: v[start:end] for k, v in batch.items()}))
+    return _lowest(shards.gather(means), drop_hardest)
 
 
 def sft_part_loss(model, batch: dict[str, torch.Tensor], part: Shards, keep: list[int] | None) -> torch.Tensor:
@@ -174,10 +172,38 @@ def sft_part_loss(model, batch: dict[str, torch.Tensor], part: Shards, keep: lis
 
     start, end = part.bounds(len(batch["input_ids"]))
     local = {k: v[start:end] for k, v in batch.items()}
-    targets = (batch["labels"][:, 1:] != -100).float()
     if keep is None:  # transformers' own loss (its mean over our tokens), as one process takes it
+        targets = (batch["labels"][:, 1:] != -100).float()
         return model(**local).loss * (targets[start:end].sum() / targets.sum())
-    nll, _ = token_nll(model, local)
+    return _kept_loss(token_nll(model, local)[0], batch, keep, start, end)
+
+
+def sft_share_loss(model, batch: dict[str, torch.Tensor], drop_hardest: float, shards: Shards) -> torch.Tensor:
+    """This process's share of `objectives.sft_loss` when its gradient is all-reduced (no fixed shares):
+    one pass, whose sequence means, gathered from every process, rank the batch for loss truncation."""
+    from bayes_llm.experts.objectives import token_nll
+
+    if drop_hardest == 0:
+        return sft_part_loss(model, batch, shards, None)
+    start, end = shards.bounds(len(batch["input_ids"]))
+    nll, mask = token_nll(model, {k: v[start:end] for k, v in batch.items()})
+    keep = _lowest(shards.gather(_sequence_means(nll.detach(), mask)), drop_hardest)
+    return _kept_loss(nll, batch, keep, start, end)
+
+
+def _sequence_means(nll: torch.Tensor, mask: torch.Tensor) -> list[float]:
+    return (nll.sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)).tolist()
+
+
+def _lowest(means: list[float], drop_hardest: float) -> list[int]:
+    """The rows loss truncation keeps: all but the `drop_hardest` share with the highest mean loss."""
+    return torch.tensor(means).argsort()[: max(1, round(len(means) * (1 - drop_hardest)))].tolist()
+
+
+def _kept_loss(nll: torch.Tensor, batch: dict[str, torch.Tensor], keep: list[int], start: int,
+               end: int) -> torch.Tensor:  # fmt: skip
+    """Rows [start, end)'s loss on their kept sequences, over all kept target tokens of the global batch."""
+    targets = (batch["labels"][:, 1:] != -100).float()
     return nll[[i - start for i in keep if start <= i < end]].sum() / targets[keep].sum().clamp_min(1.0)
 
 

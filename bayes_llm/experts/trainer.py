@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from bayes_llm.config import ExpertParams
 from bayes_llm.errors import UserError
-from bayes_llm.experts.distributed import Shards, kept_sequences, sft_part_loss
+from bayes_llm.experts.distributed import Shards, kept_sequences, sft_part_loss, sft_share_loss
 from bayes_llm.experts.objectives import completion_logprobs, reinforce_loss, rollouts, sft_batch, sft_loss
 from bayes_llm.io import staged_dir
 from bayes_llm.model.cloze import cloze_scores
@@ -229,7 +229,12 @@ class Trainer:
                 loss = sft_loss(self.model, batch, drop)
             yield loss, {"loss": float(loss.detach())}
             return
-        keep = None  # the global batch (one process's padding), this process's rows of it
+        if self.shards.shares is None:  # the global batch (one process's padding), this process's rows of it
+            with self._autocast():
+                loss = sft_share_loss(self.model, batch, drop, self.shards)
+            yield loss, {"loss": float(loss.detach())}
+            return
+        keep = None
         if drop > 0:
             with self._autocast():
                 keep = kept_sequences(self.model, batch, drop, parts, self.shards)
