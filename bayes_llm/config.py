@@ -548,18 +548,15 @@ class Params(Strict):
         if shares is not None and shares < n:
             raise ValueError(f"distributed.shares ({shares}) < distributed.processes ({n}): a process would get "
                              "no share of a batch")  # fmt: skip
+        least = [("processes", n, "a process")] + ([("shares", shares, "a share")] if shares is not None else [])
         for domain, cfg in self.experts.items():
             for key in ("sft_batch_size", "rl_batch_size", "val_items"):
-                if getattr(cfg, key) < n:
-                    raise ValueError(f"experts.{domain}.{key} ({getattr(cfg, key)}) < distributed.processes ({n}): "
-                                     "a process would get no rows")  # fmt: skip
-            for key in ("sft_batch_size", "rl_batch_size", "val_items") if shares is not None else ():
-                if getattr(cfg, key) < shares:
-                    raise ValueError(f"experts.{domain}.{key} ({getattr(cfg, key)}) < distributed.shares ({shares}): "
-                                     "a share would get no rows")  # fmt: skip
-            if n == 1:
-                continue
-            if "rl" in cfg.objective and cfg.rl_algorithm != "reinforce":
+                have = getattr(cfg, key)
+                for name, count, who in least:
+                    if have < count:
+                        raise ValueError(f"experts.{domain}.{key} ({have}) < distributed.{name} ({count}): "
+                                         f"{who} would get no rows")  # fmt: skip
+            if n > 1 and "rl" in cfg.objective and cfg.rl_algorithm != "reinforce":
                 raise ValueError(
                     f"experts.{domain}: distributed.processes > 1 trains rl_algorithm reinforce only "
                     f"(got {cfg.rl_algorithm}; trl's trainers are launched on their own)"
