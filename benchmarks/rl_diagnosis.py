@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from bayes_llm import paths
 from bayes_llm.config import ExpertParams, load_params
@@ -45,8 +46,9 @@ from bayes_llm.svf.scaling import SVF
 from benchmarks.objective_study import check_tag, composed_scores, curve_mean
 
 REPORT_DIR = paths.REPORTS / "objective_study"
-# Sampled groups for every algorithm. They still differ in more than the loss: our REINFORCE draws
-# each step's prompts with replacement, trl's samplers without, each with its own seed.
+# Sampled groups for every algorithm (the default of --num-generations and --temperature). They still
+# differ in more than the loss: our REINFORCE draws each step's prompts with replacement, trl's
+# samplers without, each with its own seed.
 SAMPLED = {"num_generations": 8, "temperature": 1.0}
 # --algorithms NAME: (the report's label, the expert params that select it)
 ALGORITHMS = {
@@ -123,7 +125,8 @@ def _quarters(rewards: list[float]) -> dict:
 
 def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning_rates: list[float],
              rl_batch_size: int, tag: str | None = None, algorithms: list[str] | None = None,
-             eval_every: int | None = None, test_gain: bool = False) -> dict:  # fmt: skip
+             eval_every: int | None = None, test_gain: bool = False, sampling: dict | None = None) -> dict:  # fmt: skip
+    sampling = sampling or SAMPLED
     params = load_params(params_path)
     kind = expert_domains(params, domain)[domain]["answer_kind"]
     if eval_every is not None and eval_every < 1:
@@ -147,9 +150,15 @@ def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning
     base_cfg = params.experts[domain].model_dump()
     every = eval_every or max(1, steps // 3)
     # every config is checked before minutes of training
-    configs = {(name, lr): ExpertParams.model_validate({
-        **base_cfg, "objective": "rl", "rl_steps": steps, "rl_learning_rate": lr, "rl_batch_size": rl_batch_size,
-        "eval_every": every, **SAMPLED, **ALGORITHMS[name][1]}) for name in chosen for lr in learning_rates}
+    try:
+        configs = {(name, lr): ExpertParams.model_validate({
+            **base_cfg, "objective": "rl", "rl_steps": steps, "rl_learning_rate": lr, "rl_batch_size": rl_batch_size,
+            "eval_every": every, **sampling, **ALGORITHMS[name][1]}) for name in chosen for lr in learning_rates}
+    except ValidationError as error:
+        problems = "; ".join(".".join(map(str, e["loc"])) + ": " * bool(e["loc"])
+                             + e["msg"].removeprefix("Value error, ") for e in error.errors())  # fmt: skip
+        raise UserError(f"--num-generations {sampling['num_generations']} --temperature {sampling['temperature']}: "
+                        f"{problems}") from None  # fmt: skip
     runs = _Runs(params, domain, kind)  # fmt: skip
     test = None
     if test_gain:  # the start z first: a broken test split fails before minutes of training
@@ -176,7 +185,7 @@ def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning
         "seed": params.seed,
         "steps": steps,
         "rl_batch_size": rl_batch_size,
-        "sampling": SAMPLED,
+        "sampling": sampling,
         "eval_every": every,
         "memorize": {"prompts": memorize, "learning_rate": max(learning_rates) if memorize else None,
                      "runs": memorized},
@@ -218,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, help="steps between val passes (default: a third of --steps)")
     parser.add_argument("--algorithms", nargs="+", metavar="NAME",
                         help=f"the RL algorithms to run ({', '.join(ALGORITHMS)}; default: all)")  # fmt: skip
+    parser.add_argument("--num-generations", type=int, default=SAMPLED["num_generations"],
+                        help="completions per prompt (the group)")  # fmt: skip
+    parser.add_argument("--temperature", type=float, default=SAMPLED["temperature"],
+                        help="sampling temperature of the rollouts")  # fmt: skip
     parser.add_argument("--test-gain", action="store_true",
                         help="score each check-2 run's kept z on the test split against the start z")  # fmt: skip
     parser.add_argument("--tag", help="a pilot's name: writes DOMAIN_rl_diagnosis_TAG... beside the report")
@@ -225,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = diagnose(args.params, args.domain, args.memorize, args.steps, args.learning_rates,
                           args.rl_batch_size, args.tag, args.algorithms,
-                          args.eval_every, args.test_gain)  # fmt: skip
+                          args.eval_every, args.test_gain,
+                          {"num_generations": args.num_generations, "temperature": args.temperature})  # fmt: skip
     except UserError as error:
         print(f"rl_diagnosis: {error}", file=sys.stderr)
         return error.exit_code

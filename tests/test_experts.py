@@ -21,6 +21,7 @@ from bayes_llm.data import prepared
 from bayes_llm.evaluate.base_scores import FILE, BaseScoresError, base_test_scores
 from bayes_llm.experts import trainer as train_module
 from bayes_llm.experts.distributed import Shards, kept_sequences, sft_part_loss, sft_share_loss
+from bayes_llm.experts.headroom import Samples, read_answer
 from bayes_llm.experts.objectives import reinforce_loss, rollouts, sft_batch, sft_loss, token_nll
 from bayes_llm.experts.trainer import Trainer, TrainingError
 from bayes_llm.model.greedy import greedy_scores
@@ -30,6 +31,7 @@ from bayes_llm.stats import paired_bootstrap
 from bayes_llm.svf.decompose import load_factors, read_manifest
 from bayes_llm.svf.expert import load_expert, read_expert
 from bayes_llm.svf.scaling import SVF
+from benchmarks.headroom import main as headroom
 from benchmarks.objective_study import _Study
 from benchmarks.objective_study import main as objective_study
 from benchmarks.rl_diagnosis import _Runs
@@ -417,6 +419,7 @@ def test_rl_diagnosis_runs_every_algorithm_on_fixed_prompts_and_on_the_train_spl
         (["--algorithms", "reinforce", "ppo"], "--algorithms: unknown ppo; choose from reinforce, grpo, rloo"),
         (["--tag", "../x"], "--tag must be letters"),
         (["--eval-every", "0"], "--eval-every must be at least 1"),
+        (["--temperature", "0"], "--num-generations 8 --temperature 0.0: greedy rollouts (temperature 0) are all"),
     ]:
         assert rl_diagnosis(["math", *bad]) == 1
         assert message in capsys.readouterr().err
@@ -424,10 +427,12 @@ def test_rl_diagnosis_runs_every_algorithm_on_fixed_prompts_and_on_the_train_spl
     assert "no `experts.poetry` entry" in capsys.readouterr().err
     # one algorithm, check 2 only, beside the report (a long-budget run)
     args = ["math", "--algorithms", "rloo", "--memorize", "0", "--steps", "4", "--eval-every", "3",
-            "--rl-batch-size", "2", "--learning-rates", "0.001", "0.01", "--test-gain", "--tag", "one"]  # fmt: skip
+            "--rl-batch-size", "2", "--learning-rates", "0.001", "0.01", "--test-gain", "--tag", "one",
+            "--num-generations", "3", "--temperature", "0.5"]  # fmt: skip
     assert rl_diagnosis(args) == 0
     one = json.loads(Path("reports/objective_study/math_rl_diagnosis_one.json").read_text())
     assert one["memorize"] == {"prompts": 0, "learning_rate": None, "runs": {}} and one["eval_every"] == 3
+    assert one["sampling"] == {"num_generations": 3, "temperature": 0.5}
     assert list(one["generalize"]["runs"]) == ["trl rloo, lr 0.001", "trl rloo, lr 0.01"]
     stage = json.loads(Path("reports/experts/math.json").read_text())
     for run in one["generalize"]["runs"].values():
@@ -446,6 +451,58 @@ def test_rl_diagnosis_runs_every_algorithm_on_fixed_prompts_and_on_the_train_spl
     rows = prepared.read_split(paths.DATA, "math", "test")[:2]
     runs.test_hits({n: z * 1.5 for n, z in runs.start_z.items()}, rows, batch_size=2)
     assert all(torch.equal(before[name], weight) for name, weight in runs.model.state_dict().items())
+
+
+def test_headroom_reads_answers_and_votes_by_majority():
+    assert read_answer("number", "2 + 2 = 4.\n#### 4", {}) == read_answer("number", "#### 4.0", {}) == "4.0"
+    assert read_answer("number", "no number", {}) is None
+    assert read_answer("letter", "Paris", {"choices": ["Rome", "Paris"]}) == "B"
+    assert read_answer("code", "def f(): pass", {}) is None
+    drawn = Samples(3, hits=[[0.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+                    answers=[["3.0", "4.0", "4.0"], ["A", "B", "C"], [None, "B", None], ["A", "B", "C"]])  # fmt: skip
+    assert drawn.any_right() == [1.0, 1.0, 1.0, 1.0]
+    # a majority right; a three-way tie goes to the answer given first (right in row 2, wrong in row 4);
+    # one answer read among unread ones is the majority
+    assert drawn.majority_right() == [1.0, 1.0, 1.0, 0.0]
+    assert Samples(2, hits=[[1.0, 0.0]], answers=[[None, None]]).majority_right() is None  # code: not grouped
+
+
+def test_headroom_study_sets_pass_at_k_beside_the_majority_and_guessing(workdir_project, capsys):
+    assert headroom(["math"]) == 1  # no expert yet
+    assert "expert file not found" in capsys.readouterr().err
+    for domain in ("math", "reasoning"):
+        assert main(["train-expert", domain, "--quiet"]) == 0
+    assert headroom(["math", "reasoning"]) == 0
+    report = json.loads(Path("reports/objective_study/headroom.json").read_text())
+    assert list(report["domains"]) == ["math", "reasoning"]
+    for domain, figures in report["domains"].items():
+        stage = json.loads(Path(f"reports/experts/{domain}.json").read_text())["headroom"]
+        # the stage's settings and seed: the base's pass@k is the stage's, to the digit
+        assert (figures["k"], figures["temperature"], figures["items"]) == (stage["k"], stage["temperature"], 6)
+        assert figures["base"]["passk"] == round(stage["base"]["passk"], 4)
+        for start in ("base", "expert"):
+            f = figures[start]
+            assert f["greedy_wrong"]["items"] + f["greedy_right"]["items"] == 6
+            assert f["pass1"] == round(f["greedy_right"]["items"] / 6, 4)
+            assert 0 <= f["majk"] <= f["passk"] and f["sampled_pass1"] <= f["passk"]
+    assert report["domains"]["math"]["chance"] is None
+    choices = [len(row["choices"]) for row in prepared.read_split(paths.DATA, "reasoning", "val")[:6]]
+    guess = {"pass1": round(sum(1 / c for c in choices) / 6, 4),
+             "passk": round(sum(1 - (1 - 1 / c) ** 8 for c in choices) / 6, 4)}
+    assert report["domains"]["reasoning"]["chance"] == guess
+    table = Path("reports/objective_study/headroom.md").read_text()
+    assert table.count("| reasoning |") == 2 and f"| {100 * guess['pass1']:.1f} / {100 * guess['passk']:.1f} |" in table
+    assert headroom(["reasoning", "--temperature", "0.5", "--tag", "t05"]) == 0  # a pilot beside the report
+    pilot = json.loads(Path("reports/objective_study/headroom_t05.json").read_text())["domains"]
+    assert list(pilot) == ["reasoning"] and pilot["reasoning"]["temperature"] == 0.5
+    _set_expert(workdir_project, "math", headroom_k=0)
+    for bad, code, message in [(["poetry"], 1, "no `experts.poetry` entry"),
+                               (["math", "--temperature", "0"], 1, "--temperature must be in (0, 5]"),
+                               (["math", "--tag", "../x"], 1, "--tag must be letters"),
+                               (["math"], 1, "headroom_k is 0: set it to 2"),
+                               (["--params", "missing.yaml"], 2, "params file not found")]:  # fmt: skip
+        assert headroom(bad) == code
+        assert message in capsys.readouterr().err
 
 
 def test_trl_algorithms_need_sampled_groups():
