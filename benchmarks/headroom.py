@@ -8,7 +8,8 @@ the time. For each domain, the base and the stage's expert z on the val rows the
   programs are not grouped);
 - for multiple-choice rows, what guessing reaches: 1/choices and 1 − (1 − 1/choices)^k;
 - on the rows greedy gets wrong: the share of their samples that are right, whether one of the k
-  is right, whether the majority is; on the rows greedy gets right: whether the majority is wrong.
+  is right, whether the majority is; on the rows greedy gets right: whether the majority is wrong;
+- the same per subtask, where the rows name one (the synthetic domains do).
 
 `python -m benchmarks.headroom [DOMAIN ...]` writes `reports/objective_study/headroom.{json,md}`;
 `--temperature T` samples at T instead and `--tag NAME` writes `headroom_NAME.{json,md}`, so a pilot
@@ -21,6 +22,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 
 from bayes_llm import paths
@@ -61,6 +63,10 @@ def measure(model, tokenizer, kind: str, rows: list[dict], k: int, temperature: 
     any_right, voted = drawn.any_right(), drawn.majority_right()
     wrong = [i for i, hit in enumerate(greedy) if not hit]
     right = [i for i, hit in enumerate(greedy) if hit]
+    subtasks: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        if row.get("subtask"):
+            subtasks[str(row["subtask"])].append(i)
     return {
         "pass1": _mean(greedy),
         "sampled_pass1": _mean(sampled),
@@ -76,6 +82,16 @@ def measure(model, tokenizer, kind: str, rows: list[dict], k: int, temperature: 
             "items": len(right),
             "wrong_by_majority": _mean([1 - voted[i] for i in right]) if voted is not None else None,
         },
+        "by_subtask": {
+            name: {
+                "items": len(rows_of),
+                "pass1": _mean([greedy[i] for i in rows_of]),
+                "passk": _mean([any_right[i] for i in rows_of]),
+                "majk": _mean([voted[i] for i in rows_of]) if voted is not None else None,
+                "greedy_wrong_sampled_right": _mean([sampled[i] for i in rows_of if not greedy[i]]),
+            }
+            for name, rows_of in sorted(subtasks.items())
+        } or None,
     }
 
 
@@ -165,6 +181,16 @@ def markdown(report: dict) -> str:
                 f"{wrong['items']} rows: {_pct(wrong['sampled_right'])} · {_pct(wrong['right_in_k'])} · "
                 f"{_pct(wrong['right_by_majority'])} | {right['items']} rows: {_pct(right['wrong_by_majority'])} |"
             )
+    split = [(domain, d, name) for domain, d in report["domains"].items() for name in d["expert"]["by_subtask"] or {}]
+    if split:
+        lines += ["", "By subtask (greedy-wrong rows: the share of their samples that are right):", "",
+                  "| domain | subtask | items | base pass@1 · pass@k · maj@k · greedy-wrong right samples | "
+                  "expert pass@1 · pass@k · maj@k · greedy-wrong right samples |", "|---|---|---|---|---|"]  # fmt: skip
+    for domain, d, name in split:
+        cells = [" · ".join(_pct(d[start]["by_subtask"][name][key])
+                            for key in ("pass1", "passk", "majk", "greedy_wrong_sampled_right"))
+                 for start in ("base", "expert")]  # fmt: skip
+        lines.append(f"| {domain} | {name} | {d['expert']['by_subtask'][name]['items']} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
 

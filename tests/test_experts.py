@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -485,13 +486,18 @@ def test_headroom_study_sets_pass_at_k_beside_the_majority_and_guessing(workdir_
             assert f["greedy_wrong"]["items"] + f["greedy_right"]["items"] == 6
             assert f["pass1"] == round(f["greedy_right"]["items"] / 6, 4)
             assert 0 <= f["majk"] <= f["passk"] and f["sampled_pass1"] <= f["passk"]
+            val = prepared.read_split(paths.DATA, domain, "val")[:6]  # the synthetic rows name their subtask
+            assert {n: s["items"] for n, s in f["by_subtask"].items()} == dict(Counter(r["subtask"] for r in val))
     assert report["domains"]["math"]["chance"] is None
     choices = [len(row["choices"]) for row in prepared.read_split(paths.DATA, "reasoning", "val")[:6]]
     guess = {"pass1": round(sum(1 / c for c in choices) / 6, 4),
              "passk": round(sum(1 - (1 - 1 / c) ** 8 for c in choices) / 6, 4)}
     assert report["domains"]["reasoning"]["chance"] == guess
     table = Path("reports/objective_study/headroom.md").read_text()
-    assert table.count("| reasoning |") == 2 and f"| {100 * guess['pass1']:.1f} / {100 * guess['passk']:.1f} |" in table
+    assert table.count("| reasoning | base |") == 1
+    assert f"| {100 * guess['pass1']:.1f} / {100 * guess['passk']:.1f} |" in table
+    first = prepared.read_split(paths.DATA, "reasoning", "val")[0]["subtask"]
+    assert "By subtask" in table and f"| reasoning | {first} |" in table
     assert headroom(["reasoning", "--temperature", "0.5", "--tag", "t05"]) == 0  # a pilot beside the report
     pilot = json.loads(Path("reports/objective_study/headroom_t05.json").read_text())["domains"]
     assert list(pilot) == ["reasoning"] and pilot["reasoning"]["temperature"] == 0.5
