@@ -387,6 +387,9 @@ class ExpertParams(Strict):
             raise ValueError(f"objective {self.objective} needs rl_steps > 0")
         if self.temperature == 0 and self.num_generations > 1:
             raise ValueError("greedy rollouts (temperature 0) are all the same: use num_generations 1")
+        if self.baseline and self.rl_algorithm == "reinforce" and self.num_generations < 2:
+            raise ValueError("baseline subtracts the mean reward of the prompt's group: with num_generations 1 "
+                             "every advantage is 0 (set num_generations >= 2 and temperature > 0)")  # fmt: skip
         if self.rl_algorithm != "reinforce" and (self.num_generations < 2 or self.temperature == 0):
             raise ValueError(
                 f"rl_algorithm {self.rl_algorithm} compares sampled completions of one prompt: "
@@ -575,6 +578,17 @@ def _deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+def validation_problems(error: ValidationError) -> str:
+    """A schema error on one line: each bad key path with its message (a check on the whole model: the
+    message alone)."""
+    problems = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{path}: {message}" if path else message)
+    return "; ".join(problems)
 
 
 def _format_errors(error: ValidationError, source: str) -> str:

@@ -29,15 +29,15 @@ from bayes_llm import paths
 from bayes_llm.config import Params, load_params
 from bayes_llm.data import prepared
 from bayes_llm.errors import UserError
-from bayes_llm.experts.headroom import sample
+from bayes_llm.experts.headroom import Samples, sample
 from bayes_llm.io import atomic_path, write_json
 from bayes_llm.model.greedy import greedy_scores
 from bayes_llm.model.load import load_base
 from bayes_llm.stages.train_expert import expert_domains
 from bayes_llm.svf.decompose import check_base, load_factors
 from bayes_llm.svf.expert import load_expert
-from bayes_llm.svf.scaling import SVF, Composer
-from benchmarks.objective_study import check_tag
+from bayes_llm.svf.scaling import SVF
+from benchmarks.objective_study import check_tag, composed
 
 REPORT_DIR = paths.REPORTS / "objective_study"
 
@@ -47,104 +47,96 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def chance(kind: str, rows: Sequence[dict], k: int) -> dict | None:
-    """pass@1 and pass@k of a uniform guess among each row's choices (None: not multiple choice)."""
-    if kind != "letter" or not all(row.get("choices") for row in rows):
+    """pass@1 and pass@k of a uniform guess among each row's choices (None: not multiple choice, or no rows)."""
+    if kind != "letter" or not rows or not all(row.get("choices") is not None for row in rows):
         return None
     return {"pass1": _mean([1 / len(row["choices"]) for row in rows]),
             "passk": _mean([1 - (1 - 1 / len(row["choices"])) ** k for row in rows])}  # fmt: skip
 
 
-def measure(model, tokenizer, kind: str, rows: list[dict], k: int, temperature: float, tokens: int, batch_size: int,
-            seed: int) -> dict:  # fmt: skip
-    """The headroom figures of the model's current weights on `rows` (see the module's docstring)."""
-    greedy = greedy_scores(model, tokenizer, kind, rows, tokens, batch_size)
-    drawn = sample(model, tokenizer, kind, rows, k, temperature, tokens, batch_size, seed)
+def figures(kind: str, rows: Sequence[dict], k: int, greedy: Sequence[float], drawn: Samples) -> dict:
+    """The headroom figures (the module's docstring) of greedy verdicts and k samples per row, for all
+    the rows and per subtask."""
     sampled = [statistics.fmean(hits) for hits in drawn.hits]
     any_right, voted = drawn.any_right(), drawn.majority_right()
-    wrong = [i for i, hit in enumerate(greedy) if not hit]
-    right = [i for i, hit in enumerate(greedy) if hit]
+
+    def of(indices: list[int]) -> dict:
+        wrong = [i for i in indices if not greedy[i]]
+        right = [i for i in indices if greedy[i]]
+        return {
+            "items": len(indices),
+            "pass1": _mean([greedy[i] for i in indices]),
+            "sampled_pass1": _mean([sampled[i] for i in indices]),
+            "passk": _mean([any_right[i] for i in indices]),
+            "majk": _mean([voted[i] for i in indices]) if voted is not None else None,
+            "chance": chance(kind, [rows[i] for i in indices], k),
+            "greedy_wrong": {
+                "items": len(wrong),
+                "sampled_right": _mean([sampled[i] for i in wrong]),
+                "right_in_k": _mean([any_right[i] for i in wrong]),
+                "right_by_majority": _mean([voted[i] for i in wrong]) if voted is not None else None,
+                "chance": chance(kind, [rows[i] for i in wrong], k),  # the guess these rows' samples face
+            },
+            "greedy_right": {
+                "items": len(right),
+                "wrong_by_majority": _mean([1 - voted[i] for i in right]) if voted is not None else None,
+            },
+        }
+
     subtasks: dict[str, list[int]] = defaultdict(list)
     for i, row in enumerate(rows):
         if row.get("subtask"):
             subtasks[str(row["subtask"])].append(i)
-    return {
-        "pass1": _mean(greedy),
-        "sampled_pass1": _mean(sampled),
-        "passk": _mean(any_right),
-        "majk": _mean(voted) if voted is not None else None,
-        "greedy_wrong": {
-            "items": len(wrong),
-            "sampled_right": _mean([sampled[i] for i in wrong]),
-            "right_in_k": _mean([any_right[i] for i in wrong]),
-            "right_by_majority": _mean([voted[i] for i in wrong]) if voted is not None else None,
-        },
-        "greedy_right": {
-            "items": len(right),
-            "wrong_by_majority": _mean([1 - voted[i] for i in right]) if voted is not None else None,
-        },
-        "by_subtask": {
-            name: {
-                "items": len(rows_of),
-                "pass1": _mean([greedy[i] for i in rows_of]),
-                "passk": _mean([any_right[i] for i in rows_of]),
-                "majk": _mean([voted[i] for i in rows_of]) if voted is not None else None,
-                "greedy_wrong_sampled_right": _mean([sampled[i] for i in rows_of if not greedy[i]]),
-            }
-            for name, rows_of in sorted(subtasks.items())
-        } or None,
-    }
+    by_subtask = {name: of(indices) for name, indices in sorted(subtasks.items())}
+    return {**of(list(range(len(rows)))), "by_subtask": by_subtask or None}
 
 
-def domain_headroom(params: Params, domain: str, model, tokenizer, factors, manifest,
+def domain_headroom(params: Params, domain: str, z: dict, model, tokenizer, factors,
                     temperature: float | None = None) -> dict:  # fmt: skip
-    """The base's and the stage's expert z's headroom figures on `domain`'s val rows (sampled at the
-    stage's headroom temperature unless `temperature` is given)."""
+    """The base's and the expert z's headroom figures on `domain`'s val rows (sampled at the stage's
+    headroom temperature unless `temperature` is given)."""
     kind = expert_domains(params, domain)[domain]["answer_kind"]
     cfg = params.experts[domain]
-    if cfg.headroom_k < 2:
-        raise UserError(f"experts.{domain}.headroom_k is {cfg.headroom_k}: set it to 2 or more to measure headroom")
     rows = prepared.read_split(paths.DATA, domain, "val")[: cfg.val_items]
-    z = load_expert(paths.expert_file(domain), manifest).z  # a missing expert fails before minutes of sampling
     k, temperature = cfg.headroom_k, temperature or cfg.headroom_temperature or cfg.temperature or 1.0
     tokens = params.base_eval.max_new_tokens[kind]
     started = time.perf_counter()
 
-    def run() -> dict:
-        return measure(model, tokenizer, kind, rows, k, temperature, tokens, cfg.eval_batch_size, params.seed)
+    def measure() -> dict:
+        greedy = greedy_scores(model, tokenizer, kind, rows, tokens, cfg.eval_batch_size)
+        drawn = sample(model, tokenizer, kind, rows, k, temperature, tokens, cfg.eval_batch_size, params.seed)
+        return figures(kind, rows, k, greedy, drawn)
 
-    base = run()
-    svf = SVF(model, factors, mode=params.svf.mode, max_mult=params.svf.max_mult)
-    svf.load_z(z)
-    scales = svf.scales()
-    svf.detach()
-    composer = Composer(model, factors)
-    composer.merge(scales)
-    try:
-        expert = run()
-    finally:
-        composer.unmerge()
-    return {"answer_kind": kind, "items": len(rows), "k": k, "temperature": temperature,
-            "chance": chance(kind, rows, k), "base": base, "expert": expert,
-            "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    base = measure()
+    with composed(SVF(model, factors, mode=params.svf.mode, max_mult=params.svf.max_mult), z, factors):
+        expert = measure()
+    return {"answer_kind": kind, "items": len(rows), "k": k, "temperature": temperature, "base": base,
+            "expert": expert, "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
 
 
 def headroom(params: Params, domains: list[str], temperature: float | None = None, tag: str | None = None) -> dict:
     check_tag(tag)
     if temperature is not None and not 0 < temperature <= 5:
         raise UserError(f"--temperature must be in (0, 5] (got {temperature})")
-    for domain in domains:  # every name checked before minutes of sampling
+    for domain in domains:  # every domain checked before minutes of sampling
         expert_domains(params, domain)
-    model, tokenizer = load_base()
+        if params.experts[domain].headroom_k < 2:
+            raise UserError(f"experts.{domain}.headroom_k is {params.experts[domain].headroom_k}: set it to 2 or "
+                            "more to measure headroom")  # fmt: skip
     factors, manifest = load_factors(paths.SVD)
+    experts = {domain: load_expert(paths.expert_file(domain), manifest).z for domain in domains}
+    model, tokenizer = load_base()
     check_base(model, manifest, paths.SVD)
     report = {"seed": params.seed, "split": "val", "domains": {}}
     for domain in domains:
-        report["domains"][domain] = domain_headroom(params, domain, model, tokenizer, factors, manifest, temperature)
+        report["domains"][domain] = domain_headroom(params, domain, experts[domain], model, tokenizer, factors,
+                                                    temperature)  # fmt: skip
         print(f"{domain}: {_line(report['domains'][domain])}", flush=True)
     stem = REPORT_DIR / ("headroom" + (f"_{tag}" if tag else ""))
+    text = markdown(report)  # rendered before either file is written: the two never disagree
     write_json(stem.with_suffix(".json"), report)
     with atomic_path(stem.with_suffix(".md")) as tmp:
-        tmp.write_text(markdown(report))
+        tmp.write_text(text)
     return report
 
 
@@ -157,40 +149,38 @@ def _line(figures: dict) -> str:
                      for start, f in ((s, figures[s]) for s in ("base", "expert")))  # fmt: skip
 
 
+def _guess(chance_of: dict | None) -> str:
+    return f"{_pct(chance_of['pass1'])} / {_pct(chance_of['passk'])}" if chance_of else "–"
+
+
+def _row(domain: str, start: str, subset: str, f: dict) -> str:
+    wrong, right = f["greedy_wrong"], f["greedy_right"]
+    return (f"| {domain} | {start} | {subset} | {f['items']} | {_pct(f['pass1'])} | {_pct(f['sampled_pass1'])} | "
+            f"{_pct(f['passk'])} | {_pct(f['majk'])} | {_guess(f['chance'])} | {wrong['items']} | "
+            f"{_pct(wrong['sampled_right'])} · {_pct(wrong['right_in_k'])} · {_pct(wrong['right_by_majority'])} | "
+            f"{_guess(wrong['chance'])} | {_pct(right['wrong_by_majority'])} |")  # fmt: skip
+
+
 def markdown(report: dict) -> str:
+    settings = ", ".join(f"{domain}: {d['k']} samples at temperature {d['temperature']:g}"
+                         for domain, d in report["domains"].items())  # fmt: skip
     lines = [
         f"# Where RL's headroom is (val split, seed {report['seed']})",
         "",
-        "`python -m benchmarks.headroom` (docstring: what each column is). Percentages. maj@k: the "
-        "majority vote of the k samples; guess: a uniform guess among the choices (pass@1 / pass@k). "
-        "Greedy-wrong rows: the share of their samples that are right, then the rows with a right "
-        "answer among the k and with a right majority; greedy-right rows: a wrong majority.",
+        f"`python -m benchmarks.headroom` (its docstring says what each column is). Percentages; {settings}. "
+        "maj@k: the majority vote of the k samples. Guess: a uniform guess among the rows' choices "
+        "(pass@1 / pass@k). Greedy-wrong rows: the share of their samples that are right, the share with "
+        "a right answer among the k, the share whose majority is right, and the guess those rows face. "
+        "Greedy-right rows: the share whose majority is wrong.",
         "",
-        "| domain | start | k at T | pass@1 greedy | sampled pass@1 | pass@k | maj@k | guess | greedy-wrong rows: "
-        "right samples · right in k · right majority | greedy-right rows: wrong majority |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| domain | start | rows | items | pass@1 greedy | sampled pass@1 | pass@k | maj@k | guess | greedy-wrong "
+        "rows | right samples · right in k · right majority | their guess | greedy-right rows: wrong majority |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for domain, d in report["domains"].items():
-        guess = f"{_pct(d['chance']['pass1'])} / {_pct(d['chance']['passk'])}" if d["chance"] else "–"
         for start in ("base", "expert"):
-            f = d[start]
-            wrong, right = f["greedy_wrong"], f["greedy_right"]
-            lines.append(
-                f"| {domain} | {start} | {d['k']} at {d['temperature']:g} | {_pct(f['pass1'])} | "
-                f"{_pct(f['sampled_pass1'])} | {_pct(f['passk'])} | {_pct(f['majk'])} | {guess} | "
-                f"{wrong['items']} rows: {_pct(wrong['sampled_right'])} · {_pct(wrong['right_in_k'])} · "
-                f"{_pct(wrong['right_by_majority'])} | {right['items']} rows: {_pct(right['wrong_by_majority'])} |"
-            )
-    split = [(domain, d, name) for domain, d in report["domains"].items() for name in d["expert"]["by_subtask"] or {}]
-    if split:
-        lines += ["", "By subtask (greedy-wrong rows: the share of their samples that are right):", "",
-                  "| domain | subtask | items | base pass@1 · pass@k · maj@k · greedy-wrong right samples | "
-                  "expert pass@1 · pass@k · maj@k · greedy-wrong right samples |", "|---|---|---|---|---|"]  # fmt: skip
-    for domain, d, name in split:
-        cells = [" · ".join(_pct(d[start]["by_subtask"][name][key])
-                            for key in ("pass1", "passk", "majk", "greedy_wrong_sampled_right"))
-                 for start in ("base", "expert")]  # fmt: skip
-        lines.append(f"| {domain} | {name} | {d['expert']['by_subtask'][name]['items']} | {cells[0]} | {cells[1]} |")
+            lines.append(_row(domain, start, "all", d[start]))
+            lines += [_row(domain, start, name, f) for name, f in (d[start]["by_subtask"] or {}).items()]
     return "\n".join(lines) + "\n"
 
 

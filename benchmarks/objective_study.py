@@ -29,6 +29,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,7 +38,7 @@ import yaml
 from pydantic import ValidationError
 
 from bayes_llm import paths
-from bayes_llm.config import ExpertParams, Params, load_params
+from bayes_llm.config import ExpertParams, Params, load_params, validation_problems
 from bayes_llm.data import prepared
 from bayes_llm.errors import UserError
 from bayes_llm.evaluate.base_scores import base_test_scores
@@ -86,6 +88,7 @@ def variants(cfg: ExpertParams, rl_steps: int) -> dict[str, dict]:
         f"sft+rl ({cfg.rl_algorithm}, the default)": {"objective": "sft+rl"},
         "sft+rl (trl rloo)": {"objective": "sft+rl", "rl_algorithm": "rloo", **SAMPLED},
         "sft+rl (reinforce, sampled groups, baseline)": {"objective": "sft+rl", **SAMPLED_REINFORCE},
+        "rl (reinforce, sampled groups, baseline)": {**rl_only, **SAMPLED_REINFORCE},
     }
 
 
@@ -94,23 +97,29 @@ def variant_params(base: ExpertParams, name: str, changes: dict, overrides: dict
     try:
         return ExpertParams.model_validate({**base.model_dump(), **changes, **overrides})
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}" for e in error.errors())
-        raise UserError(f"variant {name!r} with --set {overrides}: {problems}") from None
+        raise UserError(f"variant {name!r} with --set {overrides}: {validation_problems(error)}") from None
 
 
-def composed_scores(svf: SVF, z: dict[str, torch.Tensor], factors, tokenizer, kind: str, rows: list[dict],
-                    tokens: int, batch_size: int) -> list[float]:  # fmt: skip
-    """Greedy correctness of z on `rows`, as the stage scores an expert: z's scales from the attached
-    `svf` (detached here), then the weights composed once and restored afterwards."""
+@contextmanager
+def composed(svf: SVF, z: dict[str, torch.Tensor], factors) -> Iterator[None]:
+    """The model's weights composed with z, as the stage scores an expert: z's scales from the attached
+    `svf` (detached here), the weights composed once and restored when the block ends."""
     svf.load_z(z)
     scales = svf.scales()
     svf.detach()
     composer = Composer(svf.model, factors)
     composer.merge(scales)
     try:
-        return greedy_scores(svf.model, tokenizer, kind, rows, tokens, batch_size)
+        yield
     finally:
         composer.unmerge()
+
+
+def composed_scores(svf: SVF, z: dict[str, torch.Tensor], factors, tokenizer, kind: str, rows: list[dict],
+                    tokens: int, batch_size: int) -> list[float]:  # fmt: skip
+    """Greedy correctness of z on `rows` with the weights composed (`composed`)."""
+    with composed(svf, z, factors):
+        return greedy_scores(svf.model, tokenizer, kind, rows, tokens, batch_size)
 
 
 class _Study:

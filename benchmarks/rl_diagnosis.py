@@ -31,7 +31,7 @@ import torch
 from pydantic import ValidationError
 
 from bayes_llm import paths
-from bayes_llm.config import ExpertParams, load_params
+from bayes_llm.config import ExpertParams, load_params, validation_problems
 from bayes_llm.data import prepared
 from bayes_llm.errors import UserError
 from bayes_llm.experts.trainer import Trainer, TrainingError
@@ -126,7 +126,7 @@ def _quarters(rewards: list[float]) -> dict:
 def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning_rates: list[float],
              rl_batch_size: int, tag: str | None = None, algorithms: list[str] | None = None,
              eval_every: int | None = None, test_gain: bool = False, sampling: dict | None = None) -> dict:  # fmt: skip
-    sampling = sampling or SAMPLED
+    sampling = {**SAMPLED, **(sampling or {})}
     params = load_params(params_path)
     kind = expert_domains(params, domain)[domain]["answer_kind"]
     if eval_every is not None and eval_every < 1:
@@ -155,10 +155,8 @@ def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning
             **base_cfg, "objective": "rl", "rl_steps": steps, "rl_learning_rate": lr, "rl_batch_size": rl_batch_size,
             "eval_every": every, **sampling, **ALGORITHMS[name][1]}) for name in chosen for lr in learning_rates}
     except ValidationError as error:
-        problems = "; ".join(".".join(map(str, e["loc"])) + ": " * bool(e["loc"])
-                             + e["msg"].removeprefix("Value error, ") for e in error.errors())  # fmt: skip
         raise UserError(f"--num-generations {sampling['num_generations']} --temperature {sampling['temperature']}: "
-                        f"{problems}") from None  # fmt: skip
+                        f"{validation_problems(error)}") from None  # fmt: skip
     runs = _Runs(params, domain, kind)  # fmt: skip
     test = None
     if test_gain:  # the start z first: a broken test split fails before minutes of training

@@ -32,6 +32,7 @@ from bayes_llm.stats import paired_bootstrap
 from bayes_llm.svf.decompose import load_factors, read_manifest
 from bayes_llm.svf.expert import load_expert, read_expert
 from bayes_llm.svf.scaling import SVF
+from benchmarks.headroom import figures
 from benchmarks.headroom import main as headroom
 from benchmarks.objective_study import _Study
 from benchmarks.objective_study import main as objective_study
@@ -270,7 +271,8 @@ def test_compare_objectives_reports_every_variant_against_the_base(workdir_proje
     assert objective_study(["math", "--quiet", "--rl-steps", "2", "--seeds", "0", "1"]) == 0
     report = json.loads(Path("reports/objective_study/math.json").read_text())
     algorithms = [v["changes"].get("rl_algorithm") for v in report["variants"]]
-    assert algorithms == [None, "reinforce", "grpo", "rloo", None, "rloo", "reinforce"] and report["seeds"] == [0, 1]
+    assert algorithms == [None, "reinforce", "grpo", "rloo", None, "rloo", "reinforce", "reinforce"]
+    assert report["seeds"] == [0, 1]
     for variant in report["variants"]:
         gains = [run["gain"]["gain_points"] for run in variant["runs"]]
         assert gains == variant["gain_points_per_seed"] and [r["seed"] for r in variant["runs"]] == [0, 1]
@@ -281,7 +283,7 @@ def test_compare_objectives_reports_every_variant_against_the_base(workdir_proje
     assert rl["rl_grad_norm_mean"] >= 0 and 0 <= rl["rl_zero_std_groups_mean"] <= 1
     assert report["variants"][1]["steps"] == {"rl": 2} and report["variants"][4]["steps"] == {"sft": 2, "rl": 2}
     table = Path("reports/objective_study/math.md").read_text()
-    assert table.count("\n| ") == 8  # header + one row per variant
+    assert table.count("\n| ") == 9  # header + one row per variant
     assert not Path("models/experts").exists()  # a comparison writes no expert
     assert objective_study(["math", "--quiet", "--rl-steps", "0"]) == 1
     assert objective_study(["poetry", "--quiet"]) == 1
@@ -457,15 +459,38 @@ def test_rl_diagnosis_runs_every_algorithm_on_fixed_prompts_and_on_the_train_spl
 def test_headroom_reads_answers_and_votes_by_majority():
     assert read_answer("number", "2 + 2 = 4.\n#### 4", {}) == read_answer("number", "#### 4.0", {}) == "4.0"
     assert read_answer("number", "no number", {}) is None
+    assert read_answer("number", "#### -0", {}) == read_answer("number", "#### 0", {})
     assert read_answer("letter", "Paris", {"choices": ["Rome", "Paris"]}) == "B"
     assert read_answer("code", "def f(): pass", {}) is None
     drawn = Samples(3, hits=[[0.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
-                    answers=[["3.0", "4.0", "4.0"], ["A", "B", "C"], [None, "B", None], ["A", "B", "C"]])  # fmt: skip
+                    answers=[["3.0", "4.0", "4.0"], ["A", "B", "C"], [None, "B", None], ["A", "B", "C"]],
+                    grouped=True)  # fmt: skip
     assert drawn.any_right() == [1.0, 1.0, 1.0, 1.0]
     # a majority right; a three-way tie goes to the answer given first (right in row 2, wrong in row 4);
     # one answer read among unread ones is the majority
     assert drawn.majority_right() == [1.0, 1.0, 1.0, 0.0]
-    assert Samples(2, hits=[[1.0, 0.0]], answers=[[None, None]]).majority_right() is None  # code: not grouped
+    assert Samples(1, hits=[[0.0]], answers=[[None]], grouped=True).majority_right() == [0.0]  # nothing read
+    assert Samples(2, hits=[[1.0, 0.0]], answers=[[None, None]], grouped=False).majority_right() is None  # code
+
+
+def test_headroom_figures_split_rows_by_greedy_verdict_and_subtask():
+    rows = [{"answer": "A", "choices": list(choices), "subtask": subtask}
+            for choices, subtask in [("wxyz", "a"), ("wxyz", "a"), ("wxy", "b"), ("wxyz", "b")]]
+    drawn = Samples(2, hits=[[1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0]],
+                    answers=[["A", "A"], ["B", "A"], ["C", "B"], ["A", "D"]], grouped=True)
+    f = figures("letter", rows, 2, [1.0, 0.0, 0.0, 1.0], drawn)
+    # votes: A (right), B|A tie → B (wrong), C|B → C (wrong), A|D → A (right)
+    assert (f["items"], f["pass1"], f["sampled_pass1"], f["passk"], f["majk"]) == (4, 0.5, 0.5, 0.75, 0.5)
+    assert f["chance"] == {"pass1": 0.2708, "passk": 0.467}  # 1/4 or 1/3; 1 - (3/4)^2 or 1 - (2/3)^2
+    assert f["greedy_wrong"] == {"items": 2, "sampled_right": 0.25, "right_in_k": 0.5, "right_by_majority": 0.0,
+                                 "chance": {"pass1": 0.2917, "passk": 0.4965}}
+    assert f["greedy_right"] == {"items": 2, "wrong_by_majority": 0.0}
+    a, b = f["by_subtask"]["a"], f["by_subtask"]["b"]
+    for part, expected in [(a, (2, 0.5, 1.0, 0.5, 0.5)), (b, (2, 0.5, 0.5, 0.5, 0.0))]:
+        wrong = part["greedy_wrong"]["sampled_right"]
+        assert (part["items"], part["pass1"], part["passk"], part["majk"], wrong) == expected
+    plain = figures("number", [{"answer": "1"}], 2, [0.0], Samples(2, [[0.0, 0.0]], [["2.0", None]], grouped=True))
+    assert plain["chance"] is None and plain["by_subtask"] is None and plain["greedy_wrong"]["right_by_majority"] == 0.0
 
 
 def test_headroom_study_sets_pass_at_k_beside_the_majority_and_guessing(workdir_project, capsys):
@@ -476,28 +501,31 @@ def test_headroom_study_sets_pass_at_k_beside_the_majority_and_guessing(workdir_
     assert headroom(["math", "reasoning"]) == 0
     report = json.loads(Path("reports/objective_study/headroom.json").read_text())
     assert list(report["domains"]) == ["math", "reasoning"]
-    for domain, figures in report["domains"].items():
+    for domain, measured in report["domains"].items():
         stage = json.loads(Path(f"reports/experts/{domain}.json").read_text())["headroom"]
         # the stage's settings and seed: the base's pass@k is the stage's, to the digit
-        assert (figures["k"], figures["temperature"], figures["items"]) == (stage["k"], stage["temperature"], 6)
-        assert figures["base"]["passk"] == round(stage["base"]["passk"], 4)
+        assert (measured["k"], measured["temperature"], measured["items"]) == (stage["k"], stage["temperature"], 6)
+        assert measured["base"]["passk"] == round(stage["base"]["passk"], 4)
         for start in ("base", "expert"):
-            f = figures[start]
+            f = measured[start]
             assert f["greedy_wrong"]["items"] + f["greedy_right"]["items"] == 6
             assert f["pass1"] == round(f["greedy_right"]["items"] / 6, 4)
-            assert 0 <= f["majk"] <= f["passk"] and f["sampled_pass1"] <= f["passk"]
+            subtasks = f["by_subtask"].values()  # the subtasks add up to the whole
+            assert sum(s["items"] * s["pass1"] for s in subtasks) == pytest.approx(6 * f["pass1"], abs=1e-3)
+            assert sum(s["greedy_wrong"]["items"] for s in subtasks) == f["greedy_wrong"]["items"]
             val = prepared.read_split(paths.DATA, domain, "val")[:6]  # the synthetic rows name their subtask
             assert {n: s["items"] for n, s in f["by_subtask"].items()} == dict(Counter(r["subtask"] for r in val))
-    assert report["domains"]["math"]["chance"] is None
+    assert report["domains"]["math"]["expert"]["chance"] is None
     choices = [len(row["choices"]) for row in prepared.read_split(paths.DATA, "reasoning", "val")[:6]]
     guess = {"pass1": round(sum(1 / c for c in choices) / 6, 4),
              "passk": round(sum(1 - (1 - 1 / c) ** 8 for c in choices) / 6, 4)}
-    assert report["domains"]["reasoning"]["chance"] == guess
+    reasoning = report["domains"]["reasoning"]
+    assert reasoning["base"]["chance"] == reasoning["expert"]["chance"] == guess
     table = Path("reports/objective_study/headroom.md").read_text()
-    assert table.count("| reasoning | base |") == 1
+    assert table.count("| reasoning | base | all |") == 1
     assert f"| {100 * guess['pass1']:.1f} / {100 * guess['passk']:.1f} |" in table
     first = prepared.read_split(paths.DATA, "reasoning", "val")[0]["subtask"]
-    assert "By subtask" in table and f"| reasoning | {first} |" in table
+    assert f"| reasoning | expert | {first} |" in table
     assert headroom(["reasoning", "--temperature", "0.5", "--tag", "t05"]) == 0  # a pilot beside the report
     pilot = json.loads(Path("reports/objective_study/headroom_t05.json").read_text())["domains"]
     assert list(pilot) == ["reasoning"] and pilot["reasoning"]["temperature"] == 0.5
@@ -514,6 +542,9 @@ def test_headroom_study_sets_pass_at_k_beside_the_majority_and_guessing(workdir_
 def test_trl_algorithms_need_sampled_groups():
     with pytest.raises(ValueError, match="num_generations >= 2 and temperature > 0"):
         ExpertParams(objective="rl", rl_algorithm="grpo", num_generations=1, temperature=1.0)
+    with pytest.raises(ValueError, match="with num_generations 1 every advantage is 0"):  # it would train nothing
+        ExpertParams(objective="rl", rl_algorithm="reinforce", baseline=True, num_generations=1, temperature=1.0)
+    assert ExpertParams(objective="rl", baseline=True, num_generations=2, temperature=1.0).baseline
 
 
 def test_pass_at_k_near_zero_temperature_is_pass_at_1(project, monkeypatch):

@@ -26,7 +26,7 @@ def read_answer(kind: str, completion: str, row: dict) -> str | None:
     read; code: programs are not grouped, two right programs rarely match)."""
     if kind == "number":
         number = extract_number(completion)
-        return None if number is None else repr(float(number))
+        return None if number is None else repr(float(number) + 0.0)  # + 0.0: -0 and 0 are one answer
     if kind == "letter":
         return extract_choice(completion, row.get("choices"))
     return None
@@ -34,11 +34,13 @@ def read_answer(kind: str, completion: str, row: dict) -> str | None:
 
 @dataclass(frozen=True)
 class Samples:
-    """k sampled completions per row: whether each is right and the answer it gives."""
+    """k sampled completions per row: whether each is right and the answer it gives; `grouped`: whether
+    equal answers are the same answer (not for code)."""
 
     k: int
     hits: list[list[float]]
     answers: list[list[str | None]]
+    grouped: bool
 
     def any_right(self) -> list[float]:
         """Per row: 1.0 where one of the k is right (pass@k's numerator)."""
@@ -47,7 +49,7 @@ class Samples:
     def majority_right(self) -> list[float] | None:
         """Per row: 1.0 where the answer most of the k give is right (ties: the one given first;
         no answer read: wrong). None for code, whose answers are not grouped."""
-        if all(answer is None for row in self.answers for answer in row):
+        if not self.grouped:
             return None
         voted = []
         for hits, answers in zip(self.hits, self.answers, strict=True):
@@ -72,7 +74,7 @@ def sample(model, tokenizer, kind: str, rows: Sequence[dict], k: int, temperatur
         read = [read_answer(kind, text, row) for text, row in zip(texts, repeated, strict=True)]
         hits += [verdicts[i * k : (i + 1) * k] for i in range(len(chunk))]
         answers += [read[i * k : (i + 1) * k] for i in range(len(chunk))]
-    return Samples(k, hits, answers)
+    return Samples(k, hits, answers, grouped=kind != "code")
 
 
 def pass_at_k(model, tokenizer, kind: str, rows: Sequence[dict], k: int, temperature: float, max_new_tokens: int,
