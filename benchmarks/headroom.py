@@ -144,9 +144,9 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
-def _line(figures: dict) -> str:
+def _line(measured: dict) -> str:
     return "; ".join(f"{start} pass@1 {_pct(f['pass1'])}, pass@k {_pct(f['passk'])}, maj@k {_pct(f['majk'])}"
-                     for start, f in ((s, figures[s]) for s in ("base", "expert")))  # fmt: skip
+                     for start, f in ((s, measured[s]) for s in ("base", "expert")))  # fmt: skip
 
 
 def _guess(chance_of: dict | None) -> str:

@@ -542,7 +542,7 @@ def test_headroom_study_sets_pass_at_k_beside_the_majority_and_guessing(workdir_
 def test_trl_algorithms_need_sampled_groups():
     with pytest.raises(ValueError, match="num_generations >= 2 and temperature > 0"):
         ExpertParams(objective="rl", rl_algorithm="grpo", num_generations=1, temperature=1.0)
-    with pytest.raises(ValueError, match="with num_generations 1 every advantage is 0"):  # it would train nothing
+    with pytest.raises(ValueError, match="with num_generations 1 every advantage is 0"):  # no policy gradient
         ExpertParams(objective="rl", rl_algorithm="reinforce", baseline=True, num_generations=1, temperature=1.0)
     assert ExpertParams(objective="rl", baseline=True, num_generations=2, temperature=1.0).baseline
 
