@@ -31,7 +31,7 @@ def hostile() -> dict:
         pairs = [(CORRECT, TESTS_PROJECT), (program, TESTS_PROJECT), (CORRECT, TESTS_PROJECT),
                  (CORRECT, TESTS_HUMANEVAL), (program, TESTS_HUMANEVAL), (CORRECT, TESTS_HUMANEVAL)]  # fmt: skip
         with watched_host() as violations:
-            verdicts = check_solutions(pairs, item_seconds=1.0, progress=False)
+            verdicts = check_solutions(pairs, item_seconds=1.0, progress=False, reuse=False)
         rewarded = verdicts[1] is None or verdicts[4] is None
         neighbours = all(verdicts[i] is None for i in (0, 2, 3, 5))
         results[name] = {"kind": kind, "rewarded": rewarded, "neighbours_passed": neighbours,
@@ -44,9 +44,9 @@ def human_eval() -> dict:
     canonical, broken = human_eval_pairs()
     timings: list[float] = []
     started = time.perf_counter()
-    passed = check_solutions(canonical, progress=False, timings=timings)
+    passed = check_solutions(canonical, progress=False, timings=timings, reuse=False)
     wall = time.perf_counter() - started
-    failed = check_solutions(broken, progress=False)
+    failed = check_solutions(broken, progress=False, reuse=False)
     return {
         "total": len(canonical),
         "canonical_pass": sum(v is None for v in passed),

@@ -93,6 +93,25 @@ def test_train_expert_writes_a_loadable_expert_and_an_honest_report(workdir_proj
         assert accuracy["base"] == round(sum(saved[domain]["scores"]) / len(saved[domain]["scores"]), 4)
 
 
+def test_an_sft_z_that_rl_never_beat_is_scored_on_test_once(workdir_project, monkeypatch):
+    _set_expert(Path("."), "math", rl_learning_rate=1e-12)  # RL cannot move z: the SFT z is kept
+    math_test = prepared.read_split(paths.DATA, "math", "test")
+    scored = []
+
+    def counted(model, tokenizer, kind, rows, *args):
+        scored.append(list(rows) == math_test)
+        return greedy_scores(model, tokenizer, kind, rows, *args)
+
+    monkeypatch.setattr("bayes_llm.model.greedy.greedy_scores", counted)
+    assert main(["train-expert", "math", "--quiet"]) == 0
+    report = json.loads(Path("reports/experts/math.json").read_text())
+    assert report["kept_step"] <= report["phases"]["sft"]
+    assert report["val_accuracy"]["expert"] == report["val_accuracy"]["sft"]
+    assert scored.count(True) == 1  # the expert's pass; the SFT z's answers are the same ones
+    assert report["test_accuracy"]["sft"] == report["test_accuracy"]["expert"]
+    assert report["rl_gain_over_sft"]["gain_points"] == 0.0
+
+
 def test_the_saved_base_scores_are_the_bases_own_and_checked_against_the_split(workdir_project, capsys, monkeypatch):
     saved = json.loads(Path("models/base", FILE).read_text())["domains"]
     assert set(saved) == {"math", "code", "reasoning"}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bayes_llm.rewards import code as code_checks
 from bayes_llm.rewards import plain, sandbox
 from bayes_llm.rewards.code import check_solutions
 from bayes_llm.rewards.replay import free_names
@@ -47,7 +48,7 @@ def test_hostile_programs_earn_nothing_and_change_nothing(name, host):
     pairs = [(CORRECT, TESTS_PROJECT), (program, TESTS_PROJECT), (CORRECT, TESTS_PROJECT),
              (CORRECT, TESTS_HUMANEVAL), (program, TESTS_HUMANEVAL), (CORRECT, TESTS_HUMANEVAL)]  # fmt: skip
     started = time.monotonic()
-    verdicts = check_solutions(pairs, item_seconds=1.0, progress=False)
+    verdicts = check_solutions(pairs, item_seconds=1.0, progress=False, reuse=False)
     assert verdicts[1] is not None and verdicts[4] is not None, f"{name} was rewarded"
     assert verdicts[0] is verdicts[2] is verdicts[3] is verdicts[5] is None, verdicts
     assert time.monotonic() - started < 60
@@ -209,10 +210,44 @@ _READER = HOOK_OFF + _READ + "def triple_plus_one(x):\n    return 3 * x + 1 if a
 @pytest.mark.parametrize("workers", [1, 2])
 def test_samples_cannot_talk_to_each_other(workers):
     pairs = [(_WRITER, TESTS_PROJECT), (_READER, TESTS_PROJECT), (_WRITER, TESTS_PROJECT), (_READER, TESTS_PROJECT)]
-    verdicts = check_solutions(pairs, workers=workers, progress=False)
+    verdicts = check_solutions(pairs, workers=workers, progress=False, reuse=False)
     assert all(v is not None for v in verdicts), verdicts
     # The reader does find a note a sample leaves for itself in its tmp and /dev/shm; kernel keys it
     # cannot make at all (seccomp), though the audit hook is off.
     for channel, found in ((0, True), (1, True), (2, False)):
         own = HOOK_OFF + _WRITE + _READ + f"def triple_plus_one(x):\n    return 3 * x + 1 if found[{channel}] else 0\n"
-        assert (check_solutions([(own, TESTS_PROJECT)], progress=False) == [None]) is found, channel
+        assert (check_solutions([(own, TESTS_PROJECT)], progress=False, reuse=False) == [None]) is found, channel
+
+
+def test_each_distinct_program_is_judged_once_per_process(monkeypatch):
+    """Repeats (k samples of one prompt, an unchanged answer at the next validation) reuse the verdict;
+    reuse=False runs every pair as given; a failed replay is not kept, so a later call judges it."""
+    ran: list[str] = []
+    failing = {"broken replay"}
+
+    def replay(items, limits, isolation, timings=None):
+        ran.extend(solution for solution, _, _ in items)
+        if failing & {solution for solution, _, _ in items}:
+            return None
+        return [None if solution.startswith("pass") else "AssertionError" for solution, _, _ in items]
+
+    monkeypatch.setattr(code_checks, "_replay", replay)
+    monkeypatch.setattr(code_checks, "require", lambda: Isolation(uid=True))
+    monkeypatch.setattr(code_checks, "_VERDICTS", {})
+    tests = ["assert f(1) == 1"]
+    first = check_solutions([("pass a", tests), ("fail b", tests), ("pass a", tests)], progress=False)
+    assert first == [None, "AssertionError", None] and sorted(ran) == ["fail b", "pass a"]
+    ran.clear()
+    assert check_solutions([("fail b", tests), ("pass a", tests), ("pass c", tests)], progress=False) == [
+        "AssertionError", None, None]  # fmt: skip
+    assert ran == ["pass c"]
+    ran.clear()
+    assert check_solutions([("pass a", ["assert f(2) == 2"])], progress=False) == [None]  # other tests: judged
+    assert ran == ["pass a"]
+    ran.clear()
+    assert check_solutions([("pass a", tests)] * 2, progress=False, reuse=False) == [None, None]
+    assert ran == ["pass a", "pass a"]
+    ran.clear()
+    assert check_solutions([("broken replay", tests)], progress=False) == [code_checks.UNJUDGED]
+    failing.clear()
+    assert check_solutions([("broken replay", tests)], progress=False) == ["AssertionError"]

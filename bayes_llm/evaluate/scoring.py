@@ -38,17 +38,10 @@ def code_item(doc: dict, results: list[str]) -> dict[str, tuple[str, tuple[str, 
     return {"pass@1": (code_of(results[0]), tuple(doc["tests"]))}
 
 
-_VERDICTS: dict[tuple[str, tuple[str, ...]], bool] = {}  # (program, tests) → passes; programs repeat across systems
-
-
 def passes(items: list[tuple[str, tuple[str, ...]]]) -> list[bool]:
-    """Whether each program passes all its tests; unseen ones are checked together in one sandbox run."""
-    items = [(code, tuple(tests)) for code, tests in items]
-    new = list(dict.fromkeys(item for item in items if item not in _VERDICTS))
-    if new:
-        for item, verdict in zip(new, check_solutions(new, progress=False), strict=True):
-            _VERDICTS[item] = verdict is None
-    return [_VERDICTS[item] for item in items]
+    """Whether each program passes all its tests, checked together in one sandbox run (programs
+    repeat across systems: `check_solutions` runs each distinct one once per process)."""
+    return [verdict is None for verdict in check_solutions(items, progress=False)]
 
 
 def pass_at_1(items: list[tuple[str, tuple[str, ...]]]) -> float:

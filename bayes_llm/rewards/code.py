@@ -27,6 +27,15 @@ REPLAY = [sys.executable, "-I", "-S", "-c",
           "from bayes_llm.rewards.replay import main; raise SystemExit(main())"]  # fmt: skip
 
 
+# Verdicts already given in this process, by (program, tests, seconds). Programs repeat: the k samples
+# of one prompt, an answer unchanged since the last validation, two systems' same answer. A program
+# sees nothing but its text and tests, so a second run could differ only for a flaky one (random
+# numbers, the clock), and one verdict per program is the consistent answer for it.
+_VERDICTS: dict[tuple[str, tuple[str, ...], float], str | None] = {}
+_VERDICTS_KEPT = 20_000  # the oldest are forgotten beyond this (tens of MB at worst)
+UNJUDGED = "sandbox: the item could not be judged"  # the replay process failed: not kept, a rerun may judge it
+
+
 def _replay(items: list, limits: Limits, isolation: Isolation, timings: list | None = None) -> list[str | None] | None:
     """Verdicts for `items` from one replay process, or None if it did not give one per item."""
     request = {"items": items, "isolation": dataclasses.asdict(isolation), "limits": dataclasses.asdict(limits)}
@@ -47,7 +56,7 @@ def _replay(items: list, limits: Limits, isolation: Isolation, timings: list | N
 def _judge_chunk(chunk: list, limits: Limits, isolation: Isolation, timings: list | None) -> list[str | None]:
     judged = _replay(chunk, limits, isolation, timings)
     if judged is None:  # the replay process failed: judge each item alone, so one cannot cost the others
-        judged = [(_replay([item], limits, isolation) or ["sandbox: the item could not be judged"])[0]
+        judged = [(_replay([item], limits, isolation) or [UNJUDGED])[0]
                   for item in chunk]  # fmt: skip
     return judged
 
@@ -60,17 +69,35 @@ def check_solutions(
     workers: int | None = None,
     progress: bool = True,
     timings: list[float] | None = None,
+    reuse: bool = True,
 ) -> list[str | None]:
-    """For each (solution, tests): None if every test passes, else a short reason. `timings`, if given,
-    receives each item's seconds (sandbox start, program, tests).
+    """For each (solution, tests): None if every test passes, else a short reason. With `reuse`, each
+    distinct pair runs once per process (the verdict is kept); without, every pair runs as given (to
+    time the sandbox, or to see what a program does to the items beside it). `timings`, if given,
+    receives the seconds (sandbox start, program, tests) of each item that ran.
 
     Chunks run in `workers` replay processes at once (default: one per CPU): most of an item's time is
     starting its sandbox, which waits on the kernel as much as it computes."""
+    keys = [(solution, tuple(tests), float(item_seconds)) for solution, tests in pairs]
+    if not keys:
+        return []
+    isolation = require()  # also when every verdict is known: weak isolation is refused all the same
+    if not reuse:
+        return _judge(keys, isolation, item_seconds, chunk_size, workers, progress, timings)
+    new = [key for key in dict.fromkeys(keys) if key not in _VERDICTS]
+    judged = dict(zip(new, _judge(new, isolation, item_seconds, chunk_size, workers, progress, timings), strict=True))
+    _VERDICTS.update((key, verdict) for key, verdict in judged.items() if verdict != UNJUDGED)
+    for old in list(_VERDICTS)[: max(0, len(_VERDICTS) - _VERDICTS_KEPT)]:
+        del _VERDICTS[old]
+    return [judged[key] if key in judged else _VERDICTS[key] for key in keys]
+
+
+def _judge(keys: list, isolation: Isolation, item_seconds: float, chunk_size: int, workers: int | None,
+           progress: bool, timings: list[float] | None) -> list[str | None]:  # fmt: skip
     limits = Limits(wall_seconds=item_seconds, cpu_seconds=max(1, int(item_seconds + 0.999)))
-    items = [[solution, list(tests), item_seconds] for solution, tests in pairs]
+    items = [[solution, list(tests), item_seconds] for solution, tests, _ in keys]
     if not items:
         return []
-    isolation = require()
     workers = max(1, min(workers or os.cpu_count() or 1, len(items)))
     size = max(1, min(chunk_size, -(-len(items) // workers)))
     chunks = [items[start : start + size] for start in range(0, len(items), size)]

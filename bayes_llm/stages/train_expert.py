@@ -91,6 +91,9 @@ def train_expert(params: Params, domain: str, progress: bool = True) -> dict | N
                          tokens[kind], params.seed, cloze)  # fmt: skip
     hits: dict[str, dict[str, list[float]]] = {other: {"base": base_hits[other]} for other in tests}
     for system in ["expert"] + (["sft"] if cfg.objective == "sft+rl" else []):
+        if system == "sft" and _same_z(result.sft_z, result.best_z):  # RL never beat it on val: the same answers
+            hits[domain]["sft"] = list(hits[domain]["expert"])
+            continue
         composer.merge(scales[system])  # once per system: composing every target matrix takes about a second
         for other, rows in tests.items():
             if system == "expert" or other == domain:  # the SFT z only on its own domain
@@ -147,6 +150,12 @@ def train_expert(params: Params, domain: str, progress: bool = True) -> dict | N
     write_json(paths.expert_report(domain), report)
     write_json(paths.expert_report(domain, "_" + paths.TIMING), timing)
     return report | timing
+
+
+def _same_z(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 
 def _headroom(model, tokenizer, composer, kind: str, val_rows: list[dict], cfg, result, sft_scales, tokens: int,
