@@ -34,6 +34,12 @@ ISOLATED = sandbox.detect().sufficient
 needs_isolation = pytest.mark.skipif(not ISOLATED, reason="the sandbox's uid layer needs root")
 
 
+@pytest.fixture(autouse=True)
+def no_kept_verdicts(monkeypatch):
+    """Each test judges its programs itself, not with verdicts an earlier test left in the process."""
+    monkeypatch.setattr(code_checks, "_VERDICTS", {})
+
+
 @pytest.fixture
 def host():
     with watched_host() as violations:
@@ -92,7 +98,7 @@ def test_weak_isolation_is_refused_unless_the_params_opt_out(monkeypatch, capsys
         check_solutions([(CORRECT, TESTS_PROJECT)], progress=False)
     sandbox.configure(allow_weak_isolation=True)
     try:
-        assert check_solutions([(CORRECT, TESTS_PROJECT)] * 2, progress=False) == [None, None]
+        assert check_solutions([(CORRECT, TESTS_PROJECT)] * 2, progress=False, reuse=False) == [None, None]
     finally:
         sandbox.configure(allow_weak_isolation=False)
     assert capsys.readouterr().err.count("missing: not root") == 1  # said once
@@ -233,7 +239,6 @@ def test_each_distinct_program_is_judged_once_per_process(monkeypatch):
 
     monkeypatch.setattr(code_checks, "_replay", replay)
     monkeypatch.setattr(code_checks, "require", lambda: Isolation(uid=True))
-    monkeypatch.setattr(code_checks, "_VERDICTS", {})
     tests = ["assert f(1) == 1"]
     first = check_solutions([("pass a", tests), ("fail b", tests), ("pass a", tests)], progress=False)
     assert first == [None, "AssertionError", None] and sorted(ran) == ["fail b", "pass a"]
@@ -251,3 +256,23 @@ def test_each_distinct_program_is_judged_once_per_process(monkeypatch):
     assert check_solutions([("broken replay", tests)], progress=False) == [code_checks.UNJUDGED]
     failing.clear()
     assert check_solutions([("broken replay", tests)], progress=False) == ["AssertionError"]
+
+
+def test_kept_verdicts_are_bounded_and_the_least_recently_used_go_first(monkeypatch):
+    ran: list[str] = []
+
+    def replay(items, limits, isolation, timings=None):
+        ran.extend(solution for solution, _, _ in items)
+        return [None] * len(items)
+
+    monkeypatch.setattr(code_checks, "_replay", replay)
+    monkeypatch.setattr(code_checks, "require", lambda: Isolation(uid=True))
+    monkeypatch.setattr(code_checks, "_VERDICTS_KEPT", 3)
+    tests = ["assert f(1) == 1"]
+    assert check_solutions([(name, tests) for name in "abc"], progress=False) == [None] * 3
+    assert check_solutions([("a", tests), ("d", tests)], progress=False) == [None, None]  # a kept though oldest
+    assert ran == ["a", "b", "c", "d"] and len(code_checks._VERDICTS) == 3
+    ran.clear()
+    check_solutions([("a", tests), ("c", tests), ("d", tests)], progress=False)
+    check_solutions([("b", tests)], progress=False)  # b was the least recently used: forgotten
+    assert ran == ["b"]

@@ -27,13 +27,22 @@ REPLAY = [sys.executable, "-I", "-S", "-c",
           "from bayes_llm.rewards.replay import main; raise SystemExit(main())"]  # fmt: skip
 
 
-# Verdicts already given in this process, by (program, tests, seconds). Programs repeat: the k samples
-# of one prompt, an answer unchanged since the last validation, two systems' same answer. A program
-# sees nothing but its text and tests, so a second run could differ only for a flaky one (random
-# numbers, the clock), and one verdict per program is the consistent answer for it.
-_VERDICTS: dict[tuple[str, tuple[str, ...], float], str | None] = {}
-_VERDICTS_KEPT = 20_000  # the oldest are forgotten beyond this (tens of MB at worst)
-UNJUDGED = "sandbox: the item could not be judged"  # the replay process failed: not kept, a rerun may judge it
+# Verdicts already given in this process, by (program, tests, seconds), the most recently used last.
+# Programs repeat: the k samples of one prompt, an answer unchanged since the last validation, two
+# systems' same answer. A program sees nothing but its text and tests, so a second run could differ
+# only where the program is flaky (random numbers, the clock) or the host failed it (a timeout under
+# load): its one verdict then stands for the process, as one run's stood for its call before.
+Key = tuple[str, tuple[str, ...], float]
+_VERDICTS: dict[Key, str | None] = {}
+_VERDICTS_KEPT = 20_000  # the least recently used are forgotten beyond this (tens of MB at worst)
+
+
+class Unjudged(str):
+    """The verdict of an item whose replay process failed: not kept, so a later call judges it again
+    (a class of its own: no program can return one, whatever its message)."""
+
+
+UNJUDGED = Unjudged("sandbox: the item could not be judged")
 
 
 def _replay(items: list, limits: Limits, isolation: Isolation, timings: list | None = None) -> list[str | None] | None:
@@ -72,9 +81,10 @@ def check_solutions(
     reuse: bool = True,
 ) -> list[str | None]:
     """For each (solution, tests): None if every test passes, else a short reason. With `reuse`, each
-    distinct pair runs once per process (the verdict is kept); without, every pair runs as given (to
-    time the sandbox, or to see what a program does to the items beside it). `timings`, if given,
-    receives the seconds (sandbox start, program, tests) of each item that ran.
+    distinct (solution, tests, item_seconds) runs once per process: its verdict is kept (the 20,000
+    most recently used) and given again; without, every pair runs as given (to time the sandbox, or
+    to see what a program does to the items beside it). `timings`, if given, receives the seconds
+    (sandbox start, program, tests) of each item that ran.
 
     Chunks run in `workers` replay processes at once (default: one per CPU): most of an item's time is
     starting its sandbox, which waits on the kernel as much as it computes."""
@@ -84,15 +94,16 @@ def check_solutions(
     isolation = require()  # also when every verdict is known: weak isolation is refused all the same
     if not reuse:
         return _judge(keys, isolation, item_seconds, chunk_size, workers, progress, timings)
-    new = [key for key in dict.fromkeys(keys) if key not in _VERDICTS]
-    judged = dict(zip(new, _judge(new, isolation, item_seconds, chunk_size, workers, progress, timings), strict=True))
-    _VERDICTS.update((key, verdict) for key, verdict in judged.items() if verdict != UNJUDGED)
+    known = {key: _VERDICTS.pop(key) for key in dict.fromkeys(keys) if key in _VERDICTS}  # re-added last below
+    new = [key for key in dict.fromkeys(keys) if key not in known]
+    known.update(zip(new, _judge(new, isolation, item_seconds, chunk_size, workers, progress, timings), strict=True))
+    _VERDICTS.update((key, verdict) for key, verdict in known.items() if not isinstance(verdict, Unjudged))
     for old in list(_VERDICTS)[: max(0, len(_VERDICTS) - _VERDICTS_KEPT)]:
         del _VERDICTS[old]
-    return [judged[key] if key in judged else _VERDICTS[key] for key in keys]
+    return [known[key] for key in keys]
 
 
-def _judge(keys: list, isolation: Isolation, item_seconds: float, chunk_size: int, workers: int | None,
+def _judge(keys: list[Key], isolation: Isolation, item_seconds: float, chunk_size: int, workers: int | None,
            progress: bool, timings: list[float] | None) -> list[str | None]:  # fmt: skip
     limits = Limits(wall_seconds=item_seconds, cpu_seconds=max(1, int(item_seconds + 0.999)))
     items = [[solution, list(tests), item_seconds] for solution, tests, _ in keys]

@@ -1,6 +1,6 @@
 """The functions the task YAMLs name (`!function metrics.<name>`). lm-eval loads this file by path,
-as a fresh module per YAML, so the logic (and its memo of code verdicts) lives in a real package
-module: bayes_llm.evaluate.scoring."""
+as a fresh module per YAML, so the logic lives in a real package module, bayes_llm.evaluate.scoring
+(and the verdicts on code, kept for the process, in bayes_llm.rewards.code)."""
 
 from bayes_llm.evaluate.scoring import (
     choice_texts,
