@@ -379,6 +379,11 @@ class ExpertParams(Strict):
     headroom_k: NonNegativeInt = 8
     headroom_temperature: Annotated[float, Field(gt=0, le=5)] | None = None
 
+    @property
+    def headroom_sampling_temperature(self) -> float:
+        """What the headroom samples at: `headroom_temperature`, else the RL temperature, else 1.0."""
+        return self.headroom_temperature or self.temperature or 1.0
+
     @model_validator(mode="after")
     def _steps(self) -> ExpertParams:
         if "sft" in self.objective and self.sft_steps == 0:

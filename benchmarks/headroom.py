@@ -98,7 +98,7 @@ def domain_headroom(params: Params, domain: str, z: dict, model, tokenizer, fact
     kind = expert_domains(params, domain)[domain]["answer_kind"]
     cfg = params.experts[domain]
     rows = prepared.read_split(paths.DATA, domain, "val")[: cfg.val_items]
-    k, temperature = cfg.headroom_k, temperature or cfg.headroom_temperature or cfg.temperature or 1.0
+    k, temperature = cfg.headroom_k, temperature or cfg.headroom_sampling_temperature
     tokens = params.base_eval.max_new_tokens[kind]
     started = time.perf_counter()
 

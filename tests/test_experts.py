@@ -566,6 +566,14 @@ def test_trl_algorithms_need_sampled_groups():
     assert ExpertParams(objective="rl", baseline=True, num_generations=2, temperature=1.0).baseline
 
 
+def test_headroom_samples_at_its_own_temperature_else_the_rl_one_else_1():
+    assert ExpertParams(temperature=0.0).headroom_sampling_temperature == 1.0  # greedy RL: nothing to sample at
+    assert ExpertParams(temperature=0.7, num_generations=2).headroom_sampling_temperature == 0.7
+    own = ExpertParams(temperature=0.7, num_generations=2, headroom_temperature=0.3)
+    assert own.headroom_sampling_temperature == 0.3
+    assert "headroom_sampling_temperature" not in ExpertParams().model_dump()  # not a param: not in a run's record
+
+
 def test_pass_at_k_near_zero_temperature_is_pass_at_1(project, monkeypatch):
     from bayes_llm.experts.headroom import pass_at_k
 

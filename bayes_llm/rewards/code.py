@@ -94,8 +94,9 @@ def check_solutions(
     isolation = require()  # also when every verdict is known: weak isolation is refused all the same
     if not reuse:
         return _judge(keys, isolation, item_seconds, chunk_size, workers, progress, timings)
-    known = {key: _VERDICTS.pop(key) for key in dict.fromkeys(keys) if key in _VERDICTS}  # re-added last below
-    new = [key for key in dict.fromkeys(keys) if key not in known]
+    unique = dict.fromkeys(keys)
+    known = {key: _VERDICTS.pop(key) for key in unique if key in _VERDICTS}  # re-added last below
+    new = [key for key in unique if key not in known]
     known.update(zip(new, _judge(new, isolation, item_seconds, chunk_size, workers, progress, timings), strict=True))
     _VERDICTS.update((key, verdict) for key, verdict in known.items() if not isinstance(verdict, Unjudged))
     for old in list(_VERDICTS)[: max(0, len(_VERDICTS) - _VERDICTS_KEPT)]:

@@ -168,7 +168,7 @@ def _headroom(model, tokenizer, composer, kind: str, val_rows: list[dict], cfg, 
 
     if cfg.headroom_k == 0:
         return None
-    temperature = cfg.headroom_temperature or cfg.temperature or 1.0
+    temperature = cfg.headroom_sampling_temperature
 
     def passk() -> float:
         return pass_at_k(model, tokenizer, kind, val_rows, cfg.headroom_k, temperature, tokens, cfg.eval_batch_size,
