@@ -37,6 +37,7 @@ from bayes_llm.stages.train_expert import expert_domains
 from bayes_llm.svf.decompose import check_base, load_factors
 from bayes_llm.svf.expert import load_expert
 from bayes_llm.svf.scaling import SVF
+from benchmarks import provenance
 from benchmarks.objective_study import check_tag, composed
 
 REPORT_DIR = paths.REPORTS / "objective_study"
@@ -114,7 +115,8 @@ def domain_headroom(params: Params, domain: str, z: dict, model, tokenizer, fact
             "expert": expert, "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
 
 
-def headroom(params: Params, domains: list[str], temperature: float | None = None, tag: str | None = None) -> dict:
+def headroom(params: Params, domains: list[str], temperature: float | None = None, tag: str | None = None,
+             origin: dict | None = None) -> dict:
     check_tag(tag)
     if temperature is not None and not 0 < temperature <= 5:
         raise UserError(f"--temperature must be in (0, 5] (got {temperature})")
@@ -127,7 +129,7 @@ def headroom(params: Params, domains: list[str], temperature: float | None = Non
     experts = {domain: load_expert(paths.expert_file(domain), manifest).z for domain in domains}
     model, tokenizer = load_base()
     check_base(model, manifest, paths.SVD)
-    report = {"seed": params.seed, "split": "val", "domains": {}}
+    report = {"seed": params.seed, "split": "val", "run": origin, "domains": {}}
     for domain in domains:
         report["domains"][domain] = domain_headroom(params, domain, experts[domain], model, tokenizer, factors,
                                                     temperature)  # fmt: skip
@@ -173,6 +175,7 @@ def markdown(report: dict) -> str:
         "a right answer among the k, the share whose majority is right, and the guess those rows face. "
         "Greedy-right rows: the share whose majority is wrong.",
         "",
+        *provenance.markdown_lines(report.get("run")),
         "| domain | start | rows | items | pass@1 greedy | sampled pass@1 | pass@k | maj@k | guess | greedy-wrong "
         "rows | right samples · right in k · right majority | their guess | greedy-right rows: wrong majority |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -199,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
-        headroom(params, args.domains or list(params.experts), args.temperature, args.tag)
+        headroom(params, args.domains or list(params.experts), args.temperature, args.tag,
+                 provenance.run_record(parser.prog, argv))
     except UserError as error:
         print(f"headroom: {error}", file=sys.stderr)
         return error.exit_code

@@ -50,6 +50,7 @@ from bayes_llm.stages.train_expert import expert_domains
 from bayes_llm.stats import paired_bootstrap
 from bayes_llm.svf.decompose import check_base, load_factors
 from bayes_llm.svf.scaling import SVF, Composer
+from benchmarks import provenance
 
 REPORT_DIR = paths.REPORTS / "objective_study"
 # Sampled-group settings for trl's algorithms (greedy rollouts give a group no variance to learn from).
@@ -229,7 +230,7 @@ def _rl_over_sft(runs: list[dict], seed: int) -> dict:
 def compare_objectives(params: Params, domain: str, rl_steps: int = 60, seeds: list[int] | None = None,
                        budget_seconds: float | None = None, fixed_steps: dict[str, dict[str, int]] | None = None,
                        progress: bool = True, only: list[str] | None = None, overrides: dict | None = None,
-                       tag: str | None = None) -> dict:  # fmt: skip
+                       tag: str | None = None, origin: dict | None = None) -> dict:  # fmt: skip
     if rl_steps < 1:
         raise UserError(f"--rl-steps must be at least 1 (got {rl_steps})")
     if budget_seconds is not None and budget_seconds <= 0:
@@ -299,7 +300,7 @@ def compare_objectives(params: Params, domain: str, rl_steps: int = 60, seeds: l
                 run.pop(key, None)
         results.append({"variant": name, "changes": changes, "steps": dict(runs[0]["steps"]),
                         "step_seconds": step_seconds, **summary, "runs": runs})  # fmt: skip
-    report = {"domain": domain, "seeds": seeds, "budget_seconds": budget_seconds, "overrides": overrides,
+    report = {"domain": domain, "run": origin, "seeds": seeds, "budget_seconds": budget_seconds, "overrides": overrides,
               "base_test_accuracy": round(sum(study.base) / len(study.base), 4), "test_items": len(study.base),
               "variants": results, "started_from": base_cfg.model_dump()}  # fmt: skip
     stem = domain + (f"_{tag}" if tag else "")
@@ -323,6 +324,7 @@ def markdown(report: dict) -> str:
         "(0 where RL never beat the SFT z on val), per seed, mean [seed CI] and pooled [95 % CI]; RL's last z "
         "over SFT: the same for the RL phase's last z, whether or not val kept it.",
         "",
+        *provenance.markdown_lines(report.get("run")),
         "| variant | steps | train s | gain per seed | mean gain [seed CI] | pooled [95 % CI] | RL reward first→last "
         "| RL over SFT | RL's last z over SFT |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -408,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = compare_objectives(load_params(args.params), args.domain, args.rl_steps, args.seeds,
                                     args.budget_seconds, dict(args.steps), progress=not args.quiet,
-                                    only=args.variants, overrides=dict(args.overrides), tag=args.tag)  # fmt: skip
+                                    only=args.variants, overrides=dict(args.overrides), tag=args.tag,
+                                    origin=provenance.run_record(parser.prog, argv))  # fmt: skip
     except UserError as error:
         print(f"objective_study: {error}", file=sys.stderr)
         return error.exit_code

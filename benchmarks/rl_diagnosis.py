@@ -43,6 +43,7 @@ from bayes_llm.stats import paired_bootstrap
 from bayes_llm.svf.decompose import check_base, load_factors
 from bayes_llm.svf.expert import load_expert
 from bayes_llm.svf.scaling import SVF
+from benchmarks import provenance
 from benchmarks.objective_study import check_tag, composed_scores, curve_mean
 
 REPORT_DIR = paths.REPORTS / "objective_study"
@@ -125,7 +126,8 @@ def _quarters(rewards: list[float]) -> dict:
 
 def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning_rates: list[float],
              rl_batch_size: int, tag: str | None = None, algorithms: list[str] | None = None,
-             eval_every: int | None = None, test_gain: bool = False, sampling: dict | None = None) -> dict:  # fmt: skip
+             eval_every: int | None = None, test_gain: bool = False, sampling: dict | None = None,
+             origin: dict | None = None) -> dict:  # fmt: skip
     sampling = {**SAMPLED, **(sampling or {})}
     params = load_params(params_path)
     kind = expert_domains(params, domain)[domain]["answer_kind"]
@@ -179,6 +181,7 @@ def diagnose(params_path: Path, domain: str, memorize: int, steps: int, learning
             print(f"generalize {label} lr {lr:g}: val {run['val_curve'] or run.get('error')}", flush=True)
     report = {
         "domain": domain,
+        "run": origin,
         "start": f"the stage's expert z ({paths.expert_file(domain).name})",
         "seed": params.seed,
         "steps": steps,
@@ -237,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         report = diagnose(args.params, args.domain, args.memorize, args.steps, args.learning_rates,
                           args.rl_batch_size, args.tag, args.algorithms,
                           args.eval_every, args.test_gain,
-                          {"num_generations": args.num_generations, "temperature": args.temperature})  # fmt: skip
+                          {"num_generations": args.num_generations, "temperature": args.temperature},
+                          provenance.run_record(parser.prog, argv))  # fmt: skip
     except UserError as error:
         print(f"rl_diagnosis: {error}", file=sys.stderr)
         return error.exit_code

@@ -32,6 +32,7 @@ from bayes_llm.stats import paired_bootstrap
 from bayes_llm.svf.decompose import load_factors, read_manifest
 from bayes_llm.svf.expert import load_expert, read_expert
 from bayes_llm.svf.scaling import SVF
+from benchmarks import provenance
 from benchmarks.headroom import figures
 from benchmarks.headroom import main as headroom
 from benchmarks.objective_study import _Study
@@ -292,6 +293,9 @@ def test_compare_objectives_reports_every_variant_against_the_base(workdir_proje
     algorithms = [v["changes"].get("rl_algorithm") for v in report["variants"]]
     assert algorithms == [None, "reinforce", "grpo", "rloo", None, "rloo", "reinforce", "reinforce"]
     assert report["seeds"] == [0, 1]
+    assert report["run"]["command"] == "python -m benchmarks.objective_study math --quiet --rl-steps 2 --seeds 0 1"
+    table = Path("reports/objective_study/math.md").read_text()
+    assert "\nRerun: `python -m benchmarks.objective_study math --quiet --rl-steps 2 --seeds 0 1`.\n" in table
     for variant in report["variants"]:
         gains = [run["gain"]["gain_points"] for run in variant["runs"]]
         assert gains == variant["gain_points_per_seed"] and [r["seed"] for r in variant["runs"]] == [0, 1]
@@ -420,6 +424,7 @@ def test_rl_diagnosis_runs_every_algorithm_on_fixed_prompts_and_on_the_train_spl
     args = ["math", "--memorize", "2", "--steps", "4", "--learning-rates", "0.001", "0.01", "--rl-batch-size", "2"]
     assert rl_diagnosis(args) == 0
     report = json.loads(Path("reports/objective_study/math_rl_diagnosis.json").read_text())
+    assert report["run"]["command"] == "python -m benchmarks.rl_diagnosis " + " ".join(args)
     algorithms = ["reinforce (group baseline)", "trl grpo (dapo loss)", "trl rloo"]
     memorized = report["memorize"]
     assert list(memorized["runs"]) == algorithms and memorized["learning_rate"] == 0.01 and memorized["prompts"] == 2
@@ -520,6 +525,9 @@ def test_headroom_study_sets_pass_at_k_beside_the_majority_and_guessing(workdir_
     assert headroom(["math", "reasoning"]) == 0
     report = json.loads(Path("reports/objective_study/headroom.json").read_text())
     assert list(report["domains"]) == ["math", "reasoning"]
+    # the project copy is no git checkout: the command alone
+    assert report["run"] == {"command": "python -m benchmarks.headroom math reasoning", "revision": None,
+                             "code_changed": None}  # fmt: skip
     for domain, measured in report["domains"].items():
         stage = json.loads(Path(f"reports/experts/{domain}.json").read_text())["headroom"]
         # the stage's settings and seed: the base's pass@k is the stage's, to the digit
@@ -541,6 +549,7 @@ def test_headroom_study_sets_pass_at_k_beside_the_majority_and_guessing(workdir_
     reasoning = report["domains"]["reasoning"]
     assert reasoning["base"]["chance"] == reasoning["expert"]["chance"] == guess
     table = Path("reports/objective_study/headroom.md").read_text()
+    assert "\nRerun: `python -m benchmarks.headroom math reasoning`.\n" in table
     assert table.count("| reasoning | base | all |") == 1
     assert f"| {100 * guess['pass1']:.1f} / {100 * guess['passk']:.1f} |" in table
     first = prepared.read_split(paths.DATA, "reasoning", "val")[0]["subtask"]
@@ -564,6 +573,25 @@ def test_trl_algorithms_need_sampled_groups():
     with pytest.raises(ValueError, match="with num_generations 1 every advantage is 0"):  # no policy gradient
         ExpertParams(objective="rl", rl_algorithm="reinforce", baseline=True, num_generations=1, temperature=1.0)
     assert ExpertParams(objective="rl", baseline=True, num_generations=2, temperature=1.0).baseline
+
+
+def test_a_study_records_the_command_and_the_commit_it_ran_at(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    Path("params.yaml").write_text("seed: 0\n")
+    subprocess.run([*git, "add", "params.yaml"], check=True)
+    subprocess.run([*git, "commit", "-qm", "params"], check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    run = provenance.run_record("python -m benchmarks.headroom", ["math", "--tag", "a b"])
+    assert run == {"command": "python -m benchmarks.headroom math --tag 'a b'", "revision": head, "code_changed": False}
+    assert provenance.markdown_lines(run) == [f"Rerun: `{run['command']}` (written at {head[:12]}).", ""]
+    Path("notes.txt").write_text("not code\n")  # untracked, and no study reads it
+    assert provenance.run_record("p", [])["code_changed"] is False
+    Path("params.yaml").write_text("seed: 1\n")
+    changed = provenance.run_record("p", [])
+    assert changed["code_changed"] is True and "with uncommitted code changes" in provenance.markdown_lines(changed)[0]
+    assert provenance.markdown_lines(None) == []  # a report written before runs were recorded
 
 
 def test_headroom_samples_at_its_own_temperature_else_the_rl_one_else_1():

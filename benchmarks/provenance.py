@@ -1,0 +1,37 @@
+"""What a study's report records about the run that wrote it: the command that repeats it and the code
+it ran, so each figure in reports/objective_study/ can be traced and rerun."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+
+# Besides the pipeline's outputs, what a study's figures depend on.
+CODE = ("bayes_llm", "benchmarks", "params.yaml")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None  # no git, or not a checkout (an unpacked release)
+
+
+def run_record(prog: str, argv: list[str] | None = None) -> dict:
+    """{command: the command line that repeats the run (`prog` and its arguments; sys.argv's when `argv`
+    is None), revision: the git commit it ran at (None outside a checkout), code_changed: whether the
+    library, the studies or params.yaml differed from that commit (None when git could not tell)}."""
+    args = sys.argv[1:] if argv is None else argv
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", *CODE)
+    return {"command": shlex.join([*prog.split(), *args]), "revision": _git("rev-parse", "HEAD"),
+            "code_changed": None if status is None else bool(status)}
+
+
+def markdown_lines(run: dict | None) -> list[str]:
+    """A report's 'Rerun:' paragraph (none for a report written without a record)."""
+    if not run:
+        return []
+    changed = ", with uncommitted code changes" if run["code_changed"] else ""
+    at = f" (written at {run['revision'][:12]}{changed})" if run["revision"] else ""
+    return [f"Rerun: `{run['command']}`{at}.", ""]
