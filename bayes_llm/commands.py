@@ -88,7 +88,7 @@ def _engine_and_options(args: argparse.Namespace):
         return Engine(args.models), options, params
     from bayes_llm.bundle.manifest import models_layout, verify
 
-    verify(args.bundle)
+    verify(args.bundle, args.models / "base")  # the base this engine loads, as `bundle verify --base` checks it
     layout = models_layout(args.bundle, args.models / "base", args.models / "svd")
     try:
         return Engine(layout), options, params
@@ -146,6 +146,11 @@ def _chat_command(args: argparse.Namespace) -> int:
     engine, options, _ = _engine_and_options(args)
     print(f"bayes-llm chat: strategy {options['strategy']}, blending {options['mode']}; {CHAT_HELP}")
     while prompt := _read_prompt():
+        try:
+            _text(prompt)
+        except argparse.ArgumentTypeError as error:  # one bad line does not end the chat
+            print(f"bayes-llm chat: {error}", file=sys.stderr)
+            continue
         _show_answer(engine.generate([prompt], **options)[0], args.show_experts)
     return 0
 
@@ -155,6 +160,28 @@ def _strategy(text: str) -> str:
     if text in ("prompt", "cls", "fewshot", "base") or (text.startswith("expert:") and len(text) > len("expert:")):
         return text
     raise argparse.ArgumentTypeError(f"{text!r}: use prompt | cls | fewshot | base | expert:<domain>")
+
+
+def _chat_strategy(text: str) -> str:
+    if text == "fewshot":  # its search needs --examples, which a chat does not take
+        raise argparse.ArgumentTypeError("fewshot needs --examples: use `bayes-llm generate --strategy fewshot`")
+    return _strategy(text)
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:  # refused before the model loads, not by bind() after
+        raise argparse.ArgumentTypeError(f"{text}: a port is 0-65535 (0: any free one)")
+    return value
+
+
+def _text(prompt: str) -> str:
+    """A prompt the tokenizer can take: bytes that are not UTF-8 reach Python as lone surrogates."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise argparse.ArgumentTypeError(f"the prompt is not UTF-8 text (character {error.start + 1})") from None
+    return prompt
 
 
 def _wait_ms(text: str) -> float:
@@ -171,24 +198,27 @@ def _positive(text: str) -> int:
     return value
 
 
-def _add_adapt_options(parser: argparse.ArgumentParser) -> None:
+def _add_adapt_options(parser: argparse.ArgumentParser, chat: bool = False) -> None:
     parser.add_argument("--models", type=Path, default=Path("models"),
                         help="directory with base/ svd/ experts/ dispatcher/ (default: %(default)s)")  # fmt: skip
     parser.add_argument("--bundle", type=Path, help="take the experts and the dispatcher from this bundle "
                         "(verified against --models' base first) instead of --models")  # fmt: skip
-    parser.add_argument("--strategy", type=_strategy, help="first pass: prompt | cls | fewshot | base | "
-                        "expert:<domain> (default: params dispatch.strategy)")  # fmt: skip
+    parser.add_argument("--strategy", type=_chat_strategy if chat else _strategy,
+                        help=f"first pass: prompt | cls | {'' if chat else 'fewshot | '}base | expert:<domain> "
+                        "(default: params dispatch.strategy)")  # fmt: skip
     parser.add_argument("--blending-mode", choices=["weighted_average", "top_k", "max"],
                         help="how the posterior mixes experts (default: params dispatch.blending_mode)")  # fmt: skip
     parser.add_argument("--top-k", type=_positive, help="experts kept by top_k blending (default: params "
                         "dispatch.top_k)")  # fmt: skip
-    parser.add_argument("--max-new-tokens", type=_positive, default=64)
+    parser.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens per answer at most "
+                        "(default: %(default)s)")  # fmt: skip
     parser.add_argument("--show-experts", action="store_true", help="print the posterior and the blend")
     parser.add_argument("--verbose", action="store_true", help="show the libraries' own notices and load bars")
 
 
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    parser.add_argument("--prompt", type=_text, action="append", required=True,
+                        help="a prompt (repeat for several)")  # fmt: skip
     parser.add_argument("--examples", type=Path, help="fewshot: JSONL rows (prompt, answer, and choices/tests) of the "
                         "new task")  # fmt: skip
     parser.add_argument("--answer-kind", choices=["number", "letter", "code"], default="number",
@@ -222,7 +252,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--svd", type=Path, help="the base's SVD (default: svd/ beside --base)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    parser.add_argument("--port", type=_port, default=8000, help="(default: %(default)s)")
     parser.add_argument("--max-batch", type=_positive, default=16, help="requests per batch (default: %(default)s)")
     parser.add_argument(
         "--max-wait-ms",
@@ -299,7 +329,7 @@ COMMANDS = (
         + CHAT_HELP
         + ".",
         run=_chat_command,
-        arguments=_add_adapt_options,
+        arguments=lambda parser: _add_adapt_options(parser, chat=True),
         sandboxed=True,
     ),
     Command(

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def test_generate_answers_from_a_verified_bundle(project, capsys):
     assert "sha256 differs" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("tamper", ["modify", "delete", "add"])
+@pytest.mark.parametrize("tamper", ["modify", "delete", "add", "add a manifest"])
 def test_a_tampered_bundle_is_refused(project, tamper, capsys):
     expert = BUNDLE / "experts/math.safetensors"
     if tamper == "modify":
@@ -51,16 +52,18 @@ def test_a_tampered_bundle_is_refused(project, tamper, capsys):
         expert.write_bytes(bytes(data))
     elif tamper == "delete":
         expert.unlink()
-    else:
+    elif tamper == "add":
         (BUNDLE / "experts/extra.safetensors").write_bytes(b"x")
-    reason = {"modify": "sha256 differs", "delete": "missing", "add": "not in the manifest"}[tamper]
+    else:  # only the bundle's own manifest is left out of the hashes
+        (BUNDLE / "experts/manifest.json").write_text("{}")
+    reason = {"modify": "sha256 differs", "delete": "missing"}.get(tamper, "not in the manifest")
     with pytest.raises(BundleError, match=reason):
         verify(BUNDLE)
     assert main(["bundle", "verify", str(BUNDLE)]) == 1
     assert reason in capsys.readouterr().err
 
 
-def test_a_wrong_base_is_refused(project):
+def test_a_wrong_base_is_refused(project, capsys):
     model, tokenizer = load_base(Path("models/base"))
     with torch.no_grad():
         model.get_submodule("model.layers.0.feed_forward.down_proj").weight.add_(0.01)
@@ -69,6 +72,20 @@ def test_a_wrong_base_is_refused(project):
     verify(BUNDLE)  # the files themselves are fine
     with pytest.raises(BundleError, match="made for base"):
         verify(BUNDLE, Path("other_base"))
+    Path("other_models").mkdir()  # generate --bundle checks the base it loads, before anything else
+    Path("other_base").rename("other_models/base")
+    shutil.copytree("models/svd", "other_models/svd")
+    assert main(["generate", "--bundle", str(BUNDLE), "--models", "other_models", "--prompt", "What is 2 + 2?"]) == 1
+    assert "use the base the bundle was built on" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry", ["../../models/experts/math.safetensors", 5])
+def test_an_expert_entry_must_name_a_file_of_the_bundle(project, entry, capsys):
+    manifest = json.loads((BUNDLE / "manifest.json").read_text())
+    manifest["experts"]["math"] = entry
+    (BUNDLE / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="experts not among the bundle's files: math"):
+        verify(BUNDLE)
 
 
 def test_a_bundle_needs_a_manifest(project, tmp_path):

@@ -19,6 +19,10 @@ from tests.conftest import ROOT
         (["generate", "--prompt", "x", "--top-k", "0"], "--top-k: 0: must be at least 1"),
         (["generate", "--prompt", "x", "--strategy", "nope"], "use prompt | cls | fewshot | base | expert:<domain>"),
         (["chat", "--max-new-tokens", "-3"], "--max-new-tokens: -3: must be at least 1"),
+        (["chat", "--strategy", "fewshot"], "fewshot needs --examples: use `bayes-llm generate --strategy fewshot`"),
+        (["serve", "--bundle", "b", "--port", "99999"], "--port: 99999: a port is 0-65535"),
+        # bytes that are not UTF-8 in argv reach Python as lone surrogates
+        (["generate", "--prompt", "What is \udcff 2?"], "--prompt: the prompt is not UTF-8 text (character 9)"),
     ],
 )
 def test_bad_options_are_refused_before_loading(argv, message, capsys):
@@ -42,6 +46,22 @@ def test_chat_reads_a_prompt_over_several_lines(monkeypatch):
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     assert commands._read_prompt() == "Which is largest?\nA) 12\nB) 7"
     assert commands._read_prompt() == ""  # an empty line quits
+
+
+def test_a_chat_line_that_is_not_text_is_refused_and_the_chat_goes_on(monkeypatch, capsys):
+    answered = []
+
+    class Engine:
+        def generate(self, prompts, **_):
+            answered.extend(prompts)
+            return [type("Answer", (), {"text": "4", "posterior": {}, "blend": {}})()]
+
+    monkeypatch.setattr(commands, "_engine_and_options", lambda args: (Engine(), {"strategy": "cls", "mode": "max"},
+                                                                      None))  # fmt: skip
+    lines = iter(["What is \udcff 2?", "What is 2 + 2?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat"]) == 0
+    assert answered == ["What is 2 + 2?"] and "not UTF-8 text (character 9)" in capsys.readouterr().err
 
 
 def test_chat_help_says_how_to_quit_and_continue(capsys):

@@ -78,6 +78,36 @@ def test_the_layers_hold_inside():
     assert third.startswith("[] [") and SECRET_ENV not in third
 
 
+@needs_isolation
+def test_no_new_process_or_page_cache_probe_past_seccomp():
+    """With the audit hook emptied: no fork (each process would get an address space of its own, the
+    rlimit is per process), threads still run; no fadvise or RWF_NOWAIT read, through which samples
+    passed notes in the host's page cache (a file on the shared /usr cached or dropped)."""
+    probe = HOOK_OFF + (
+        "import os, threading\nfd = os.open('/usr/lib/os-release', os.O_RDONLY)\nout = []\n"
+        "for call in (os.fork, lambda: os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED),\n"
+        "             lambda: os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)):\n"
+        "    try:\n        out.append(call() == 0 and os._exit(0))\n"
+        "    except OSError as error:\n        out.append(error.errno)\n"
+        "thread = threading.Thread(target=out.append, args=('thread',))\nthread.start()\nthread.join()\n"
+        "print(out, os.read(fd, 3))\n"
+    )
+    result = run_python(probe)
+    assert result.ok, result.stderr
+    # ENOSYS; glibc answers a flagged preadv2 the kernel refused with EOPNOTSUPP
+    assert result.stdout.strip() == "[38, 38, 95, 'thread'] b'PRE'"
+
+
+def test_an_answer_too_deep_to_decode_is_no_error_a_test_can_catch():
+    # written straight to the reply pipe: the trusted side's json.loads gives up (RecursionError)
+    deep = ("import sys\nmain = sys.modules['__main__']\ndef triple_plus_one(x):\n"
+            "    main._os.write(main._wfd, b'{\"value\": ' + b'[' * 200000 + b']' * 200000 + b'}\\n')\n"
+            "    import time\n    time.sleep(5)\n")  # fmt: skip
+    catching = ("try:\n    r = triple_plus_one(2)\nexcept Exception as e:\n    r = type(e).__name__\n"
+                "assert r == 'RecursionError'")  # fmt: skip
+    assert check_solutions([(deep, [catching])], progress=False, reuse=False) == ["sandbox: a malformed answer"]
+
+
 def test_no_sockets_processes_or_writes_past_the_audit_policy():
     for code, event in (("import socket\nsocket.socket()", "socket.__new__"), ("import os\nos.fork()", "os.fork"),
                         ("open('/etc/x', 'w')", "writing outside")):  # fmt: skip

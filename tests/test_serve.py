@@ -336,6 +336,10 @@ def test_concurrent_requests_with_different_blends_share_a_batch_and_match_runni
         ({"messages": [{"role": "user", "content": "hi"}], "bayes_llm": {"strategy": "expert:"}}, 400, "no expert"),
         ({"messages": [{"role": "user", "content": "hi \ud800"}]}, 400, "not valid Unicode"),
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, 400, "not valid Unicode"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),  # asking for more than it does
+        ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
+        ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, 400, "presence_penalty"),
+        ({"messages": [{"role": "user", "content": "hi"}], "model": None}, 400, "model"),  # no default to fall to
     ],
 )
 def test_bad_requests_get_a_4xx_that_names_the_problem(server, body, status, says):
@@ -345,6 +349,17 @@ def test_bad_requests_get_a_4xx_that_names_the_problem(server, body, status, say
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert says in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_null_is_the_default_and_defaults_of_what_it_does_not_do_are_accepted(server, client):
+    """As in OpenAI's API: clients that send every field (null, n 1, no penalty) get the plain answer."""
+    messages = [{"role": "user", "content": "What is 3 + 4?"}]
+    plain = client.chat.completions.create(model=server["model"], max_tokens=6, messages=messages)
+    spelled = client.chat.completions.create(model=server["model"], max_tokens=6, messages=messages, n=1,
+                                             temperature=None, top_p=None, stream=None, logprobs=False,
+                                             presence_penalty=0, frequency_penalty=0.0)  # fmt: skip
+    assert spelled.choices[0].message.content == plain.choices[0].message.content
+    assert _ext(spelled.choices[0])["blend"] == _ext(plain.choices[0])["blend"]
 
 
 def test_malformed_and_oversize_bodies_and_unknown_routes(server, client):

@@ -39,11 +39,12 @@ def _git_revision() -> str | None:
 
 
 def _files(root: Path) -> dict[str, str]:
-    """relative path → sha256 of every file under root except the manifest."""
+    """relative path → sha256 of every file under root except the manifest (a file of that name in a
+    subfolder is one more file)."""
     return {
         path.relative_to(root).as_posix(): sha256(path)
         for path in sorted(root.rglob("*"))
-        if path.is_file() and path.name != MANIFEST
+        if path.is_file() and path != root / MANIFEST
     }
 
 
@@ -152,6 +153,9 @@ def verify(bundle: Path, base_dir: Path | None = None) -> dict:
                  if listed[name] != actual[name]]  # fmt: skip
     if problems:
         raise BundleError(f"{bundle}: refused, files do not match the manifest:\n  " + "\n  ".join(problems))
+    strays = [domain for domain, file in manifest["experts"].items() if not isinstance(file, str) or file not in listed]
+    if strays:
+        raise BundleError(f"{path}: refused, experts not among the bundle's files: {', '.join(strays)}")
     for domain, file in manifest["experts"].items():
         if read_expert(bundle / file).base_fingerprint != manifest["base_fingerprint"]:
             raise BundleError(f"{bundle / file}: expert {domain} was trained on another base than the manifest says")

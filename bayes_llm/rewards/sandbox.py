@@ -11,9 +11,11 @@
    /dev/shm, its only writable places. Nothing of the project, the datasets, home directories or
    /run's sockets is in it.
 3. **seccomp and rlimits**: a BPF filter denies what no program needs and kernels expose to mischief
-   (kernel keys, memfd, io_uring, namespaces, mount, ptrace, bpf, perf, sockets but unix/IP); rlimits
-   on CPU seconds, address space, file size, open files, processes, no core dumps; a wall-clock limit
-   after which its namespace is killed (also when whoever started it dies).
+   (kernel keys, memfd, io_uring, namespaces, mount, ptrace, bpf, perf, sockets but unix/IP, new
+   processes but threads, probing or dropping the host's page cache); rlimits on CPU seconds, address
+   space (one process, so the whole sandbox's memory but its tmpfs), file size, open files, threads,
+   no core dumps; a wall-clock limit after which its namespace is killed (also when whoever started
+   it dies).
 4. **a clean interpreter**: `python -I -S` (no site-packages, no environment), a clean environment,
    no inherited descriptors but its two pipes, and an audit-hook policy (no sockets, processes,
    ctypes, signals, rlimit changes or writes outside its tmp) as one more layer, not the boundary: a
@@ -133,15 +135,19 @@ os.makedirs(root + "/tmp")
 os.chmod(root + "/tmp", 0o1777)
 os.chroot(root)
 os.chdir("/tmp")
-def seccomp(arch, denied, socket_nr):
-    # A BPF filter: the denied system calls (kernel keys, memfd, io_uring, namespaces, mount, ptrace, bpf,
-    # perf) fail with ENOSYS, and so does any socket but AF_UNIX/INET/INET6 (no vsock to the VM host).
+def seccomp(arch, denied, socket_nr, clone_nr):
+    # A BPF filter: the denied system calls (see _SECCOMP) fail with ENOSYS; so does `clone` but for a
+    # thread (no new process: threads share the address space its rlimit bounds; glibc falls back from
+    # clone3 to it), and any socket but AF_UNIX/INET/INET6 (no vsock to the VM host).
     import struct
-    LD, JEQ, JGE, RET, ALLOW, DENY = 0x20, 0x15, 0x35, 0x06, 0x7FFF0000, 0x00050000 | 38
+    LD, JEQ, JGE, JSET, RET, ALLOW, DENY = 0x20, 0x15, 0x35, 0x45, 0x06, 0x7FFF0000, 0x00050000 | 38
     program = [(LD, 0, 0, 4), (JEQ, 1, 0, arch), (RET, 0, 0, DENY), (LD, 0, 0, 0), (JGE, 0, 1, 0x40000000),
                (RET, 0, 0, DENY)]
     for number in denied:
         program += [(JEQ, 0, 1, number), (RET, 0, 0, DENY)]
+    CLONE_THREAD = 0x10000
+    program += [(JEQ, 0, 4, clone_nr), (LD, 0, 0, 16), (JSET, 1, 0, CLONE_THREAD), (RET, 0, 0, DENY),
+                (RET, 0, 0, ALLOW)]
     program += [(JEQ, 1, 0, socket_nr), (RET, 0, 0, ALLOW), (LD, 0, 0, 16), (JEQ, 3, 0, 1), (JEQ, 2, 0, 2),
                 (JEQ, 1, 0, 10), (RET, 0, 0, DENY), (RET, 0, 0, ALLOW)]
     filters = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in program))
@@ -179,11 +185,18 @@ def _read_only_paths() -> list[str]:
             os.path.realpath(sys.base_prefix)]  # fmt: skip
 
 
-# Per architecture: the audit arch, the denied system calls, and `socket`'s number (filtered by family).
+# Per architecture: the audit arch, the denied system calls, `socket`'s number (filtered by family) and
+# `clone`'s (threads only). Denied: add_key request_key keyctl memfd_create io_uring_* unshare setns mount
+# umount2 ptrace bpf perf userfaultfd; fork vfork clone3 (no new processes: each would get an address
+# space of its own); and what tells a program which files the host has cached or drops them from the
+# cache (fadvise64 readahead preadv2 pwritev2 mincore cachestat), which samples sharing the read-only
+# /usr could pass notes through (RWF_NOWAIT reads fail on an uncached page).
 _SECCOMP = {
-    "x86_64": (0xC000003E, [248, 249, 250, 319, 425, 426, 427, 272, 308, 165, 166, 101, 321, 298, 323], 41),
-    "aarch64": (0xC00000B7, [217, 218, 219, 279, 425, 426, 427, 97, 268, 40, 39, 117, 280, 241, 282], 198),
-}  # add_key request_key keyctl memfd_create io_uring_* unshare setns mount umount2 ptrace bpf perf userfaultfd
+    "x86_64": (0xC000003E, [248, 249, 250, 319, 425, 426, 427, 272, 308, 165, 166, 101, 321, 298, 323,
+                            57, 58, 435, 221, 187, 327, 328, 27, 451], 41, 56),
+    "aarch64": (0xC00000B7, [217, 218, 219, 279, 425, 426, 427, 97, 268, 40, 39, 117, 280, 241, 282,
+                             435, 223, 213, 286, 287, 232, 451], 198, 220),
+}  # fmt: skip
 
 
 def _sandbox_uid() -> int:

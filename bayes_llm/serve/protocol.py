@@ -1,6 +1,8 @@
 """The request bodies the server accepts: OpenAI's shapes (the fields this server honours) plus the
 `bayes_llm` extension object. Unknown fields are refused by name, not silently ignored, so a client
-asking for something this server does not do (`n`, `logprobs`, `tools`, ...) learns it at once.
+asking for something this server does not do (`n` > 1, `logprobs`, `tools`, ...) learns it at once; the
+value that asks for nothing (`n: 1`, `logprobs: false`, a 0 penalty) is accepted, and a null is the
+default, as in OpenAI's API.
 
 With the official client the extension goes through `extra_body={"bayes_llm": {...}}`.
 """
@@ -53,7 +55,20 @@ class Sampled(Strict):
     stop: str | list[Text] | None = None
     seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)
     user: str | None = None
+    # What this server does not do, accepted at the value that asks for nothing (clients send defaults)
+    n: Literal[1] | None = Field(None, description="one choice per request")
+    logprobs: Literal[False] | None = None
+    presence_penalty: Annotated[float, Field(ge=0, le=0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=0, le=0)] | None = None
     bayes_llm: Extension = Field(default_factory=Extension)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: object) -> object:
+        # OpenAI's API reads a null as "not given": `"temperature": null` samples at the default.
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None or key not in _DEFAULTED}
+        return data
 
     @model_validator(mode="after")
     def _stream_options(self) -> Sampled:
@@ -68,6 +83,9 @@ class Sampled(Strict):
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop: up to 4 non-empty strings")
         return stops
+
+
+_DEFAULTED = ("temperature", "top_p", "stream", "bayes_llm")  # fields with a default other than None
 
 
 class CompletionRequest(Sampled):
