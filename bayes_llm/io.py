@@ -24,11 +24,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
+        _usual_mode(tmp, 0o666)
         yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# Read once, at import: reading it means setting it, and a thread creating a file meanwhile would get umask 0.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _usual_mode(path: Path, mode: int) -> None:
+    """mkstemp makes a file 0600 and mkdtemp a dir 0700: the result should look like any file or dir
+    made under the umask (a bundle or report another user reads)."""
+    path.chmod(mode & ~_UMASK)
 
 
 def write_json(path: str | Path, payload: Any) -> None:
@@ -64,10 +76,8 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like any dir
     try:
+        _usual_mode(staging, 0o777)
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
