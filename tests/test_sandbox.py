@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import signal
 import socket
 import time
@@ -76,6 +77,18 @@ def test_the_layers_hold_inside():
     assert int(uid) >= sandbox.UID_BASE and (parent, processes, cwd) == ("1", "2", "/tmp")
     assert second == f"16 {1 << 29}"
     assert third.startswith("[] [") and SECRET_ENV not in third
+
+
+@needs_isolation
+def test_installed_packages_are_hidden_inside():
+    hidden = sandbox._hidden_paths()
+    assert hidden and all(Path(p).is_dir() for p in hidden)
+    listing = f"import os\nprint([len(os.listdir(p)) for p in {hidden!r}])\n"
+    result = run_python(listing + "print(len(os.listdir(os.path.dirname(os.__file__))))")
+    assert result.ok, result.stderr
+    packages, stdlib = result.stdout.splitlines()
+    assert packages == str([0] * len(hidden)) and int(stdlib) > 100  # the standard library stays
+    assert any(os.listdir(p) for p in hidden)  # (on the host they hold something: the check is not vacuous)
 
 
 @needs_isolation

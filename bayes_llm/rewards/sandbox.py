@@ -7,7 +7,7 @@
    its own PID namespace (it sees and signals only its own processes, and all of them die with it),
    network namespace (only a loopback that is down), IPC and UTS namespaces, and a mount namespace in
    which it is chrooted into a minimal root: the system's libraries and the interpreter's prefix,
-   read-only; its own /proc, /dev/{null,zero,random,urandom}; a size-capped tmpfs as /tmp and
+   read-only, their installed packages (site-packages, dist-packages) hidden; its own /proc, /dev/{null,zero,random,urandom}; a size-capped tmpfs as /tmp and
    /dev/shm, its only writable places. Nothing of the project, the datasets, home directories or
    /run's sockets is in it.
 3. **seccomp and rlimits**: a BPF filter denies what no program needs and kernels expose to mischief
@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import glob
 import json
 import os
 import resource
@@ -124,6 +125,9 @@ for path in config["read_only"]:
             open(inside, "w").close()
         mount(path, inside, None, BIND | REC)
         mount("none", inside, None, REMOUNT | BIND | RDONLY | NOSUID | NODEV)
+for path in config["hidden"]:  # an empty read-only dir over each: `-S` reads none of them
+    if os.path.isdir(root + path):
+        mount("tmpfs", root + path, "tmpfs", RDONLY | NOSUID | NODEV, "size=4k,mode=555")
 os.makedirs(root + "/dev/shm")
 for node in ("null", "zero", "random", "urandom"):
     open(root + "/dev/" + node, "w").close()
@@ -185,6 +189,15 @@ def _read_only_paths() -> list[str]:
             os.path.realpath(sys.base_prefix)]  # fmt: skip
 
 
+def _hidden_paths() -> list[str]:
+    """Installed packages inside those paths, hidden: the interpreter runs with `-S`, and what a user
+    installed next to it (a benchmark's data with its reference solutions, say) is no program's business."""
+    prefix = os.path.realpath(sys.base_prefix)
+    patterns = (f"{prefix}/lib/python3*/site-packages", "/usr/lib/python3*/dist-packages",
+                "/usr/local/lib/python3*/dist-packages", "/usr/local/lib/python3*/site-packages")  # fmt: skip
+    return sorted({path for pattern in patterns for path in glob.glob(pattern)})
+
+
 # Per architecture: the audit arch, the denied system calls, `socket`'s number (filtered by family) and
 # `clone`'s (threads only). Denied: add_key request_key keyctl memfd_create io_uring_* unshare setns mount
 # umount2 ptrace bpf perf userfaultfd; fork vfork clone3 (no new processes: each would get an address
@@ -208,7 +221,8 @@ def _sandbox_uid() -> int:
 def _wrap(program: list[str], uid: bool, namespaces: bool, limits: Limits) -> list[str]:
     """The command that runs `program` inside the given layers (rlimits are set by `_preexec`)."""
     if namespaces:
-        config = {"tmp_bytes": limits.tmp_bytes, "read_only": _read_only_paths(), "argv": program,
+        config = {"tmp_bytes": limits.tmp_bytes, "read_only": _read_only_paths(), "hidden": _hidden_paths(),
+                  "argv": program,
                   "uid": _sandbox_uid() if uid else os.getuid(),
                   "seccomp": _SECCOMP.get(os.uname().machine)}  # fmt: skip
         launcher = python("-c", _LAUNCHER, json.dumps(config))
