@@ -98,6 +98,7 @@ def _engine_and_options(args: argparse.Namespace):
 
 def _generate_command(args: argparse.Namespace) -> int:
     engine, options, params = _engine_and_options(args)
+    engine.refuse_overlong(args.prompt, options["max_new_tokens"])
     if options["strategy"] == "fewshot":
         return _fewshot(engine, options, params, args)
     for prompt, answer in zip(args.prompt, engine.generate(args.prompt, **options), strict=True):
@@ -144,11 +145,14 @@ def _read_prompt() -> str:
 
 def _chat_command(args: argparse.Namespace) -> int:
     engine, options, _ = _engine_and_options(args)
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 reaches _text as surrogates, not as a crash
+        sys.stdin.reconfigure(errors="surrogateescape")
     print(f"bayes-llm chat: strategy {options['strategy']}, blending {options['mode']}; {CHAT_HELP}")
     while prompt := _read_prompt():
         try:
             _text(prompt)
-        except argparse.ArgumentTypeError as error:  # one bad line does not end the chat
+            engine.refuse_overlong([prompt], options["max_new_tokens"])
+        except (argparse.ArgumentTypeError, UserError) as error:  # one bad line does not end the chat
             print(f"bayes-llm chat: {error}", file=sys.stderr)
             continue
         _show_answer(engine.generate([prompt], **options)[0], args.show_experts)

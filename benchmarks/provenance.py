@@ -21,9 +21,12 @@ def _git(*args: str) -> str | None:
 def run_record(prog: str, argv: list[str] | None = None) -> dict:
     """{command: the command line that repeats the run (`prog` and its arguments; sys.argv's when `argv`
     is None), revision: the git commit it ran at (None outside a checkout), code_changed: whether the
-    library, the studies or params.yaml differed from that commit (None when git could not tell)}."""
+    library, the studies or the params file (params.yaml, or --params) differed from that commit, a new
+    file in them included (None when git could not tell)}."""
     args = sys.argv[1:] if argv is None else argv
-    status = _git("status", "--porcelain", "--untracked-files=no", "--", *CODE)
+    given = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "--params"]
+    given += [arg.split("=", 1)[1] for arg in args if arg.startswith("--params=")]
+    status = _git("status", "--porcelain", "--untracked-files=all", "--", *CODE, *given)
     return {"command": shlex.join([*prog.split(), *args]), "revision": _git("rev-parse", "HEAD"),
             "code_changed": None if status is None else bool(status)}
 

@@ -38,6 +38,11 @@ def test_generate_answers_from_a_verified_bundle(project, capsys):
     assert main(["generate", "--bundle", str(BUNDLE), "--prompt", "What is 2 + 2?", "--max-new-tokens", "3",
                  "--show-experts"]) == 0  # fmt: skip
     assert "[posterior:" in capsys.readouterr().out
+    # past the model's context (the smoke model's 256 tokens) it would answer garbage: refused, as the server does
+    assert main(["generate", "--bundle", str(BUNDLE), "--prompt", "What is 3 + 4? " * 40]) == 1
+    assert main(["generate", "--bundle", str(BUNDLE), "--prompt", "What is 2 + 2?", "--max-new-tokens", "9999"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("more than the model's context of 256 tokens") == 2 and "with 9999 new tokens" in err
     (BUNDLE / "dispatcher/dispatcher.json").write_text("{}")
     assert main(["generate", "--bundle", str(BUNDLE), "--prompt", "What is 2 + 2?"]) == 1
     assert "sha256 differs" in capsys.readouterr().err

@@ -3,6 +3,7 @@ shipped few-shot examples."""
 
 from __future__ import annotations
 
+import io
 import time
 
 import pytest
@@ -52,14 +53,17 @@ def test_a_chat_line_that_is_not_text_is_refused_and_the_chat_goes_on(monkeypatc
     answered = []
 
     class Engine:
+        def refuse_overlong(self, prompts, max_new_tokens):
+            pass
+
         def generate(self, prompts, **_):
             answered.extend(prompts)
             return [type("Answer", (), {"text": "4", "posterior": {}, "blend": {}})()]
 
-    monkeypatch.setattr(commands, "_engine_and_options", lambda args: (Engine(), {"strategy": "cls", "mode": "max"},
-                                                                      None))  # fmt: skip
-    lines = iter(["What is \udcff 2?", "What is 2 + 2?", ""])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    options = {"strategy": "cls", "mode": "max", "max_new_tokens": 8}
+    monkeypatch.setattr(commands, "_engine_and_options", lambda args: (Engine(), options, None))
+    typed = b"What is \xff 2?\nWhat is 2 + 2?\n\n"  # a strict UTF-8 stdin, as in an en_US.UTF-8 locale
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(typed), encoding="utf-8", errors="strict"))
     assert main(["chat"]) == 0
     assert answered == ["What is 2 + 2?"] and "not UTF-8 text (character 9)" in capsys.readouterr().err
 

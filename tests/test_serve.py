@@ -96,6 +96,7 @@ class TinyEngine:
         self.model, self.tokenizer, self.factors, self.expert_scales = model, tokenizer, factors, experts
         self.classifier_scales, self.controllers = None, {}
         self.composer = Composer(model, factors)
+        self.context = model.config.max_position_embeddings
 
     @property
     def domains(self) -> list[str]:
@@ -336,9 +337,10 @@ def test_concurrent_requests_with_different_blends_share_a_batch_and_match_runni
         ({"messages": [{"role": "user", "content": "hi"}], "bayes_llm": {"strategy": "expert:"}}, 400, "no expert"),
         ({"messages": [{"role": "user", "content": "hi \ud800"}]}, 400, "not valid Unicode"),
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, 400, "not valid Unicode"),
-        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),  # asking for more than it does
-        ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
-        ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, 400, "presence_penalty"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n: Input should be 1"),  # more than it does
+        ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs: Input should be False"),
+        ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, 400,
+         "presence_penalty: Input should be less than or equal to 0"),
         ({"messages": [{"role": "user", "content": "hi"}], "model": None}, 400, "model"),  # no default to fall to
     ],
 )

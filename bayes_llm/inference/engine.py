@@ -28,7 +28,7 @@ from bayes_llm.experts.objectives import sft_batch
 from bayes_llm.model.cloze import cloze_scores
 from bayes_llm.model.greedy import greedy_completions
 from bayes_llm.model.load import load_base
-from bayes_llm.prompts import answer_prompt
+from bayes_llm.prompts import answer_prompt, model_context
 from bayes_llm.rewards.correctness import correctness
 from bayes_llm.svf.blend import BlendMode, blend_scales
 from bayes_llm.svf.decompose import check_base, load_factors
@@ -68,6 +68,7 @@ class Engine:
         experts = [load_expert(path, self.manifest) for path in files]
         self.expert_scales = {e.domain: e.scales(self.factors) for e in experts}
         self.composer = Composer(self.model, self.factors)
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))  # tokens, answer included
         self.controllers: dict[str, Controller] = {}
         self.classifier_scales = None
         if (models / "dispatcher" / "dispatcher.json").is_file():
@@ -191,6 +192,16 @@ class Engine:
                                strict=True):  # fmt: skip
                 texts[i] = text
         return texts
+
+    def refuse_overlong(self, prompts: Sequence[str], max_new_tokens: int) -> None:
+        """A clear error for a prompt that leaves no room for its answer in the model's context, as the
+        server gives; past the context a model answers garbage without a word."""
+        for number, prompt in enumerate(prompts, 1):
+            context = model_context(self.tokenizer, answer_prompt(prompt))
+            used = len(self.tokenizer(context, add_special_tokens=False)["input_ids"])
+            if used + max_new_tokens > self.context:
+                raise UserError(f"prompt {number} is {used} tokens as the model is asked it: with {max_new_tokens} "
+                                f"new tokens, more than the model's context of {self.context} tokens")  # fmt: skip
 
     def complete(self, prompts: Sequence[str], max_new_tokens: int = 64, batch_size: int = 32) -> list[str]:
         """Greedy answers with the weights loaded now."""

@@ -7,15 +7,15 @@
    its own PID namespace (it sees and signals only its own processes, and all of them die with it),
    network namespace (only a loopback that is down), IPC and UTS namespaces, and a mount namespace in
    which it is chrooted into a minimal root: the system's libraries and the interpreter's prefix,
-   read-only, their installed packages (site-packages, dist-packages) hidden; its own /proc, /dev/{null,zero,random,urandom}; a size-capped tmpfs as /tmp and
-   /dev/shm, its only writable places. Nothing of the project, the datasets, home directories or
-   /run's sockets is in it.
+   read-only, their installed packages (site-packages, dist-packages) hidden; its own /proc,
+   /dev/{null,zero,random,urandom}; a size-capped tmpfs as /tmp and /dev/shm, its only writable
+   places. Nothing of the project, the datasets, home directories or /run's sockets is in it.
 3. **seccomp and rlimits**: a BPF filter denies what no program needs and kernels expose to mischief
    (kernel keys, memfd, io_uring, namespaces, mount, ptrace, bpf, perf, sockets but unix/IP, new
-   processes but threads, probing or dropping the host's page cache); rlimits on CPU seconds, address
-   space (one process, so the whole sandbox's memory but its tmpfs), file size, open files, threads,
-   no core dumps; a wall-clock limit after which its namespace is killed (also when whoever started
-   it dies).
+   processes but threads, probing or dropping the host's page cache, though page faults and timing
+   still tell a cached file from one never read); rlimits on CPU seconds, address space (one
+   process, so the whole sandbox's memory but its tmpfs), file size, open files, threads, no core
+   dumps; a wall-clock limit after which its namespace is killed (also when whoever started it dies).
 4. **a clean interpreter**: `python -I -S` (no site-packages, no environment), a clean environment,
    no inherited descriptors but its two pipes, and an audit-hook policy (no sockets, processes,
    ctypes, signals, rlimit changes or writes outside its tmp) as one more layer, not the boundary: a
@@ -202,13 +202,15 @@ def _hidden_paths() -> list[str]:
 # `clone`'s (threads only). Denied: add_key request_key keyctl memfd_create io_uring_* unshare setns mount
 # umount2 ptrace bpf perf userfaultfd; fork vfork clone3 (no new processes: each would get an address
 # space of its own); and what tells a program which files the host has cached or drops them from the
-# cache (fadvise64 readahead preadv2 pwritev2 mincore cachestat), which samples sharing the read-only
-# /usr could pass notes through (RWF_NOWAIT reads fail on an uncached page).
+# cache (fadvise64 readahead preadv2 pwritev2 mincore cachestat, native AIO: io_setup io_destroy
+# io_submit io_getevents io_pgetevents io_cancel), which samples sharing the read-only /usr could pass
+# notes through (RWF_NOWAIT reads fail on an uncached page). Still open: a mapped file's major page
+# faults (getrusage) and read timing tell a cached file from one no sample read yet.
 _SECCOMP = {
     "x86_64": (0xC000003E, [248, 249, 250, 319, 425, 426, 427, 272, 308, 165, 166, 101, 321, 298, 323,
-                            57, 58, 435, 221, 187, 327, 328, 27, 451], 41, 56),
+                            57, 58, 435, 221, 187, 327, 328, 27, 451, 206, 207, 209, 208, 333, 210], 41, 56),
     "aarch64": (0xC00000B7, [217, 218, 219, 279, 425, 426, 427, 97, 268, 40, 39, 117, 280, 241, 282,
-                             435, 223, 213, 286, 287, 232, 451], 198, 220),
+                             435, 223, 213, 286, 287, 232, 451, 0, 1, 2, 4, 292, 3], 198, 220),
 }  # fmt: skip
 
 

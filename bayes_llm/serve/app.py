@@ -91,7 +91,7 @@ class Server:
     def __init__(self, engine: Engine, scheduler: Scheduler, model_id: str, defaults: Extension,
                  max_tokens_limit: int = 512, max_prompt_tokens: int | None = None) -> None:  # fmt: skip
         self.engine, self.scheduler, self.model_id, self.defaults = engine, scheduler, model_id, defaults
-        self.context = int(getattr(engine.model.config, "max_position_embeddings", 2048))
+        self.context = engine.context
         self.max_tokens_limit = min(max_tokens_limit, self.context - 1)
         self.max_prompt_tokens = max_prompt_tokens or self.context - 1
 
