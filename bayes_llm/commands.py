@@ -73,6 +73,8 @@ def _engine_and_options(args: argparse.Namespace):
         raise UserError(f"--examples {args.examples}: no such file")
     if args.strategy == "fewshot" and not getattr(args, "examples", None):
         raise UserError("--strategy fewshot needs --examples FILE.jsonl (rows with prompt and answer)")
+    if getattr(args, "examples", None) and args.strategy != "fewshot":  # (params' strategy is never fewshot)
+        raise UserError("--examples is for --strategy fewshot: add it, or leave the examples out")
     if not args.verbose:
         _quiet_libraries()
     from bayes_llm.inference.engine import Engine

@@ -38,8 +38,11 @@ def test_fewshot_needs_an_examples_file_that_exists(workdir, capsys):
     (workdir / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     assert main(["generate", "--prompt", "x", "--strategy", "fewshot"]) == 1
     assert main(["generate", "--prompt", "x", "--examples", "missing.jsonl"]) == 1
+    (workdir / "shots.jsonl").write_text('{"prompt": "What is 1 + 1?", "answer": "2"}\n')
+    assert main(["generate", "--prompt", "x", "--examples", "shots.jsonl"]) == 1  # not silently ignored
     err = capsys.readouterr().err
     assert "needs --examples FILE.jsonl" in err and "missing.jsonl: no such file" in err
+    assert "--examples is for --strategy fewshot" in err
 
 
 def test_chat_reads_a_prompt_over_several_lines(monkeypatch):

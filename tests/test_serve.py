@@ -351,6 +351,7 @@ def test_bad_requests_get_a_4xx_that_names_the_problem(server, body, status, say
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert says in error["message"] and error["type"] == "invalid_request_error"
+    assert "Value error, " not in error["message"]  # pydantic's prefix to a validator's own message
 
 
 def test_null_is_the_default_and_defaults_of_what_it_does_not_do_are_accepted(server, client):
@@ -362,6 +363,9 @@ def test_null_is_the_default_and_defaults_of_what_it_does_not_do_are_accepted(se
                                              presence_penalty=0, frequency_penalty=0.0)  # fmt: skip
     assert spelled.choices[0].message.content == plain.choices[0].message.content
     assert _ext(spelled.choices[0])["blend"] == _ext(plain.choices[0])["blend"]
+    raw = httpx.post(f"{server['url']}/v1/chat/completions", timeout=60,
+                     json={"model": server["model"], "messages": messages, "max_tokens": 4, "top_p": None}).json()
+    assert "logprobs" in raw["choices"][0] and raw["choices"][0]["logprobs"] is None  # as OpenAI's choices have it
 
 
 def test_malformed_and_oversize_bodies_and_unknown_routes(server, client):
@@ -369,10 +373,11 @@ def test_malformed_and_oversize_bodies_and_unknown_routes(server, client):
     broken = httpx.post(f"{url}/v1/completions", content=b'{"model": ', headers={"content-type": "application/json"})
     assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
     huge = httpx.post(f"{url}/v1/completions", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
-    assert huge.status_code == 413
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
     chunked = httpx.post(f"{url}/v1/completions", content=iter([b" " * (1 << 16)] * 32),  # no content-length
                          headers={"content-type": "application/json"})  # fmt: skip
     assert chunked.status_code == 413 and "larger than" in chunked.json()["error"]["message"]
+    assert chunked.json()["error"]["code"] == "request_too_large"  # the same error either way
     infinite = httpx.post(f"{url}/v1/completions", headers={"content-type": "application/json"},
                           content=b'{"model": "%s", "prompt": "hi", "bayes_llm": {"blend": {"math": Infinity}}}'
                           % server["model"].encode())  # fmt: skip

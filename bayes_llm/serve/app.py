@@ -55,7 +55,8 @@ def _validation_message(error: dict) -> tuple[str, str]:
         return f"{where}: unknown or unsupported field", where
     if error["type"] == "json_invalid":
         return f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})", "body"
-    return f"{where or 'body'}: {error['msg']}", where
+    # (a validator's own ValueError comes as "Value error, <its message>")
+    return f"{where or 'body'}: {error['msg'].removeprefix('Value error, ')}", where
 
 
 class BodyLimit:
@@ -291,7 +292,9 @@ def create_app(server: Server, max_body_bytes: int = 1 << 20) -> FastAPI:
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         messages = {404: f"no route {request.method} {request.url.path}",
                     405: f"{request.method} is not allowed on {request.url.path}"}  # fmt: skip
-        return _error(error.status_code, messages.get(error.status_code, str(error.detail)))
+        codes = {413: "request_too_large"}  # a chunked body counted past the limit (BodyLimit)
+        return _error(error.status_code, messages.get(error.status_code, str(error.detail)),
+                      code=codes.get(error.status_code))  # fmt: skip
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, error: Exception) -> JSONResponse:
@@ -320,7 +323,7 @@ def create_app(server: Server, max_body_bytes: int = 1 << 20) -> FastAPI:
             for job in jobs:
                 job.cancelled.set()
         if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]},
+            choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]}, "logprobs": None,
                         "finish_reason": r["finish_reason"], "bayes_llm": r["bayes_llm"]}
                        for i, r in enumerate(results)]  # fmt: skip
         else:
