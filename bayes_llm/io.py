@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -24,8 +25,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
-        _usual_mode(tmp, 0o666)
         yield tmp
+        _usual_mode(tmp, 0o666)  # after the writer: some (safetensors) replace the temp file with their own
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -38,9 +39,11 @@ os.umask(_UMASK)
 
 
 def _usual_mode(path: Path, mode: int) -> None:
-    """mkstemp makes a file 0600 and mkdtemp a dir 0700: the result should look like any file or dir
-    made under the umask (a bundle or report another user reads)."""
-    path.chmod(mode & ~_UMASK)
+    """mkstemp makes a file 0600 and mkdtemp a dir 0700 (and writers with temp files of their own do the
+    same): the result should look like any file or dir made under the umask (a bundle another user
+    reads). A file its writer made executable stays executable."""
+    with contextlib.suppress(OSError):  # a filesystem without modes: the write itself still counts
+        path.chmod((0o777 if path.stat().st_mode & 0o111 else mode) & ~_UMASK)
 
 
 def write_json(path: str | Path, payload: Any) -> None:
@@ -77,8 +80,11 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
-        _usual_mode(staging, 0o777)
         yield staging
+        _usual_mode(staging, 0o777)
+        for inside in staging.rglob("*"):
+            if inside.is_file() and not inside.is_symlink():
+                _usual_mode(inside, 0o666)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 # Besides the pipeline's outputs, what a study's figures depend on.
 CODE = ("bayes_llm", "benchmarks", "params.yaml")
@@ -26,9 +27,15 @@ def run_record(prog: str, argv: list[str] | None = None) -> dict:
     args = sys.argv[1:] if argv is None else argv
     given = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "--params"]
     given += [arg.split("=", 1)[1] for arg in args if arg.startswith("--params=")]
-    status = _git("status", "--porcelain", "--untracked-files=all", "--", *CODE, *given)
+    top = _git("rev-parse", "--show-toplevel")
+    if top is None:
+        return {"command": shlex.join([*prog.split(), *args]), "revision": None, "code_changed": None}
+    # A params file outside the checkout, or one git does not track, is in no commit: not repeatable from it.
+    inside = [p for p in given if Path(p).resolve().is_relative_to(Path(top).resolve())]
+    untracked = len(inside) < len(given) or any(_git("ls-files", "--error-unmatch", "--", p) is None for p in inside)
+    status = _git("status", "--porcelain", "--untracked-files=all", "--", *CODE, *inside)
     return {"command": shlex.join([*prog.split(), *args]), "revision": _git("rev-parse", "HEAD"),
-            "code_changed": None if status is None else bool(status)}
+            "code_changed": None if status is None else bool(status) or untracked}
 
 
 def markdown_lines(run: dict | None) -> list[str]:

@@ -596,6 +596,10 @@ def test_a_study_records_the_command_and_the_commit_it_ran_at(tmp_path, monkeypa
     Path("seed1.yaml").write_text("seed: 1\n")  # a params file of its own, never committed
     assert provenance.run_record("p", ["math", "--params", "seed1.yaml"])["code_changed"] is True
     assert provenance.run_record("p", ["math", "--params=seed1.yaml"])["code_changed"] is True
+    outside = tmp_path.parent / "seed2.yaml"  # outside the checkout: in no commit either
+    outside.write_text("seed: 2\n")
+    assert provenance.run_record("p", ["math", "--params", str(outside)])["code_changed"] is True
+    assert provenance.run_record("p", ["math", "--params", "params.yaml"])["code_changed"] is False
     Path("params.yaml").write_text("seed: 1\n")
     changed = provenance.run_record("p", [])
     assert changed["code_changed"] is True and "with uncommitted code changes" in provenance.markdown_lines(changed)[0]

@@ -363,8 +363,9 @@ def test_null_is_the_default_and_defaults_of_what_it_does_not_do_are_accepted(se
                                              presence_penalty=0, frequency_penalty=0.0)  # fmt: skip
     assert spelled.choices[0].message.content == plain.choices[0].message.content
     assert _ext(spelled.choices[0])["blend"] == _ext(plain.choices[0])["blend"]
+    nulls = {"top_p": None, "stream_options": None, "bayes_llm": {"ignore_eos": None, "strategy": None}}
     raw = httpx.post(f"{server['url']}/v1/chat/completions", timeout=60,
-                     json={"model": server["model"], "messages": messages, "max_tokens": 4, "top_p": None}).json()
+                     json={"model": server["model"], "messages": messages, "max_tokens": 4, **nulls}).json()
     assert "logprobs" in raw["choices"][0] and raw["choices"][0]["logprobs"] is None  # as OpenAI's choices have it
 
 

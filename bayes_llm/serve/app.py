@@ -241,7 +241,7 @@ async def _stream(jobs: list[Job], events: asyncio.Queue, head: dict, chat: bool
               role: bool = False) -> bytes:  # fmt: skip
         if chat:
             delta = {"role": "assistant"} if role else {"content": text} if text is not None else {}
-            choice = {"index": index, "delta": delta, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": index, "text": text or "", "finish_reason": finish}
         if extra:

@@ -22,6 +22,17 @@ Weight = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: object) -> object:
+        # OpenAI's API reads a null as "not given": `"temperature": null` samples at the default. A
+        # required field's null still gets its 400.
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {key: value for key, value in data.items()
+                    if value is not None or key not in fields or fields[key].is_required()}  # fmt: skip
+        return data
+
 
 class Extension(Strict):
     """Per-request control of the adaptation; any of them overrides the server's dispatch params."""
@@ -62,14 +73,6 @@ class Sampled(Strict):
     frequency_penalty: Annotated[float, Field(ge=0, le=0)] | None = None
     bayes_llm: Extension = Field(default_factory=Extension)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_the_default(cls, data: object) -> object:
-        # OpenAI's API reads a null as "not given": `"temperature": null` samples at the default.
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None or key not in _DEFAULTED}
-        return data
-
     @model_validator(mode="after")
     def _stream_options(self) -> Sampled:
         if self.stream_options is not None and not self.stream:
@@ -83,9 +86,6 @@ class Sampled(Strict):
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop: up to 4 non-empty strings")
         return stops
-
-
-_DEFAULTED = ("temperature", "top_p", "stream", "bayes_llm")  # fields with a default other than None
 
 
 class CompletionRequest(Sampled):
