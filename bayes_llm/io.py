@@ -33,7 +33,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-# Read once, at import: reading it means setting it, and a thread creating a file meanwhile would get umask 0.
+# Read once, at import: reading the umask means setting it, and a thread creating a file meanwhile would
+# get the value set in between.
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 

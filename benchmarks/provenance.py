@@ -25,16 +25,17 @@ def run_record(prog: str, argv: list[str] | None = None) -> dict:
     library, the studies or the params file (params.yaml, or --params) differed from that commit, a new
     file in them included (None when git could not tell)}."""
     args = sys.argv[1:] if argv is None else argv
+    command = shlex.join([*prog.split(), *args])
     given = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "--params"]
     given += [arg.split("=", 1)[1] for arg in args if arg.startswith("--params=")]
     top = _git("rev-parse", "--show-toplevel")
     if top is None:
-        return {"command": shlex.join([*prog.split(), *args]), "revision": None, "code_changed": None}
+        return {"command": command, "revision": None, "code_changed": None}
     # A params file outside the checkout, or one git does not track, is in no commit: not repeatable from it.
     inside = [p for p in given if Path(p).resolve().is_relative_to(Path(top).resolve())]
     untracked = len(inside) < len(given) or any(_git("ls-files", "--error-unmatch", "--", p) is None for p in inside)
     status = _git("status", "--porcelain", "--untracked-files=all", "--", *CODE, *inside)
-    return {"command": shlex.join([*prog.split(), *args]), "revision": _git("rev-parse", "HEAD"),
+    return {"command": command, "revision": _git("rev-parse", "HEAD"),
             "code_changed": None if status is None else bool(status) or untracked}
 
 

@@ -189,6 +189,7 @@ def _read_only_paths() -> list[str]:
             os.path.realpath(sys.base_prefix)]  # fmt: skip
 
 
+@functools.cache  # the same for the whole process: not globbed again at every sample's start
 def _hidden_paths() -> list[str]:
     """Installed packages inside those paths, hidden: the interpreter runs with `-S`, and what a user
     installed next to it (a benchmark's data with its reference solutions, say) is no program's business."""
