@@ -35,6 +35,10 @@ TRANSIENT_PATTERNS = re.compile(
     re.IGNORECASE,
 )
 OUTPUT_TAIL = 40  # lines of a failed command's output kept in its error
+# What an expert stage runs from git; params.yaml and dvc.lock travel in the snapshot. A worker's
+# checkout must hold the same trees, not the same commit: publishing commits the lock to the retrain
+# checkout only.
+CODE_PATHS = ("bayes_llm", "stages", "dvc.yaml")
 
 
 class StageFailed(UserError):
@@ -52,6 +56,7 @@ class Snapshot:
     rev: str
     params: str
     lock: str
+    code: str = ""  # the git trees of CODE_PATHS at rev
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -74,13 +79,13 @@ class Workspace:
     def run(self, *cmd: str) -> str:
         """Run a command in the workspace, streaming its output to the log; raise on failure."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        process = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True)  # fmt: skip
+        # Bytes, split at newlines only: in text mode every progress-bar redraw (`\r`) would be a line.
+        process = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         lines = []
         assert process.stdout is not None
-        for line in process.stdout:
-            line = line.rstrip()
-            if line and "\r" not in line:  # progress-bar redraws stay out of the log
+        for raw in process.stdout:
+            line = raw.decode(errors="replace").rstrip().rsplit("\r", 1)[-1]  # a bar's last redraw
+            if line:
                 self.log(line)
             lines.append(line)
         if process.wait():
@@ -112,6 +117,16 @@ class Workspace:
         """Exactly these stages (their upstream was run before); cached runs are restored, not rerun."""
         return self.dvc("repro", "--single-item", "--pull", *(["--force"] if force else []), *stages)
 
+    def restore(self, stages: list[str]) -> str:
+        """Stages another workspace ran and pushed, restored from DVC's run-cache (or kept where this
+        workspace already has their outputs). A stage DVC runs instead had no run-cache entry (a lost
+        push, another remote): an error, not a silent retraining here."""
+        output = self.repro(stages)
+        if ran := re.findall(r"^Running stage '([^']+)'", output, re.MULTILINE):
+            raise StageFailed(f"{', '.join(ran)}: run in {self.root} instead of restored from the DVC run-cache "
+                              "(do the workers push to this workspace's DVC remote?)")  # fmt: skip
+        return output
+
     def pull(self, *targets: str, with_deps: bool = False) -> str:
         """What the remote has (run-cache included); missing objects are not an error on a first run."""
         extra = ["--with-deps"] if with_deps else []
@@ -138,22 +153,42 @@ class Workspace:
             if present and (failed := repo.cloud.push(present).failed):
                 raise TransientFailure(f"could not push {len(failed)} report object(s) to the DVC remote")
 
+    def code(self) -> str:
+        """The git trees of the code the expert stages run. Uncommitted changes to it are refused: a
+        worker would train the committed code, and this run would then find no run-cache entry for
+        its own and train the experts itself."""
+        if changed := self.git("status", "--porcelain", "--untracked-files=all", "--", *CODE_PATHS):
+            files = ", ".join(line[3:] for line in changed.splitlines()[:5])
+            raise StageFailed(f"{self.root} has uncommitted changes to the code ({files}): commit or stash them")
+        return " ".join(self.git("rev-parse", *(f"HEAD:{path}" for path in CODE_PATHS)).split())
+
     def snapshot(self) -> Snapshot:
         lock = self.root / "dvc.lock"
         return Snapshot(
             rev=self.git("rev-parse", "HEAD"),
             params=(self.root / "params.yaml").read_text(),
             lock=lock.read_text() if lock.is_file() else "",
+            code=self.code(),
         )
+
+    def _pin_remotes(self, copy: Workspace) -> None:
+        """A remote given by a relative path (`../remote`) is relative to its config file: the copy,
+        elsewhere, gets the absolute path, or it would pull from and push to another directory."""
+        from dvc.config import Config
+        from dvc.config_schema import RelPath
+
+        remotes = Config(dvc_dir=str(self.root / ".dvc"))["remote"]
+        for name, remote in remotes.items():
+            if isinstance(remote.get("url"), RelPath):
+                copy.dvc("remote", "modify", "--local", name, "url", str(remote["url"]))
 
     @contextmanager
     def scratch_copy(self, snapshot: Snapshot) -> Iterator[Workspace]:
         """A private copy of this workspace's files (no outputs, its own DVC cache) at `snapshot`."""
-        head = self.git("rev-parse", "HEAD")
-        if head != snapshot.rev:
-            raise StageFailed(
-                f"{self.root} is at {head[:12]}, the run is at {snapshot.rev[:12]}: check out the same revision"
-            )
+        if self.code() != snapshot.code:
+            head = self.git("rev-parse", "HEAD")
+            raise StageFailed(f"{self.root} is at {head[:12]}, whose code differs from the run's "
+                              f"({snapshot.rev[:12]}): check out the run's revision")  # fmt: skip
         listed = self.git("ls-files", "-co", "--exclude-standard", "-z").split("\0")
         scratch = Path(tempfile.mkdtemp(prefix="bayes-llm-scratch-"))
         try:
@@ -163,9 +198,14 @@ class Workspace:
                     (scratch / name).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(source, scratch / name)
             (scratch / "params.yaml").write_text(snapshot.params)
-            (scratch / "dvc.lock").write_text(snapshot.lock)
+            if snapshot.lock:
+                (scratch / "dvc.lock").write_text(snapshot.lock)
+            else:  # the run has none (an empty dvc.lock is not a valid one)
+                (scratch / "dvc.lock").unlink(missing_ok=True)
             subprocess.run(["git", "init", "-q"], cwd=scratch, check=True)
-            yield Workspace(scratch, self.log)
+            copy = Workspace(scratch, self.log)
+            self._pin_remotes(copy)
+            yield copy
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 

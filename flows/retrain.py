@@ -19,7 +19,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 
-from bayes_llm.bundle.publish import metrics_table, publish, summary_markdown
+from bayes_llm.bundle.publish import check_version, metrics_table, publish, summary_markdown
+from bayes_llm.errors import UserError
 from bayes_llm.pipeline import Snapshot, StageFailed, TransientFailure, Workspace, train_expert_isolated
 
 UPSTREAM = ["prepare", "base", "decompose"]
@@ -39,6 +40,7 @@ def _transient_only(task, task_run, state) -> bool:
 
 # DVC does the caching (stages, run-cache): Prefect's own result cache stays out of the way.
 dvc_task = task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=_transient_only)
+LOST_WORKER = "no heartbeat"  # the CRASHED message of flows/lost-runs.yaml's automation
 
 
 def _workspace() -> Workspace:
@@ -57,6 +59,11 @@ def repro(stages: list[str], force: bool = False) -> None:
 
 
 @dvc_task
+def restore_experts(stages: list[str]) -> None:
+    _workspace().restore(stages)
+
+
+@dvc_task
 def push(stages: list[str]) -> None:
     _workspace().push(*stages)
 
@@ -70,15 +77,16 @@ def train_expert_here(domain: str, snapshot: dict, force: bool) -> None:
 def train_expert_on_worker(deployment: str, domain: str, snapshot: dict, force: bool) -> None:
     run = run_deployment(deployment, parameters={"domain": domain, "snapshot": snapshot, "force": force},
                          flow_run_name=f"train-expert-{domain}")  # fmt: skip
-    if run.state and run.state.is_crashed():
-        # A lost worker (its host died: no heartbeats, see flows/lost-runs.yaml) or a killed process.
-        # Whatever it pushed is whole (remote objects are named by their md5), so another worker can
-        # take the expert from the start.
+    if run.state and run.state.is_crashed() and LOST_WORKER in (run.state.message or ""):
+        # A lost worker (its host died: no heartbeats, see flows/lost-runs.yaml). Whatever it pushed is
+        # whole (remote objects are named by their md5), so another worker can take the expert from the
+        # start. Other crashes (a failed pull step, a wrong venv) would crash again: not retried.
         raise TransientFailure(f"expert {domain}: flow run {run.name} crashed ({run.state.message}); "
                                "retrying it on another worker")  # fmt: skip
     if not run.state or not run.state.is_completed():
         message = run.state.message if run.state else "no state"
-        raise StageFailed(f"expert {domain}: flow run {run.name} ended {run.state_name}: {message}")
+        raise StageFailed(f"expert {domain}: flow run {run.name} ended {run.state_name}: {message} "
+                          f"(its log: `prefect flow-run logs {run.id}`)")  # fmt: skip
 
 
 @flow(name="train-expert", log_prints=True)
@@ -100,6 +108,10 @@ def retrain(
     names the new bundle version (default: the next patch, and only if the bundle changed);
     `expert_deployment` sends each expert to that deployment (e.g. `train-expert/train-expert`)."""
     workspace = _workspace()
+    if version is not None and not publish_bundle:
+        raise UserError("a version names a published bundle: drop it, or publish")
+    if publish_bundle:
+        check_version(workspace, version)  # before hours of training, not after
     pull()
     repro(UPSTREAM, force)
     push(UPSTREAM)  # the inputs of the experts, for workers that share only the remote
@@ -112,7 +124,7 @@ def retrain(
     for future in futures:
         future.result()  # raises the first failed expert's error
     pull()
-    repro([f"train_expert@{domain}" for domain in domains])  # restored from the run-cache
+    restore_experts([f"train_expert@{domain}" for domain in domains])  # what the workers pushed
     repro(DOWNSTREAM, force)
     result: dict = {"experts": {d: workspace.expert_gain(d) for d in domains}}
     if publish_bundle:

@@ -226,6 +226,33 @@ def test_a_checkpoint_is_resumed_only_by_a_run_on_the_same_rows(project, tmp_pat
     in_bf16 = fingerprint(rows, rows)
     monkeypatch.setattr(train_module, "native_bf16", lambda device: False)
     assert fingerprint(rows, rows) != in_bf16  # a bf16 checkpoint is not resumed in fp32, where bf16 fell back
+    cfg = ExpertParams(objective="sft", sft_steps=2, sft_batch_size=2, val_items=4)
+    monkeypatch.setattr(train_module, "_training_code", lambda: "a fixed trainer")
+    assert fingerprint(rows, rows) != same  # a checkpoint of other training code starts over
+
+
+def test_the_last_checkpoint_stays_until_the_outputs_are_written(project, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    tokenizer = load_checkpoint("models/base")[1]
+    factors, _ = load_factors("models/svd")
+    rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(8)]
+    cfg = ExpertParams(objective="sft+rl", sft_steps=2, rl_steps=2, sft_batch_size=2, rl_batch_size=2, eval_every=1,
+                       val_items=4, checkpoint_every=9)  # fmt: skip
+
+    def trainer() -> Trainer:
+        return Trainer(SVF(load_checkpoint("models/base")[0], factors), tokenizer, "number", rows, rows, cfg, 0,
+                       tmp_path / "ckpt", "fp", 4, progress=False)  # fmt: skip
+
+    first = trainer()
+    done = first.run()
+    assert json.loads((tmp_path / "ckpt/state.json").read_text())["step"] == 4  # killed while scoring: resumable
+    again = trainer().run()  # nothing left to train
+    assert "resuming from the checkpoint at step 4/4" in capsys.readouterr().out
+    assert again.resumed_from == 4 and again.curve == done.curve and again.best_val == done.best_val
+    assert all(torch.equal(again.best_z[n], done.best_z[n]) and torch.equal(again.sft_z[n], done.sft_z[n])
+               for n in done.best_z)  # fmt: skip
+    first.finished()
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_a_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(project, tmp_path, monkeypatch):
@@ -277,13 +304,16 @@ def test_trl_rl_phase_trains_z_only_and_reports_each_step(project, tmp_path, mon
     cfg = ExpertParams(objective="rl", rl_algorithm=algorithm, rl_steps=3, rl_batch_size=2, num_generations=2,
                        temperature=1.0, rl_learning_rate=0.05, beta=0.04, max_new_tokens=4, eval_every=2,
                        val_items=4, checkpoint_every=2)  # fmt: skip
-    result = Trainer(svf, tokenizer, "number", rows, rows, cfg, 0, tmp_path / "ckpt", "fp", 4, progress=False).run()
+    trainer = Trainer(svf, tokenizer, "number", rows, rows, cfg, 0, tmp_path / "ckpt", "fp", 4, progress=False)
+    result = trainer.run()
     assert [r["step"] for r in result.curve] == [0, 1, 2, 3] and {r["phase"] for r in result.curve} == {"rl"}
     assert all({"loss", "reward", "kl"} <= set(r) for r in result.curve[1:])
     assert "val_accuracy" in result.curve[2] and "val_accuracy" in result.curve[3]
     assert any(not torch.equal(z, torch.ones_like(z)) for z in svf.z().values()), "trl did not move z"
     unchanged = {n: p for n, p in model.named_parameters() if n in weights}
     assert all(torch.equal(weights[n], p) for n, p in unchanged.items()), "trl trained more than z"
+    assert json.loads((tmp_path / "ckpt/state.json").read_text())["step"] == 3  # until the caller is done
+    trainer.finished()
     assert not (tmp_path / "ckpt").exists()
 
 

@@ -13,11 +13,12 @@ import signal
 import subprocess
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from bayes_llm.bundle.publish import PublishError, next_version, set_bundle_version
+from bayes_llm.bundle.publish import PublishError, check_version, next_version, set_bundle_version
 from bayes_llm.config import load_params
 from bayes_llm.experts.distributed import free_port
 from bayes_llm.pipeline import Snapshot, StageFailed, TransientFailure, Workspace
@@ -55,12 +56,13 @@ def test_failures_are_classified_for_retries(tmp_path):
         Workspace(tmp_path / "nowhere")
 
 
-def test_scratch_copy_takes_the_snapshot_and_refuses_another_revision(tmp_path):
+def test_scratch_copy_takes_the_snapshot_and_refuses_other_code(tmp_path):
     project = copy_project(tmp_path / "p", smoke=True, remote=tmp_path / "remote")
     (project / ".dvc/config.local").write_text("[core]\n    remote = local\n")
     (project / "untracked_note.md").write_text("kept\n")
     workspace = Workspace(project)
-    snapshot = Snapshot(rev=workspace.git("rev-parse", "HEAD"), params="seed: 7\n", lock="schema: '2.0'\n")
+    snapshot = Snapshot(rev=workspace.git("rev-parse", "HEAD"), params="seed: 7\n", lock="schema: '2.0'\n",
+                        code=workspace.code())  # fmt: skip
     with workspace.scratch_copy(snapshot) as scratch:
         assert scratch.root != project
         assert (scratch.root / "params.yaml").read_text() == "seed: 7\n"
@@ -69,11 +71,69 @@ def test_scratch_copy_takes_the_snapshot_and_refuses_another_revision(tmp_path):
         assert (scratch.root / "bayes_llm/pipeline.py").is_file()
         kept = scratch.root
     assert not kept.exists()  # removed afterwards
-    with (
-        pytest.raises(StageFailed, match="check out the same revision"),
-        workspace.scratch_copy(Snapshot(rev="0" * 40, params="", lock="")),
-    ):
+
+    def commit(*files: str) -> None:
+        workspace.git("add", *files)
+        workspace.git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "next")
+
+    # A publish commit (the lock, params, reports) on the retrain host: its workers' clones stay usable.
+    (project / "dvc.lock").write_text("schema: '2.0'\n")
+    commit("dvc.lock")
+    with workspace.scratch_copy(replace(snapshot, lock="")) as scratch:
+        assert not (scratch.root / "dvc.lock").exists()  # no lock in the run: none written (an empty one is invalid)
+    # Other code: refused, committed or not.
+    (project / "stages/extra.py").write_text("print('other code')\n")
+    with pytest.raises(StageFailed, match=r"uncommitted changes to the code \(stages/extra\.py\)"):
+        workspace.snapshot()
+    commit("stages/extra.py")
+    with pytest.raises(StageFailed, match="code differs from the run's"), workspace.scratch_copy(snapshot):
         pass
+
+
+def test_scratch_copy_keeps_a_relative_remote_pointing_where_it_did(tmp_path):
+    project = copy_project(tmp_path / "p", smoke=True)
+    (tmp_path / "remote").mkdir()
+    workspace = Workspace(project)
+    workspace.dvc("remote", "modify", "--local", "local", "url", "../remote")  # stored relative to .dvc/
+    assert "../../remote" in (project / ".dvc/config.local").read_text()
+    with workspace.scratch_copy(workspace.snapshot()) as scratch:
+        assert scratch.dvc("remote", "list").split()[:2] == ["local", str(tmp_path / "remote")]
+
+
+def test_a_progress_bar_is_logged_once_as_it_ended(tmp_path):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    logged: list[str] = []
+    Workspace(tmp_path, log=logged.append).run("printf", "start\\ntrain 0%%\\rtrain 50%%\\rtrain 100%%\\ndone\\n")
+    assert logged == ["start", "train 100%", "done"]
+
+
+def test_restoring_a_stage_that_would_run_here_fails(tmp_path):
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "dvc.yaml").write_text("stages:\n  made:\n    cmd: echo made > out.txt\n    outs: [out.txt]\n")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=project, check=True, env=env, capture_output=True)
+    workspace = Workspace(project)
+    with pytest.raises(StageFailed, match=r"made: run in .* instead of restored from the DVC run-cache"):
+        workspace.restore(["made"])
+    assert "didn't change" in workspace.restore(["made"])  # outputs already here: kept, no error
+    (project / "out.txt").unlink()
+    workspace.restore(["made"])  # from the cache, not run again
+    assert (project / "out.txt").read_text() == "made\n"
+
+
+def test_a_version_is_checked_before_any_work(tmp_path):
+    project = copy_project(tmp_path / "p", smoke=True)
+    workspace = Workspace(project)
+    name = load_params(project / "params.yaml").bundle.name
+    workspace.git("tag", f"{name}@v0.1.0")
+    check_version(workspace, None)
+    check_version(workspace, "0.1.1")
+    with pytest.raises(PublishError, match=r"v0\.1\.0 is already published"):
+        check_version(workspace, "0.1.0")
+    with pytest.raises(PublishError, match=r"not X\.Y\.Z"):
+        check_version(workspace, "1.0")
 
 
 # -- end to end: a real Prefect server, work pool, deployments and workers --------------------

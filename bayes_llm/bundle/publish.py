@@ -101,10 +101,19 @@ def default_remote_url(workspace: Workspace) -> str:
         return str(repo.config["remote"][name]["url"])
 
 
+def check_version(workspace: Workspace, version: str | None) -> None:
+    """A version asked for is X.Y.Z and not published yet (None: the next one, always possible)."""
+    if version is None:
+        return
+    _semver(version)
+    name = load_params(workspace.root / "params.yaml").bundle.name
+    if version in published_versions(workspace, name):
+        raise PublishError(f"{name} v{version} is already published: pass another version, or none for the next")
+
+
 def publish(workspace: Workspace, version: str | None = None, push_git: bool = False) -> Published:
     """Build the bundle, and if it is new: commit the DVC state, push the data, tag the version."""
-    if version is not None:
-        _semver(version)  # a bad version fails before any work
+    check_version(workspace, version)  # a bad version fails before any work
     params_file = workspace.root / "params.yaml"
     params = load_params(params_file)
     name = params.bundle.name

@@ -8,6 +8,7 @@ state, best z, curve) ends bit-identical to one that was never interrupted.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -150,6 +151,18 @@ def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+@functools.cache
+def _training_code() -> str:
+    """A hash of the code a step runs: a checkpoint written by other code (a fix between a failed run
+    and its rerun) is not resumed into this run's z."""
+    package = Path(__file__).resolve().parents[1]
+    files = sorted(f for d in ("experts", "svf", "model", "rewards") for f in (package / d).rglob("*.py"))
+    digest = hashlib.sha256()
+    for file in [*files, package / "prompts.py", package / "config.py"]:
+        digest.update(file.relative_to(package).as_posix().encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
 class Trainer:
     """Trains z of `svf` for one domain; `run()` returns the best z and the curve."""
 
@@ -196,7 +209,8 @@ class Trainer:
         data = hashlib.sha256(json.dumps([list(train_rows), self.val_rows], sort_keys=True, default=str).encode())
         scoring = f"{svf.mode}:{svf.max_mult}:{eval_tokens}{':cloze' if cloze else ''}"
         fallback = f":{self.precision}" if self.precision != cfg.train_precision else ""  # a bf16 run's is not ours
-        run = f"{fingerprint}:{data.hexdigest()}:{cfg.model_dump_json()}{fallback}:{scoring}:{seed}{processes}"
+        run = (f"{fingerprint}:{data.hexdigest()}:{cfg.model_dump_json()}{fallback}:{scoring}:{seed}{processes}"
+               f":{_training_code()}")  # fmt: skip
         run_fingerprint = hashlib.sha256(run.encode()).hexdigest()
         self.checkpoint = _Checkpoint(checkpoint_dir, run_fingerprint)
         self.curve: list[dict] = []
@@ -327,20 +341,28 @@ class Trainer:
             self._finish(step, record)
         if self.best.sft_z is None and self.cfg.objective == "sft":
             self.best.sft_z, self.best.sft_val = self.best.z, self.best.val
-        if self.shards.main:
-            self.checkpoint.clear()
+        if self.shards.main and start < self.total:
+            # Kept until the caller has written its outputs (`finished`): a run killed while scoring
+            # the result resumes here, with nothing left to train.
+            self.save_checkpoint(self.total, self.phases[-1][0])
         return TrainResult(best_z=self.best.z, best_val=self.best.val, sft_z=self.best.sft_z,
                            sft_val=self.best.sft_val, base_val=self.best.base_val, curve=self.curve, steps=self.total,
                            seconds=time.perf_counter() - started, resumed_from=start if restored else None,
                            phases=self.phases, precision=self.precision)  # fmt: skip
+
+    def finished(self) -> None:
+        """The caller has written what it made of the result: the checkpoint goes."""
+        if self.shards.main:
+            self.checkpoint.clear()
 
     def _finish(self, step: int, record: dict) -> None:
         """After a step's update: stop on non-finite values, validate, keep the best z, checkpoint."""
         phase, within, length = _locate(self.phases, step)
         if not math.isfinite(record["loss"]):
             raise TrainingError(
-                f"non-finite loss at step {step + 1} ({phase}): lower the learning rate; the last good "
-                f"checkpoint is kept in {self.checkpoint.directory}"
+                f"non-finite loss at step {step + 1} ({phase}): lower the learning rate (the run then starts "
+                f"over; the checkpoint of the last good step, in {self.checkpoint.directory}, resumes only "
+                "these settings)"
             )
         if not all(bool(torch.isfinite(p).all()) for p in self.svf.parameters()):
             raise TrainingError(f"z became non-finite at step {step + 1} ({phase}): lower the learning rate")

@@ -149,6 +149,7 @@ def train_expert(params: Params, domain: str, progress: bool = True) -> dict | N
     timing = {"train_seconds": round(result.seconds, 1), "stage_seconds": round(time.perf_counter() - started, 1)}
     write_json(paths.expert_report(domain), report)
     write_json(paths.expert_report(domain, "_" + paths.TIMING), timing)
+    trainer.finished()
     return report | timing
 
 
