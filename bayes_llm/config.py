@@ -123,6 +123,11 @@ class SyntheticDomains(Strict):
 
 
 AnswerKind = Literal["number", "letter", "code"]
+# How each synthetic domain answers, and each hub preset: a source named after a synthetic domain
+# replaces it, and must answer the same way.
+SYNTHETIC_KINDS: dict[str, str] = {"math": "number", "code": "code", "reasoning": "letter"}
+PRESET_KINDS: dict[str, str] = {"gsm8k": "number", "mbpp": "code", "arc_easy": "letter"}
+RESERVED_SUFFIXES = ("_loglik", "_gen", "_choice")
 
 
 class FieldMap(Strict):
@@ -252,9 +257,17 @@ class DataParams(Strict):
 
     @model_validator(mode="after")
     def _names(self) -> DataParams:
-        for name in self.sources:
-            if not name.isidentifier() or name == "transfer":
-                raise ValueError(f"source name {name!r} must be an identifier other than 'transfer'")
+        for name, source in self.sources.items():
+            # `other` is the dispatcher's label for "no expert"; the suffixes name evaluate's columns and
+            # lm-eval tasks of a letter domain (stages/evaluate.py)
+            if not name.isidentifier() or name in ("transfer", "other") or name.endswith(RESERVED_SUFFIXES):
+                raise ValueError(f"source name {name!r} must be an identifier other than 'transfer' and 'other', "
+                                 f"not ending in {', '.join(RESERVED_SUFFIXES)}")  # fmt: skip
+            kind = source.answer_kind or PRESET_KINDS.get(source.preset or "")
+            if name in SYNTHETIC_KINDS and kind != SYNTHETIC_KINDS[name]:
+                raise ValueError(f"source {name!r} answers by {kind}, the synthetic {name!r} it replaces by "
+                                 f"{SYNTHETIC_KINDS[name]} (its shipped test task scores that): give the source "
+                                 "another name")  # fmt: skip
         return self
 
 

@@ -10,6 +10,9 @@ from pathlib import Path
 
 PARAMS = Path("params.yaml")
 
+# Local inputs (`bayes-llm fetch` writes here; put a local source's files here too): a dep of `prepare`,
+# so an edited file reruns it.
+RAW = Path("data/raw")
 DATA = Path("data/prepared")
 DATA_MANIFEST = DATA / "domains.json"
 ROUTING = Path("data/routing")  # the dispatcher's benchmark off the training distribution

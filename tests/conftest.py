@@ -25,7 +25,8 @@ def copy_project(target: Path, *, smoke: bool = False, remote: Path | None = Non
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                             text=True, check=True).stdout.split("\n")  # fmt: skip
     for name in filter(None, listed):
-        if (ROOT / name).is_file() and not name.startswith(("data/", "reports/")) and name != "dvc.lock":
+        outputs = name.startswith(("data/", "reports/")) and name != "data/raw/README.md"  # data/raw: a dep
+        if (ROOT / name).is_file() and not outputs and name != "dvc.lock":
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, target / name)
     if smoke:

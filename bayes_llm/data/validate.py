@@ -7,6 +7,7 @@ every rule, and every failure report, goes through GX.
 
 from __future__ import annotations
 
+import ast
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -93,6 +94,14 @@ def _letter_ok(answer: object, choices: object) -> bool:
     return LETTERS.index(answer) < len(choices)
 
 
+def _asserts(test: str) -> bool:
+    """A test that can fail: Python with an `assert` in it (`inc(1) == 2` alone checks nothing)."""
+    try:
+        return any(isinstance(node, ast.Assert) for node in ast.walk(ast.parse(test)))
+    except (SyntaxError, ValueError):
+        return False
+
+
 def check_frame(domain: Domain, splits: dict[str, pd.DataFrame], progress: bool = True) -> pd.DataFrame:
     """All splits of a domain in one frame, plus the derived check columns."""
     frame = pd.concat([df.assign(split=name) for name, df in splits.items()], ignore_index=True)
@@ -108,7 +117,7 @@ def check_frame(domain: Domain, splits: dict[str, pd.DataFrame], progress: bool 
         frame["choice_count"] = frame["choices"].map(lambda c: 0 if c is None else len(c))
         frame["answer_in_choices"] = [_letter_ok(a, c) for a, c in zip(frame["answer"], frame["choices"], strict=True)]
     if domain.answer_kind == "code" and {"answer", "tests"} <= set(frame):
-        frame["test_count"] = frame["tests"].map(lambda t: 0 if t is None else len(t))
+        frame["test_count"] = frame["tests"].map(lambda t: 0 if t is None else sum(map(_asserts, t)))
         pairs = [
             (a or "", list(t) if t is not None else []) for a, t in zip(frame["answer"], frame["tests"], strict=True)
         ]
@@ -166,7 +175,10 @@ def _domain_rules(domain: Domain, data: DataParams, frame: pd.DataFrame) -> list
         ]
     if domain.answer_kind == "code":
         rules += [
-            ("code items need at least one test", gxe.ExpectColumnValuesToBeBetween(column="test_count", min_value=1)),
+            (
+                "code items need at least one test that asserts",
+                gxe.ExpectColumnValuesToBeBetween(column="test_count", min_value=1),
+            ),
             (
                 "the reference solution must pass its own tests",
                 gxe.ExpectColumnValuesToBeNull(column="reference_failure"),

@@ -9,6 +9,8 @@ is written either way, so a failure can be read, and nothing half-made stays.
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +23,7 @@ from bayes_llm.config import Params, load_params
 from bayes_llm.data import routing
 from bayes_llm.data.domains import Domain, build, resolve
 from bayes_llm.data.prepared import split_path
+from bayes_llm.data.sources import untracked_files
 from bayes_llm.data.validate import ValidationReport, validate, validate_routing
 from bayes_llm.errors import UserError
 from bayes_llm.io import staged_dir, write_json
@@ -111,6 +114,9 @@ def prepare(
         write_json(report_dir / "summary.json", summary)
         write_json(report_dir / "timing.json", {"stage_seconds": round(time.monotonic() - started, 2)})
         if not report.success:
+            # What an earlier run left would pass for this params' data: nothing is left instead.
+            for stale in (out_dir, routing_dir):
+                shutil.rmtree(stale, ignore_errors=True)
             raise DataValidationError(f"{report.text()}\nfull report: {report_dir / 'validation.json'}")
         manifest = {"seed": params.data.seed, "domains": [asdict(d) for d in domains]}
         write_json(staging / paths.DATA_MANIFEST.name, manifest)
@@ -133,7 +139,13 @@ def format_summary(summary: dict) -> str:
 
 
 def _command(args: argparse.Namespace) -> int:
-    print(format_summary(prepare(load_params(args.params), progress=not args.quiet)))
+    params = load_params(args.params)
+    for name, source in params.data.sources.items():
+        if source.type == "local" and (outside := untracked_files(source)):
+            files = ", ".join(map(str, outside))
+            print(f"note: data.sources.{name}: {files} lie outside {paths.RAW}/, the directory `dvc repro` "
+                  "watches: it will not rerun prepare when they change", file=sys.stderr)  # fmt: skip
+    print(format_summary(prepare(params, progress=not args.quiet)))
     return 0
 
 
@@ -146,6 +158,7 @@ STAGE = Stage(
     "and gate both with Great Expectations. On failure nothing is left in either; the report is in "
     "reports/data/validation.json.",
     run=_command,
+    deps=(paths.RAW,),
     outs=(paths.DATA, paths.ROUTING,
           *(paths.DATA_REPORTS / f for f in ("validation.json", "timing.json", "summary.json"))),
 )
