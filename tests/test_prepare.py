@@ -68,7 +68,7 @@ def _defect_duplicate_id(splits):
 
 def _defect_cross_split(splits):
     splits["test"][0]["question"] = splits["train"][5]["question"]
-    return "a prompt must not appear in two splits", "m-train-5"
+    return "a prompt (whitespace and case aside) must not appear in two splits, nor twice with two answers", "m-train-5"
 
 
 def _defect_wrong_label(splits):
@@ -309,3 +309,22 @@ def test_a_source_name_must_fit_the_pipeline(workdir):
     with pytest.raises(ParamsError, match="answers by number, the synthetic 'code'"):
         smoke_params(sources={"code": {"type": "hub", "preset": "gsm8k"}})
     smoke_params(sources={"math": local, "mine": {**local, "answer_kind": "letter"}})  # a kind of its own: fine
+
+
+def test_near_duplicate_prompts_and_bad_choices_fail_the_gate(workdir):
+    rows = [{"q": f"Which number is {i}?", "options": ["no", str(i), "maybe"], "key": 1} for i in range(12)]
+    rows[9].update(q="  which NUMBER is 2? ", options=rows[2]["options"])  # test: train's row 2, spaced, cased
+    rows[4].update(q=rows[3]["q"], options=rows[3]["options"], key=2)  # twice in train, with two answers
+    rows[5]["options"] = ["no", None, "maybe"]  # shown as `B) None`
+    rows[6]["options"] = ["6", "6", "maybe"]  # two right letters
+    rows[7]["options"] = [str(n) for n in range(27)]  # past Z
+    files = {s: write_jsonl(workdir / "mc" / f"{s}.jsonl", part)
+             for s, part in {"train": rows[:8], "val": rows[8:9], "test": rows[9:]}.items()}  # fmt: skip
+    source = {"mc": {"type": "local", "answer_kind": "letter", "files": files,
+                     "fields": {"prompt": "q", "answer": "key", "choices": "options"}}}  # fmt: skip
+    with pytest.raises(DataValidationError) as caught:
+        prepare(smoke_params(sources=source), progress=False)
+    message = str(caught.value)
+    assert "must not appear in two splits, nor twice with two answers" in message and "4 of 12 rows" in message
+    assert "at least two choices, none blank or repeated, at most 26" in message and "3 of 12 rows" in message
+    assert "choices=['no', None, 'maybe']" in message

@@ -45,5 +45,6 @@ def domain_rng(seed: int, domain: str) -> random.Random:
 
 
 def format_choices(question: str, choices: Sequence[str]) -> str:
-    lines = [f"{LETTERS[i]}) {choice}" for i, choice in enumerate(choices)]
+    """The question with its choices lettered; past Z they go unlettered (the gate refuses more than 26)."""
+    lines = [f"{LETTERS[i] if i < len(LETTERS) else '?'}) {choice}" for i, choice in enumerate(choices)]
     return "\n".join([question.rstrip(), *lines])

@@ -28,7 +28,7 @@ def _as_list(value: Any) -> list[str] | None:
         return None
     if isinstance(value, str):
         return [line for line in value.splitlines() if line.strip()]
-    return [str(item) for item in value if item is not None and str(item).strip()]  # a null test tests nothing
+    return [str(item) for item in value]
 
 
 def normalise_number(text: str) -> str:
@@ -41,7 +41,9 @@ def _choices(value: Any) -> tuple[list[str] | None, list[str] | None]:
     if isinstance(value, dict) and "text" in value:
         texts = [str(t) for t in value["text"]]
         return texts, [str(label) for label in value.get("label") or LETTERS[: len(texts)]]
-    return _as_list(value), None
+    if value is None or isinstance(value, str):
+        return _as_list(value), None
+    return [None if c is None else str(c) for c in value], None  # a null choice stays null: the gate names it
 
 
 def _letter(answer: Any, labels: list[str] | None) -> Any:
@@ -50,9 +52,9 @@ def _letter(answer: Any, labels: list[str] | None) -> Any:
     (read as a label when it matched one, 0-based answers would mean two things in one dataset)."""
     if isinstance(answer, int) and not isinstance(answer, bool):
         return LETTERS[answer] if 0 <= answer < len(LETTERS) else answer
-    if labels and str(answer).strip() in labels:
+    if labels and str(answer).strip() in labels and labels.index(str(answer).strip()) < len(LETTERS):
         return LETTERS[labels.index(str(answer).strip())]
-    return answer
+    return answer  # the gate names what it cannot read
 
 
 def with_tests(prompt: str, tests: list[str]) -> str:
@@ -111,8 +113,10 @@ def _code(row: dict, raw: dict[str, Any], fields: FieldMap, local: LocalSource |
     tests = raw.get(fields.tests) if fields.tests else None
     if fields.entry_point and isinstance(tests, str) and row["prompt"] is not None:
         row["tests"] = check_tests(str(row["prompt"]), tests, str(raw.get(fields.entry_point)))
-    else:
+    elif tests is None or isinstance(tests, str):
         row["tests"] = _as_list(tests)
+    else:  # a null or blank test tests nothing
+        row["tests"] = [str(t) for t in tests if t is not None and str(t).strip()]
     if local and local.prompt_tests and row["prompt"] is not None and row["tests"]:
         row["prompt"] = with_tests(str(row["prompt"]), row["tests"][: local.prompt_tests])
     setup = raw.get(fields.test_setup) if fields.test_setup else None

@@ -94,6 +94,14 @@ def _letter_ok(answer: object, choices: object) -> bool:
     return LETTERS.index(answer) < len(choices)
 
 
+def _distinct_choices(choices) -> int:
+    """How many choices, or 0 where one is blank or repeated (`B) None`, two right letters)."""
+    if choices is None:
+        return 0
+    texts = [None if c is None else str(c).strip() for c in choices]
+    return len(texts) if all(texts) and len(set(texts)) == len(texts) else 0
+
+
 def _asserts(test: str) -> bool:
     """A test that can fail: Python with an `assert` in it (`inc(1) == 2` alone checks nothing)."""
     try:
@@ -106,15 +114,21 @@ def check_frame(domain: Domain, splits: dict[str, pd.DataFrame], progress: bool 
     """All splits of a domain in one frame, plus the derived check columns."""
     frame = pd.concat([df.assign(split=name) for name, df in splits.items()], ignore_index=True)
     if "prompt" in frame:
-        owners = frame.groupby("prompt", dropna=True)["split"].nunique()
-        frame["prompt_in_other_split"] = frame["prompt"].map(owners).fillna(1).gt(1)
+        # Whitespace and case aside: "What is 2 + 2? " in test is the train prompt "what is 2 + 2?".
+        key = frame["prompt"].map(lambda p: " ".join(p.split()).casefold() if isinstance(p, str) else None)
+        owners = frame.assign(key=key).groupby("key", dropna=True)["split"].nunique()
+        leaked = key.map(owners).fillna(1).gt(1)
+        if domain.answer_kind != "code" and "answer" in frame:  # two programs may both be right; two answers not
+            answers = frame.assign(key=key, answer=frame["answer"].astype(str)).groupby(["key", "split"])["answer"]
+            leaked |= answers.transform("nunique").gt(1)
+        frame["prompt_in_other_split"] = leaked
     if SOLUTION_COLUMN in frame:
         choices = frame["choices"] if "choices" in frame else [None] * len(frame)
         frame["solution_matches_answer"] = [
             _solution_ok(s, a, c) for s, a, c in zip(frame[SOLUTION_COLUMN], frame["answer"], choices, strict=True)
         ]
     if domain.answer_kind == "letter" and {"answer", "choices"} <= set(frame):
-        frame["choice_count"] = frame["choices"].map(lambda c: 0 if c is None else len(c))
+        frame["choice_count"] = frame["choices"].map(_distinct_choices)
         frame["answer_in_choices"] = [_letter_ok(a, c) for a, c in zip(frame["answer"], frame["choices"], strict=True)]
     if domain.answer_kind == "code" and {"answer", "tests"} <= set(frame):
         frame["test_count"] = frame["tests"].map(lambda t: 0 if t is None else sum(map(_asserts, t)))
@@ -147,7 +161,7 @@ def _domain_rules(domain: Domain, data: DataParams, frame: pd.DataFrame) -> list
             ),
         ),
         (
-            "a prompt must not appear in two splits",
+            "a prompt (whitespace and case aside) must not appear in two splits, nor twice with two answers",
             gxe.ExpectColumnValuesToBeInSet(column="prompt_in_other_split", value_set=[False]),
         ),
     ]
@@ -167,7 +181,10 @@ def _domain_rules(domain: Domain, data: DataParams, frame: pd.DataFrame) -> list
         )
     if domain.answer_kind == "letter":
         rules += [
-            ("at least two choices", gxe.ExpectColumnValuesToBeBetween(column="choice_count", min_value=2)),
+            (
+                "at least two choices, none blank or repeated, at most 26",
+                gxe.ExpectColumnValuesToBeBetween(column="choice_count", min_value=2, max_value=len(LETTERS)),
+            ),
             (
                 "the answer letter must name one of the choices",
                 gxe.ExpectColumnValuesToBeInSet(column="answer_in_choices", value_set=[True]),
