@@ -255,9 +255,10 @@ class DataParams(Strict):
     # Rows a split of an external source must have at least (synthetic splits must match `sizes`).
     min_rows: PositiveInt = 1
 
-    @model_validator(mode="after")
-    def _names(self) -> DataParams:
-        for name, source in self.sources.items():
+    @field_validator("sources")
+    @classmethod
+    def _names(cls, sources: dict[str, Source]) -> dict[str, Source]:
+        for name, source in sources.items():
             # `other` is the dispatcher's label for "no expert"; the suffixes name evaluate's columns and
             # lm-eval tasks of a letter domain (stages/evaluate.py)
             if not name.isidentifier() or name in ("transfer", "other") or name.endswith(RESERVED_SUFFIXES):
@@ -268,7 +269,7 @@ class DataParams(Strict):
                 raise ValueError(f"source {name!r} answers by {kind}, the synthetic {name!r} it replaces by "
                                  f"{SYNTHETIC_KINDS[name]} (its shipped test task scores that): give the source "
                                  "another name")  # fmt: skip
-        return self
+        return sources
 
 
 class MambaParams(Strict):

@@ -124,11 +124,12 @@ def prepare(
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"{'domain':<12}{'source':<11}{'train':>7}{'val':>7}{'test':>7}"]
+    width = max([12, *(len(name) + 2 for name in summary["domains"])])  # arc_challenge and longer
+    lines = [f"{'domain':<{width}}{'source':<11}{'train':>7}{'val':>7}{'test':>7}"]
     for name, info in summary["domains"].items():
         rows = info["rows"]
         lines.append(
-            f"{name:<12}{info['source']:<11}" + "".join(f"{rows.get(s, '-'):>7}" for s in ("train", "val", "test"))
+            f"{name:<{width}}{info['source']:<11}" + "".join(f"{rows.get(s, '-'):>7}" for s in ("train", "val", "test"))
         )
     for part, kinds in summary["routing"].items():
         lines.append(f"routing benchmark, {part}: " + ", ".join(f"{n} {kind}" for kind, n in kinds.items()))
