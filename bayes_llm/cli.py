@@ -6,10 +6,12 @@ Stages call it too (`stages/<name>.py`), so a stage and its CLI command are one 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bayes_llm.command import RESTORE_ONLY_ENV
 from bayes_llm.commands import COMMANDS
 from bayes_llm.config import PARAMS_FILE, load_params
 from bayes_llm.errors import UserError
@@ -38,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "dvc_stage", None) and os.environ.get(RESTORE_ONLY_ENV):
+            raise UserError(f"stage {args.dvc_stage} would run here, but this `dvc repro` only restores stages "
+                            f"from the DVC run-cache (${RESTORE_ONLY_ENV}), which has no entry for it: did the "
+                            "worker push to this workspace's DVC remote?")  # fmt: skip
         if args.sandboxed:
             from bayes_llm.rewards.sandbox import configure
 

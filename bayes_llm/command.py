@@ -13,6 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+# Set by `Workspace.restore` for a `dvc repro` that may only restore stages from the run-cache: a stage
+# command DVC would run instead refuses before any work (an expert trains elsewhere, on a GPU worker).
+RESTORE_ONLY_ENV = "BAYES_LLM_RESTORE_ONLY"
+
 
 def no_arguments(parser: argparse.ArgumentParser) -> None:
     del parser
@@ -50,6 +54,7 @@ class Stage(Command):
     def add_to(self, commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
         parser = super().add_to(commands)
         parser.add_argument("--quiet", action="store_true", help="no progress bars")
+        parser.set_defaults(dvc_stage=self.dvc_name)
         return parser
 
     def artifacts(self) -> tuple[set[str], set[str]]:

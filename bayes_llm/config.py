@@ -264,7 +264,7 @@ class DataParams(Strict):
             if not name.isidentifier() or name in ("transfer", "other") or name.endswith(RESERVED_SUFFIXES):
                 raise ValueError(f"source name {name!r} must be an identifier other than 'transfer' and 'other', "
                                  f"not ending in {', '.join(RESERVED_SUFFIXES)}")  # fmt: skip
-            kind = source.answer_kind or PRESET_KINDS.get(source.preset or "")
+            kind = PRESET_KINDS[source.preset] if getattr(source, "preset", None) else source.answer_kind  # as loaded
             if name in SYNTHETIC_KINDS and kind != SYNTHETIC_KINDS[name]:
                 raise ValueError(f"source {name!r} answers by {kind}, the synthetic {name!r} it replaces by "
                                  f"{SYNTHETIC_KINDS[name]} (its shipped test task scores that): give the source "

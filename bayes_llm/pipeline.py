@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from bayes_llm import paths
+from bayes_llm.command import RESTORE_ONLY_ENV
 from bayes_llm.config import load_params, parse_params
 from bayes_llm.errors import UserError
 
@@ -35,10 +36,7 @@ TRANSIENT_PATTERNS = re.compile(
     re.IGNORECASE,
 )
 OUTPUT_TAIL = 40  # lines of a failed command's output kept in its error
-# What an expert stage runs from git; params.yaml and dvc.lock travel in the snapshot. A worker's
-# checkout must hold the same trees, not the same commit: publishing commits the lock to the retrain
-# checkout only.
-CODE_PATHS = ("bayes_llm", "stages", "dvc.yaml")
+ARTIFACT_ROOTS = ("data/", "models/", "reports/", "bundles/")  # what stages write, not code
 
 
 class StageFailed(UserError):
@@ -56,7 +54,9 @@ class Snapshot:
     rev: str
     params: str
     lock: str
-    code: str = ""  # the git trees of CODE_PATHS at rev
+    # The git objects of the expert stage's code at rev (`Workspace.code`); empty: this checkout's
+    # working tree, for scratch copies of this same checkout only.
+    code: str = ""
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -76,9 +76,9 @@ class Workspace:
             raise UserError(f"{self.root}: not a bayes-llm project (no dvc.yaml)")
 
     # -- commands ------------------------------------------------------------------------------
-    def run(self, *cmd: str) -> str:
+    def run(self, *cmd: str, env: dict[str, str] | None = None) -> str:
         """Run a command in the workspace, streaming its output to the log; raise on failure."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         # Bytes, split at newlines only: in text mode every progress-bar redraw (`\r`) would be a line.
         process = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         lines = []
@@ -95,8 +95,8 @@ class Workspace:
             raise error(f"`{name}` failed (exit {process.returncode}) in {self.root}:\n{tail}")
         return "\n".join(lines)
 
-    def dvc(self, *args: str) -> str:
-        return self.run(tool("dvc"), *args)
+    def dvc(self, *args: str, env: dict[str, str] | None = None) -> str:
+        return self.run(tool("dvc"), *args, env=env)
 
     def git(self, *args: str) -> str:
         done = subprocess.run(["git", *args], cwd=self.root, capture_output=True, text=True)
@@ -113,15 +113,16 @@ class Workspace:
         """The expert's own-domain gain over the base (points, 95 % CI) from its report."""
         return json.loads((self.root / paths.expert_report(domain)).read_text())["gain"]
 
-    def repro(self, stages: list[str], force: bool = False) -> str:
+    def repro(self, stages: list[str], force: bool = False, env: dict[str, str] | None = None) -> str:
         """Exactly these stages (their upstream was run before); cached runs are restored, not rerun."""
-        return self.dvc("repro", "--single-item", "--pull", *(["--force"] if force else []), *stages)
+        return self.dvc("repro", "--single-item", "--pull", *(["--force"] if force else []), *stages, env=env)
 
     def restore(self, stages: list[str]) -> str:
         """Stages another workspace ran and pushed, restored from DVC's run-cache (or kept where this
-        workspace already has their outputs). A stage DVC runs instead had no run-cache entry (a lost
-        push, another remote): an error, not a silent retraining here."""
-        output = self.repro(stages)
+        workspace already has their outputs). A stage DVC would run instead had no run-cache entry (a
+        lost push, another remote): an error, not a silent retraining here. A bayes-llm stage refuses
+        at its start ($BAYES_LLM_RESTORE_ONLY); any other command is caught by DVC's log."""
+        output = self.repro(stages, env={RESTORE_ONLY_ENV: "1"})
         if ran := re.findall(r"^Running stage '([^']+)'", output, re.MULTILINE):
             raise StageFailed(f"{', '.join(ran)}: run in {self.root} instead of restored from the DVC run-cache "
                               "(do the workers push to this workspace's DVC remote?)")  # fmt: skip
@@ -153,40 +154,54 @@ class Workspace:
             if present and (failed := repo.cloud.push(present).failed):
                 raise TransientFailure(f"could not push {len(failed)} report object(s) to the DVC remote")
 
-    def code(self) -> str:
-        """The git trees of the code the expert stages run. Uncommitted changes to it are refused: a
-        worker would train the committed code, and this run would then find no run-cache entry for
-        its own and train the experts itself."""
-        if changed := self.git("status", "--porcelain", "--untracked-files=all", "--", *CODE_PATHS):
-            files = ", ".join(line[3:] for line in changed.splitlines()[:5])
-            raise StageFailed(f"{self.root} has uncommitted changes to the code ({files}): commit or stash them")
-        return " ".join(self.git("rev-parse", *(f"HEAD:{path}" for path in CODE_PATHS)).split())
+    def expert_code(self) -> list[str]:
+        """The code an expert stage runs: `train_expert`'s deps in dvc.yaml that are not artifacts."""
+        stage = yaml.safe_load((self.root / "dvc.yaml").read_text())["stages"]["train_expert"]
+        return ["dvc.yaml", *(d for d in stage["do"]["deps"] if not str(d).startswith(ARTIFACT_ROOTS))]
 
-    def snapshot(self) -> Snapshot:
+    def code(self) -> str:
+        """The git objects of the expert stage's code at HEAD. Uncommitted changes to it are refused:
+        another host's worker trains the committed code, and this run would then find no run-cache
+        entry for its own."""
+        paths_ = self.expert_code()
+        changed = [*self.git("diff", "--name-only", "HEAD", "--", *paths_).splitlines(),
+                   *self.git("ls-files", "--others", "--exclude-standard", "--", *paths_).splitlines()]  # fmt: skip
+        if changed:
+            raise StageFailed(f"{self.root} has uncommitted changes to the experts' code ({', '.join(changed[:5])}): "
+                              "commit or stash them")  # fmt: skip
+        return " ".join(self.git("rev-parse", *(f"HEAD:{path}" for path in paths_)).split())
+
+    def snapshot(self, committed: bool = True) -> Snapshot:
+        """`committed`: for workers in other checkouts (the code must be committed); else only scratch
+        copies of this checkout take it, with its working tree as it is."""
         lock = self.root / "dvc.lock"
         return Snapshot(
             rev=self.git("rev-parse", "HEAD"),
             params=(self.root / "params.yaml").read_text(),
             lock=lock.read_text() if lock.is_file() else "",
-            code=self.code(),
+            code=self.code() if committed else "",
         )
 
     def _pin_remotes(self, copy: Workspace) -> None:
-        """A remote given by a relative path (`../remote`) is relative to its config file: the copy,
-        elsewhere, gets the absolute path, or it would pull from and push to another directory."""
+        """Relative paths in the DVC config (a remote `../remote`, its key file, `cache.dir`) are relative
+        to their config file: the copy, elsewhere, gets them absolute, or it would pull from and push to
+        another directory."""
         from dvc.config import Config
         from dvc.config_schema import RelPath
 
-        remotes = Config(dvc_dir=str(self.root / ".dvc"))["remote"]
-        for name, remote in remotes.items():
-            if isinstance(remote.get("url"), RelPath):
-                copy.dvc("remote", "modify", "--local", name, "url", str(remote["url"]))
+        config = Config(dvc_dir=str(self.root / ".dvc"))
+        for name, remote in config["remote"].items():
+            for key, value in remote.items():
+                if isinstance(value, RelPath):
+                    copy.dvc("remote", "modify", "--local", name, key, str(value))
+        if isinstance(cache := config["cache"].get("dir"), RelPath):
+            copy.dvc("cache", "dir", "--local", str(cache))
 
     @contextmanager
     def scratch_copy(self, snapshot: Snapshot) -> Iterator[Workspace]:
         """A private copy of this workspace's files (no outputs, its own DVC cache) at `snapshot`."""
-        if self.code() != snapshot.code:
-            head = self.git("rev-parse", "HEAD")
+        head = self.git("rev-parse", "HEAD")
+        if (self.code() != snapshot.code) if snapshot.code else head != snapshot.rev:
             raise StageFailed(f"{self.root} is at {head[:12]}, whose code differs from the run's "
                               f"({snapshot.rev[:12]}): check out the run's revision")  # fmt: skip
         listed = self.git("ls-files", "-co", "--exclude-standard", "-z").split("\0")

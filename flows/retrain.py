@@ -112,10 +112,12 @@ def retrain(
         raise UserError("a version names a published bundle: drop it, or publish")
     if publish_bundle:
         check_version(workspace, version)  # before hours of training, not after
+    if expert_deployment:
+        workspace.code()  # other hosts' workers train committed code: refuse uncommitted changes now
     pull()
     repro(UPSTREAM, force)
     push(UPSTREAM)  # the inputs of the experts, for workers that share only the remote
-    snapshot = workspace.snapshot().to_dict()
+    snapshot = workspace.snapshot(committed=bool(expert_deployment)).to_dict()
     domains = workspace.domains()
     if expert_deployment:
         futures = [train_expert_on_worker.submit(expert_deployment, d, snapshot, force) for d in domains]

@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import replace
@@ -81,13 +82,23 @@ def test_scratch_copy_takes_the_snapshot_and_refuses_other_code(tmp_path):
     commit("dvc.lock")
     with workspace.scratch_copy(replace(snapshot, lock="")) as scratch:
         assert not (scratch.root / "dvc.lock").exists()  # no lock in the run: none written (an empty one is invalid)
-    # Other code: refused, committed or not.
-    (project / "stages/extra.py").write_text("print('other code')\n")
-    with pytest.raises(StageFailed, match=r"uncommitted changes to the code \(stages/extra\.py\)"):
+    # Code the experts do not run may differ; theirs may not, committed or not.
+    (project / "bayes_llm/serve/notes.py").write_text("# not an expert's code\n")
+    assert workspace.code() == snapshot.code
+    (project / "bayes_llm/experts/extra.py").write_text("print('other code')\n")
+    trainer = project / "bayes_llm/experts/trainer.py"
+    trainer.write_text(trainer.read_text() + "\n# edited\n")
+    with pytest.raises(StageFailed, match=r"uncommitted changes to the experts' code \(bayes_llm/experts/trainer\.py, "
+                                          r"bayes_llm/experts/extra\.py\)"):  # fmt: skip
         workspace.snapshot()
-    commit("stages/extra.py")
+    local = workspace.snapshot(committed=False)  # scratch copies of this checkout take its working tree
+    with workspace.scratch_copy(local) as scratch:
+        assert (scratch.root / "bayes_llm/experts/trainer.py").read_text().endswith("# edited\n")
+    commit("bayes_llm/experts")
     with pytest.raises(StageFailed, match="code differs from the run's"), workspace.scratch_copy(snapshot):
         pass
+    with pytest.raises(StageFailed, match="code differs from the run's"), workspace.scratch_copy(local):
+        pass  # another commit
 
 
 def test_scratch_copy_keeps_a_relative_remote_pointing_where_it_did(tmp_path):
@@ -110,7 +121,9 @@ def test_a_progress_bar_is_logged_once_as_it_ended(tmp_path):
 def test_restoring_a_stage_that_would_run_here_fails(tmp_path):
     project = tmp_path / "p"
     project.mkdir()
-    (project / "dvc.yaml").write_text("stages:\n  made:\n    cmd: echo made > out.txt\n    outs: [out.txt]\n")
+    (project / "dvc.yaml").write_text(f"stages:\n  made:\n    cmd: echo made > out.txt\n    outs: [out.txt]\n"
+                                      f"  expert:\n    cmd: {sys.executable} -m bayes_llm train-expert math\n"
+                                      f"    outs: [expert.txt]\n")  # fmt: skip
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         subprocess.run(cmd, cwd=project, check=True, env=env, capture_output=True)
@@ -121,6 +134,9 @@ def test_restoring_a_stage_that_would_run_here_fails(tmp_path):
     (project / "out.txt").unlink()
     workspace.restore(["made"])  # from the cache, not run again
     assert (project / "out.txt").read_text() == "made\n"
+    # A bayes-llm stage refuses before any work (an expert would have trained here for hours).
+    with pytest.raises(StageFailed, match=r"stage train_expert would run here, but this `dvc repro` only restores"):
+        workspace.restore(["expert"])
 
 
 def test_a_version_is_checked_before_any_work(tmp_path):

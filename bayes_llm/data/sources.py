@@ -157,8 +157,8 @@ def load_local(domain: str, source: LocalSource) -> dict[str, list[dict]]:
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
         if kind is None:
             raise SourceError(f"data.sources.{domain}.files.{split}: {path} must be .jsonl, .json or .parquet")
-        # A cache of its own: `datasets` keys its shared one by path, size and mtime, so a file edited
-        # with its mtime kept (cp -p, rsync -a, an unpacked archive) would be read as it was.
+        # A cache of its own: `datasets` keys its shared one by path and mtime, so a file edited with
+        # its mtime kept (cp -p, rsync -a, an unpacked archive) would be read as it was.
         with tempfile.TemporaryDirectory(prefix="bayes-llm-source-") as cache:
             try:
                 data = load_dataset(kind, data_files=str(path), split="train", cache_dir=cache)

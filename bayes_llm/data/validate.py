@@ -119,7 +119,12 @@ def check_frame(domain: Domain, splits: dict[str, pd.DataFrame], progress: bool 
         owners = frame.assign(key=key).groupby("key", dropna=True)["split"].nunique()
         leaked = key.map(owners).fillna(1).gt(1)
         if domain.answer_kind != "code" and "answer" in frame:  # two programs may both be right; two answers not
-            answers = frame.assign(key=key, answer=frame["answer"].astype(str)).groupby(["key", "split"])["answer"]
+            # a letter by its choice's text: asked alone (choice_answer: text), one question may list its
+            # choices in two orders
+            choices = frame["choices"] if "choices" in frame else [None] * len(frame)
+            said = [str(c[LETTERS.index(a)]) if _letter_ok(a, c) else str(a)
+                    for a, c in zip(frame["answer"], choices, strict=True)]  # fmt: skip
+            answers = frame.assign(key=key, said=said).groupby(["key", "split"])["said"]
             leaked |= answers.transform("nunique").gt(1)
         frame["prompt_in_other_split"] = leaked
     if SOLUTION_COLUMN in frame:
