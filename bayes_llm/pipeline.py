@@ -145,7 +145,11 @@ class Workspace:
         from dvc_data.hashfile.tree import Tree
 
         with Repo(str(self.root)) as repo:
-            stages = [s for t in targets for s in repo.stage.collect(t)] if targets else list(repo.index.stages)
+            # Targets as this workspace's `dvc.yaml:<stage>`: a bare name resolves against the process's
+            # cwd, which for a scratch copy is the checkout it was copied from (whose stage has no hashes).
+            dvc_yaml = self.root / "dvc.yaml"
+            stages = ([s for t in targets for s in repo.stage.collect(f"{dvc_yaml}:{t}")] if targets
+                      else list(repo.index.stages))  # fmt: skip
             objects = [out.hash_info for s in stages for out in s.outs if not out.use_cache and out.hash_info]
             # The run-cache save committed those files to the local cache; outputs never run have none.
             present = [h for h in objects if repo.cache.local.exists(h.value)]

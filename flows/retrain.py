@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from prefect import flow, get_run_logger, task
@@ -40,7 +41,10 @@ def _transient_only(task, task_run, state) -> bool:
 
 # DVC does the caching (stages, run-cache): Prefect's own result cache stays out of the way.
 dvc_task = task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=_transient_only)
-LOST_WORKER = "no heartbeat"  # the CRASHED message of flows/lost-runs.yaml's automation
+# A lost worker: the CRASHED message of flows/lost-runs.yaml's automation (the host went silent), or
+# the runner's for a process killed by a signal ("status code: -9"). A crash with an exit status (a
+# failed pull step, a wrong venv: status 1) would crash again on any worker: not retried.
+LOST_WORKER = re.compile(r"no heartbeat|status code:? -\d+")
 
 
 def _workspace() -> Workspace:
@@ -77,10 +81,9 @@ def train_expert_here(domain: str, snapshot: dict, force: bool) -> None:
 def train_expert_on_worker(deployment: str, domain: str, snapshot: dict, force: bool) -> None:
     run = run_deployment(deployment, parameters={"domain": domain, "snapshot": snapshot, "force": force},
                          flow_run_name=f"train-expert-{domain}")  # fmt: skip
-    if run.state and run.state.is_crashed() and LOST_WORKER in (run.state.message or ""):
-        # A lost worker (its host died: no heartbeats, see flows/lost-runs.yaml). Whatever it pushed is
-        # whole (remote objects are named by their md5), so another worker can take the expert from the
-        # start. Other crashes (a failed pull step, a wrong venv) would crash again: not retried.
+    if run.state and run.state.is_crashed() and LOST_WORKER.search(run.state.message or ""):
+        # Whatever the lost worker pushed is whole (remote objects are named by their md5), so another
+        # worker can take the expert from the start.
         raise TransientFailure(f"expert {domain}: flow run {run.name} crashed ({run.state.message}); "
                                "retrying it on another worker")  # fmt: skip
     if not run.state or not run.state.is_completed():
