@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -27,6 +28,7 @@ from bayes_llm import paths
 from bayes_llm.command import RESTORE_ONLY_ENV
 from bayes_llm.config import load_params, parse_params
 from bayes_llm.errors import UserError
+from bayes_llm.io import atomic_path
 
 # Output that marks a failure worth retrying: another process holds the lock, or the remote is
 # briefly unreachable. Anything else (a stage's own error, bad params) fails the same way again.
@@ -127,6 +129,34 @@ class Workspace:
             raise StageFailed(f"{', '.join(ran)}: run in {self.root} instead of restored from the DVC run-cache "
                               "(do the workers push to this workspace's DVC remote?)")  # fmt: skip
         return output
+
+    def outs(self, stage: str) -> list[dict]:
+        """The outputs `dvc.lock` records for `stage` ([] when it never ran here)."""
+        lock = self.root / "dvc.lock"
+        entry = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage) if lock.is_file() else None
+        return list((entry or {}).get("outs", []))
+
+    def adopt(self, made: dict[str, list[dict]]) -> None:
+        """Take the outputs other workspaces made (stage → its `dvc.lock` outs there).
+
+        Where this checkout holds other outputs of the same stage (a forced retrain with nondeterministic
+        kernels, or on another kind of machine), `dvc repro` would keep them as up to date: its lock
+        takes the worker's outs first, and `dvc repro --pull` fetches them. Then every stage is checked
+        to hold exactly what its worker made."""
+        lock_file = self.root / "dvc.lock"
+        differ = {stage: outs for stage, outs in made.items()
+                  if (here := self.outs(stage)) and _hashes(here) != _hashes(outs)}  # fmt: skip
+        if differ:
+            lock = yaml.safe_load(lock_file.read_text())
+            for stage, outs in differ.items():
+                self.log(f"{stage}: taking the worker's outputs in place of this checkout's")
+                lock["stages"][stage]["outs"] = outs
+            with atomic_path(lock_file) as tmp:
+                tmp.write_text(yaml.safe_dump(lock, sort_keys=False))
+        self.restore(list(made))
+        if wrong := [stage for stage, outs in made.items() if _hashes(self.outs(stage)) != _hashes(outs)]:
+            raise StageFailed(f"{', '.join(wrong)}: restored other outputs than the worker made "
+                              f"(another run of the same code, params and data?); rerun with --force")  # fmt: skip
 
     def pull(self, *targets: str, with_deps: bool = False) -> str:
         """What the remote has (run-cache included); missing objects are not an error on a first run."""
@@ -229,6 +259,10 @@ class Workspace:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _hashes(outs: list[dict]) -> dict[str, str]:
+    return {out["path"]: out.get("md5", "") for out in outs}
+
+
 CHECKOUT_ENV = "BAYES_LLM_CHECKOUT"
 
 
@@ -243,10 +277,13 @@ def enter_checkout() -> dict[str, str]:
     return {"directory": str(workspace.root)}
 
 
-def train_expert_isolated(workspace: Workspace, domain: str, snapshot: Snapshot, force: bool = False) -> None:
-    """Train one expert in a scratch copy and push it (and its run-cache entry) to the DVC remote.
+def train_expert_isolated(workspace: Workspace, domain: str, snapshot: Snapshot, force: bool = False,
+                          push_attempts: int = 3, retry_seconds: float = 10.0) -> list[dict]:
+    """Train one expert in a scratch copy and push it (and its run-cache entry) to the DVC remote;
+    returns its outputs (its `dvc.lock` outs), for the calling run to `adopt`.
 
-    The calling run then restores it with `dvc repro`, which finds the run in the run-cache.
+    The push is retried here on a transient failure: the scratch copy, and the trained expert in it,
+    go when this returns, and a retry of the whole task would train it again from the start.
     """
     if domain not in parse_params(yaml.safe_load(snapshot.params), "the run's params").experts:
         raise StageFailed(f"no expert domain {domain!r} in the run's params")
@@ -254,4 +291,14 @@ def train_expert_isolated(workspace: Workspace, domain: str, snapshot: Snapshot,
     with workspace.scratch_copy(snapshot) as scratch:
         scratch.pull(stage, with_deps=True)
         scratch.repro([stage], force=force)
-        scratch.push(stage)
+        for attempt in range(1, push_attempts + 1):
+            try:
+                scratch.push(stage)
+                break
+            except TransientFailure as failure:
+                if attempt == push_attempts:
+                    raise
+                workspace.log(f"{stage}: push failed ({failure}); attempt {attempt + 1} of {push_attempts} "
+                              f"in {retry_seconds:g} s")  # fmt: skip
+                time.sleep(retry_seconds)
+        return scratch.outs(stage)

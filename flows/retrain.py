@@ -15,9 +15,10 @@ import json
 import re
 import sys
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect.deployments import run_deployment
 
 from bayes_llm.bundle.publish import check_version, metrics_table, publish, summary_markdown
@@ -45,6 +46,8 @@ dvc_task = task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_
 # the runner's for a process killed by a signal ("status code: -9"). A crash with an exit status (a
 # failed pull step, a wrong venv: status 1) would crash again on any worker: not retried.
 LOST_WORKER = re.compile(r"no heartbeat|status code:? -\d+")
+# The table artifact in which a `train-expert` run hands its outputs (path, md5) back to `retrain`.
+OUTPUTS_KEY = "bayes-llm-expert-outputs"
 
 
 def _workspace() -> Workspace:
@@ -63,8 +66,8 @@ def repro(stages: list[str], force: bool = False) -> None:
 
 
 @dvc_task
-def restore_experts(stages: list[str]) -> None:
-    _workspace().restore(stages)
+def adopt_experts(made: dict[str, dict[str, str]]) -> None:
+    _workspace().adopt(made)
 
 
 @dvc_task
@@ -73,12 +76,24 @@ def push(stages: list[str]) -> None:
 
 
 @dvc_task
-def train_expert_here(domain: str, snapshot: dict, force: bool) -> None:
-    train_expert_isolated(_workspace(), domain, Snapshot(**snapshot), force)
+def train_expert_here(domain: str, snapshot: dict, force: bool) -> dict[str, str]:
+    return train_expert_isolated(_workspace(), domain, Snapshot(**snapshot), force)
+
+
+def _outputs_of(run) -> dict[str, str]:
+    """The outputs a `train-expert` flow run handed back (its table artifact)."""
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]), key=ArtifactFilterKey(any_=[OUTPUTS_KEY])))  # fmt: skip
+    if not found:
+        raise StageFailed(f"flow run {run.name} completed without its `{OUTPUTS_KEY}` artifact "
+                          "(is the worker's checkout at this version?)")  # fmt: skip
+    rows = json.loads(found[0].data) if isinstance(found[0].data, str) else found[0].data
+    return {row["path"]: row["md5"] for row in rows}
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=_transient_only)
-def train_expert_on_worker(deployment: str, domain: str, snapshot: dict, force: bool) -> None:
+def train_expert_on_worker(deployment: str, domain: str, snapshot: dict, force: bool) -> dict[str, str]:
     run = run_deployment(deployment, parameters={"domain": domain, "snapshot": snapshot, "force": force},
                          flow_run_name=f"train-expert-{domain}")  # fmt: skip
     if run.state and run.state.is_crashed() and LOST_WORKER.search(run.state.message or ""):
@@ -90,12 +105,17 @@ def train_expert_on_worker(deployment: str, domain: str, snapshot: dict, force: 
         message = run.state.message if run.state else "no state"
         raise StageFailed(f"expert {domain}: flow run {run.name} ended {run.state_name}: {message} "
                           f"(its log: `prefect flow-run logs {run.id}`)")  # fmt: skip
+    return _outputs_of(run)
 
 
 @flow(name="train-expert", log_prints=True)
-def train_expert(domain: str, snapshot: dict, force: bool = False) -> None:
-    """One expert in a scratch copy of this worker's checkout; the result goes to the DVC remote."""
-    train_expert_here(domain, snapshot, force)
+def train_expert(domain: str, snapshot: dict, force: bool = False) -> dict[str, str]:
+    """One expert in a scratch copy of this worker's checkout; the result goes to the DVC remote, and
+    what it made (path → md5) to the `retrain` run as a table artifact."""
+    outs = train_expert_here(domain, snapshot, force)
+    create_table_artifact(key=OUTPUTS_KEY, table=[{"path": path, "md5": md5} for path, md5 in outs.items()],
+                          description=f"train_expert@{domain}: outputs pushed to the DVC remote")  # fmt: skip
+    return outs
 
 
 @flow(name="retrain", log_prints=True)
@@ -126,10 +146,10 @@ def retrain(
         futures = [train_expert_on_worker.submit(expert_deployment, d, snapshot, force) for d in domains]
     else:
         futures = [train_expert_here.submit(d, snapshot, force) for d in domains]
-    for future in futures:
-        future.result()  # raises the first failed expert's error
+    # Each expert's outputs as its worker made them (raises the first failed expert's error).
+    made = {f"train_expert@{domain}": future.result() for domain, future in zip(domains, futures, strict=True)}
     pull()
-    restore_experts([f"train_expert@{domain}" for domain in domains])  # what the workers pushed
+    adopt_experts(made)  # restored from what the workers pushed
     repro(DOWNSTREAM, force)
     result: dict = {"experts": {d: workspace.expert_gain(d) for d in domains}}
     if publish_bundle:

@@ -22,7 +22,7 @@ import pytest
 from bayes_llm.bundle.publish import PublishError, check_version, next_version, set_bundle_version
 from bayes_llm.config import load_params
 from bayes_llm.experts.distributed import free_port
-from bayes_llm.pipeline import Snapshot, StageFailed, TransientFailure, Workspace
+from bayes_llm.pipeline import Snapshot, StageFailed, TransientFailure, Workspace, train_expert_isolated
 from flows.retrain import LOST_WORKER
 from tests.conftest import BIN, ROOT, copy_project
 
@@ -138,6 +138,70 @@ def test_restoring_a_stage_that_would_run_here_fails(tmp_path):
     # A bayes-llm stage refuses before any work (an expert would have trained here for hours).
     with pytest.raises(StageFailed, match=r"stage train_expert would run here, but this `dvc repro` only restores"):
         workspace.restore(["expert"])
+
+
+def _toy_dvc_project(project: Path, remote: Path, dvc_yaml: str, files: dict[str, str]) -> Workspace:
+    """A git + DVC project with a local remote and one commit: a stand-in for a checkout."""
+    project.mkdir()
+    for name, text in {"dvc.yaml": dvc_yaml, "params.yaml": "seed: 0\n", **files}.items():
+        (project / name).write_text(text)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "remote", "add", "-d", "local", str(remote)]):
+        subprocess.run(cmd, cwd=project, check=True, env=env, capture_output=True)
+    workspace = Workspace(project)
+    workspace.git("add", "-A")
+    workspace.git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "toy")
+    return workspace
+
+
+@pytest.mark.slow  # a dozen dvc commands
+def test_a_checkout_adopts_what_a_worker_made_even_when_it_holds_other_outputs(tmp_path):
+    # A run that never gives the same bytes twice: a forced retrain with nondeterministic kernels. Shaped
+    # like an expert stage for DVC's run-cache: a dep, and its uncached report a metric.
+    checkout = _toy_dvc_project(tmp_path / "p", tmp_path / "remote", (
+        "stages:\n  made:\n    cmd: python3 make.py\n    deps: [make.py]\n    outs: [out.txt]\n"
+        "    metrics: [{report.json: {cache: false}}]\n"), files={"make.py": (
+        "import json, uuid\nopen('out.txt', 'w').write(uuid.uuid4().hex)\n"
+        "json.dump({'run': uuid.uuid4().hex}, open('report.json', 'w'))\n")})  # fmt: skip
+    checkout.repro(["made"])
+    mine = checkout.outs("made")
+    assert [out["path"] for out in mine] == ["out.txt", "report.json"]
+    with checkout.scratch_copy(checkout.snapshot(committed=False)) as worker:
+        worker.repro(["made"], force=True)
+        worker.push("made")
+        made = worker.outs("made")
+        theirs = {out["path"]: (worker.root / out["path"]).read_text() for out in made}
+    assert made != mine
+    checkout.pull()
+    checkout.adopt({"made": made})  # its own outputs would have been kept as up to date
+    assert checkout.outs("made") == made
+    assert {path: (checkout.root / path).read_text() for path in theirs} == theirs
+    checkout.adopt({"made": made})  # already there: nothing to do
+    # Outputs the remote does not hold are an error, not a silent substitute (or a run here).
+    with pytest.raises(StageFailed, match="instead of restored from the DVC run-cache"):
+        checkout.adopt({"made": [{**made[0], "md5": "0" * 32}, made[1]]})
+
+
+def test_an_expert_push_is_retried_in_its_scratch_copy(tmp_path, monkeypatch):
+    project = copy_project(tmp_path / "p", smoke=True)
+    workspace = Workspace(project)
+    calls: list[str] = []
+
+    def push(self, *targets):
+        calls.append("push")
+        if calls.count("push") < 3:
+            raise TransientFailure("ERROR: Connection reset by peer")
+
+    monkeypatch.setattr(Workspace, "pull", lambda self, *a, **k: calls.append("pull"))
+    monkeypatch.setattr(Workspace, "repro", lambda self, *a, **k: calls.append("train"))
+    monkeypatch.setattr(Workspace, "push", push)
+    train_expert_isolated(workspace, "math", workspace.snapshot(committed=False), retry_seconds=0)
+    assert calls == ["pull", "train", "push", "push", "push"]  # trained once, pushed on the third try
+    calls.clear()
+    with pytest.raises(TransientFailure, match="Connection reset"):
+        train_expert_isolated(workspace, "math", workspace.snapshot(committed=False), push_attempts=2,
+                              retry_seconds=0)  # fmt: skip
+    assert calls == ["pull", "train", "push", "push"]
 
 
 def test_only_a_lost_worker_is_retried():
