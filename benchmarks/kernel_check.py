@@ -149,7 +149,7 @@ def compare(checkpoint: Path, work: Path, params: ModelParams, vocab: int, steps
             "compare needs a CUDA GPU with mamba-ssm and causal-conv1d importable (pip install '.[gpu]')"
         )
     if not (work / "reference.safetensors").is_file():
-        raise KernelCheckError(f"no reference in {work}: run `bayes-llm kernel-check reference` first")
+        raise KernelCheckError(f"no reference in {work}: run `python -m benchmarks.kernel_check reference` first")
     import causal_conv1d
     import mamba_ssm
 
