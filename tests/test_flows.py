@@ -21,6 +21,7 @@ import pytest
 
 from bayes_llm.bundle.publish import PublishError, check_version, next_version, set_bundle_version
 from bayes_llm.config import load_params
+from bayes_llm.errors import UserError
 from bayes_llm.experts.distributed import free_port
 from bayes_llm.pipeline import Snapshot, StageFailed, TransientFailure, Workspace, train_expert_isolated
 from flows.retrain import LOST_WORKER
@@ -221,6 +222,33 @@ def test_a_version_is_checked_before_any_work(tmp_path):
         check_version(workspace, "0.1.0")
     with pytest.raises(PublishError, match=r"not X\.Y\.Z"):
         check_version(workspace, "1.0")
+
+
+def test_retrain_refuses_bad_requests_before_any_stage(tmp_path, monkeypatch):
+    from flows import retrain as flow_module
+
+    project = copy_project(tmp_path / "p", smoke=True)
+    workspace = Workspace(project)
+    workspace.git("tag", f"{load_params(project / 'params.yaml').bundle.name}@v0.1.0")
+
+    def no_stage(*args, **kwargs):
+        raise AssertionError("a DVC task ran before the request was checked")
+
+    monkeypatch.setattr(flow_module, "_workspace", lambda: workspace)
+    monkeypatch.setattr(flow_module, "pull", no_stage)
+    run = flow_module.retrain.fn  # the flow's body, without a Prefect API
+    with pytest.raises(UserError, match="a version names a published bundle"):
+        run(version="0.2.0", publish_bundle=False)
+    with pytest.raises(PublishError, match=r"v0\.1\.0 is already published"):
+        run(version="0.1.0")
+    with pytest.raises(PublishError, match=r"not X\.Y\.Z"):
+        run(version="1.0")
+    trainer = project / "bayes_llm/experts/trainer.py"
+    trainer.write_text(trainer.read_text() + "\n# edited\n")
+    with pytest.raises(StageFailed, match="uncommitted changes to the experts' code"):
+        run(publish_bundle=False, expert_deployment="train-expert/train-expert")
+    with pytest.raises(AssertionError, match="a DVC task ran"):  # a local run takes the working tree
+        run(publish_bundle=False)
 
 
 # -- end to end: a real Prefect server, work pool, deployments and workers --------------------

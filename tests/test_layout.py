@@ -13,11 +13,11 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from bayes_llm.config import Params
+from bayes_llm.pipeline import ARTIFACT_ROOTS
 from bayes_llm.stages import NAMES, all_stages
 from tests.conftest import ROOT
 
 LIBRARY = ROOT / "bayes_llm"
-ARTIFACT_ROOTS = ("data/", "models/", "reports/", "bundles/")
 
 
 def _paths(entries: list) -> set[str]:
