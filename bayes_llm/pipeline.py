@@ -115,48 +115,56 @@ class Workspace:
         """The expert's own-domain gain over the base (points, 95 % CI) from its report."""
         return json.loads((self.root / paths.expert_report(domain)).read_text())["gain"]
 
-    def repro(self, stages: list[str], force: bool = False, env: dict[str, str] | None = None) -> str:
+    def repro(self, stages: list[str], force: bool = False, env: dict[str, str] | None = None,
+              pull: bool = True) -> str:  # fmt: skip
         """Exactly these stages (their upstream was run before); cached runs are restored, not rerun."""
-        return self.dvc("repro", "--single-item", "--pull", *(["--force"] if force else []), *stages, env=env)
+        options = [*(["--pull"] if pull else []), *(["--force"] if force else [])]
+        return self.dvc("repro", "--single-item", *options, *stages, env=env)
 
-    def restore(self, stages: list[str]) -> str:
+    def restore(self, stages: list[str], pull: bool = True) -> str:
         """Stages another workspace ran and pushed, restored from DVC's run-cache (or kept where this
         workspace already has their outputs). A stage DVC would run instead had no run-cache entry (a
         lost push, another remote): an error, not a silent retraining here. A bayes-llm stage refuses
         at its start ($BAYES_LLM_RESTORE_ONLY); any other command is caught by DVC's log."""
-        output = self.repro(stages, env={RESTORE_ONLY_ENV: "1"})
+        output = self.repro(stages, env={RESTORE_ONLY_ENV: "1"}, pull=pull)
         if ran := re.findall(r"^Running stage '([^']+)'", output, re.MULTILINE):
             raise StageFailed(f"{', '.join(ran)}: run in {self.root} instead of restored from the DVC run-cache "
                               "(do the workers push to this workspace's DVC remote?)")  # fmt: skip
         return output
 
-    def outs(self, stage: str) -> list[dict]:
-        """The outputs `dvc.lock` records for `stage` ([] when it never ran here)."""
+    def lock_entry(self, stage: str) -> dict:
+        """`stage`'s entry in `dvc.lock` (cmd, deps, params, outs), read as DVC reads it; {} if none."""
+        from dvc.utils.serialize import load_yaml
+
         lock = self.root / "dvc.lock"
-        entry = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage) if lock.is_file() else None
-        return list((entry or {}).get("outs", []))
+        return dict(((load_yaml(str(lock)) or {}).get("stages") or {}).get(stage) or {}) if lock.is_file() else {}
 
-    def adopt(self, made: dict[str, list[dict]]) -> None:
-        """Take the outputs other workspaces made (stage → its `dvc.lock` outs there).
+    def adopt(self, made: dict[str, dict]) -> None:
+        """Take what other workspaces made and pushed: stage → its `dvc.lock` entry there.
 
-        Where this checkout holds other outputs of the same stage (a forced retrain with nondeterministic
-        kernels, or on another kind of machine), `dvc repro` would keep them as up to date: its lock
-        takes the worker's outs first, and `dvc repro --pull` fetches them. Then every stage is checked
-        to hold exactly what its worker made."""
+        Each entry goes into this checkout's lock first. Without it, DVC would keep outputs this checkout
+        already holds (a forced retrain with nondeterministic kernels, or on another kind of machine) as
+        up to date, or, with no entry here, restore whichever run-cache entry of the same code, params and
+        data is newest. Then every object the entries name is fetched, and the restore runs without
+        `--pull`: for a stage whose only change is missing outputs, `--pull` checks out the cached ones
+        and calls it done, leaving its `cache: false` reports missing, where DVC's run-cache restore
+        checks out every output of the entry."""
+        from dvc.utils.serialize import dump_yaml, parse_yaml_for_update
+
         lock_file = self.root / "dvc.lock"
-        differ = {stage: outs for stage, outs in made.items()
-                  if (here := self.outs(stage)) and _hashes(here) != _hashes(outs)}  # fmt: skip
-        if differ:
-            lock = yaml.safe_load(lock_file.read_text())
-            for stage, outs in differ.items():
-                self.log(f"{stage}: taking the worker's outputs in place of this checkout's")
-                lock["stages"][stage]["outs"] = outs
-            with atomic_path(lock_file) as tmp:
-                tmp.write_text(yaml.safe_dump(lock, sort_keys=False))
-        self.restore(list(made))
-        if wrong := [stage for stage, outs in made.items() if _hashes(self.outs(stage)) != _hashes(outs)]:
-            raise StageFailed(f"{', '.join(wrong)}: restored other outputs than the worker made "
-                              f"(another run of the same code, params and data?); rerun with --force")  # fmt: skip
+        if differ := {stage: entry for stage, entry in made.items() if self.lock_entry(stage) != entry}:
+            lock = parse_yaml_for_update(lock_file.read_text(), str(lock_file)) if lock_file.is_file() else {}
+            lock = lock or {"schema": "2.0"}
+            for stage, entry in differ.items():
+                lock.setdefault("stages", {})[stage] = entry
+            with atomic_path(lock_file) as tmp:  # round-trip YAML, as DVC writes it
+                dump_yaml(str(tmp), lock)
+        self._pull_outputs(tuple(made))
+        self.restore(list(made), pull=False)
+        wrong = [stage for stage, entry in made.items() if _hashes(self.lock_entry(stage)) != _hashes(entry)
+                 or not all((self.root / out["path"]).exists() for out in entry.get("outs", []))]  # fmt: skip
+        if wrong:
+            raise StageFailed(f"{', '.join(wrong)}: {self.root} ended with other outputs than the worker made")
 
     def pull(self, *targets: str, with_deps: bool = False) -> str:
         """What the remote has (run-cache included); missing objects are not an error on a first run."""
@@ -175,18 +183,36 @@ class Workspace:
         from dvc_data.hashfile.tree import Tree
 
         with Repo(str(self.root)) as repo:
-            # Targets as this workspace's `dvc.yaml:<stage>`: a bare name resolves against the process's
-            # cwd, which for a scratch copy is the checkout it was copied from (whose stage has no hashes).
-            dvc_yaml = self.root / "dvc.yaml"
-            stages = ([s for t in targets for s in repo.stage.collect(f"{dvc_yaml}:{t}")] if targets
-                      else list(repo.index.stages))  # fmt: skip
-            objects = [out.hash_info for s in stages for out in s.outs if not out.use_cache and out.hash_info]
+            objects = [out.hash_info for out in self._outs(repo, targets) if not out.use_cache and out.hash_info]
             # The run-cache save committed those files to the local cache; outputs never run have none.
             present = [h for h in objects if repo.cache.local.exists(h.value)]
             # a directory's object lists its files; the push sends only the objects it is given
             present += [oid for h in present if h.isdir for _, _, oid in Tree.load(repo.cache.local, h)]
             if present and (failed := repo.cloud.push(present).failed):
                 raise TransientFailure(f"could not push {len(failed)} report object(s) to the DVC remote")
+
+    def _pull_outputs(self, targets: tuple[str, ...]) -> None:
+        """Fetch every output object the lock names for `targets` into the local cache, `cache: false`
+        reports included (which `dvc pull` leaves out), directories with their files."""
+        from dvc.repo import Repo
+        from dvc_data.hashfile.tree import Tree
+
+        with Repo(str(self.root)) as repo:
+            objects = [out.hash_info for out in self._outs(repo, targets) if out.hash_info]
+            failed = repo.cloud.pull(objects).failed
+            files = [oid for h in objects if h.isdir and h not in failed
+                     for _, _, oid in Tree.load(repo.cache.local, h)]  # fmt: skip
+            failed |= repo.cloud.pull(files).failed if files else set()
+            if failed:
+                raise TransientFailure(f"could not fetch {len(failed)} output object(s) from the DVC remote")
+
+    def _outs(self, repo, targets: tuple[str, ...]) -> list:
+        # Targets as this workspace's `dvc.yaml:<stage>`: a bare name resolves against the process's cwd,
+        # which for a scratch copy is the checkout it was copied from (whose stage has no hashes).
+        dvc_yaml = self.root / "dvc.yaml"
+        stages = ([s for t in targets for s in repo.stage.collect(f"{dvc_yaml}:{t}")] if targets
+                  else list(repo.index.stages))  # fmt: skip
+        return [out for stage in stages for out in stage.outs]
 
     def expert_code(self) -> list[str]:
         """The code an expert stage runs: `train_expert`'s deps in dvc.yaml that are not artifacts."""
@@ -259,8 +285,8 @@ class Workspace:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _hashes(outs: list[dict]) -> dict[str, str]:
-    return {out["path"]: out.get("md5", "") for out in outs}
+def _hashes(entry: dict) -> dict[str, str]:
+    return {out["path"]: out.get("md5", "") for out in entry.get("outs", [])}
 
 
 CHECKOUT_ENV = "BAYES_LLM_CHECKOUT"
@@ -278,12 +304,12 @@ def enter_checkout() -> dict[str, str]:
 
 
 def train_expert_isolated(workspace: Workspace, domain: str, snapshot: Snapshot, force: bool = False,
-                          push_attempts: int = 3, retry_seconds: float = 10.0) -> list[dict]:
+                          push_attempts: int = 3, retry_seconds: float = 10.0) -> dict:
     """Train one expert in a scratch copy and push it (and its run-cache entry) to the DVC remote;
-    returns its outputs (its `dvc.lock` outs), for the calling run to `adopt`.
+    returns its `dvc.lock` entry, for the calling run to `adopt`.
 
-    The push is retried here on a transient failure: the scratch copy, and the trained expert in it,
-    go when this returns, and a retry of the whole task would train it again from the start.
+    A failed push is retried here: the scratch copy, and the trained expert in it, go when this
+    returns, and a retry of the whole task would train it again from the start.
     """
     if domain not in parse_params(yaml.safe_load(snapshot.params), "the run's params").experts:
         raise StageFailed(f"no expert domain {domain!r} in the run's params")
@@ -295,10 +321,11 @@ def train_expert_isolated(workspace: Workspace, domain: str, snapshot: Snapshot,
             try:
                 scratch.push(stage)
                 break
-            except TransientFailure as failure:
+            except StageFailed as failure:  # any failure: a permanent one costs only the waits
                 if attempt == push_attempts:
                     raise
+                wait = retry_seconds * attempt
                 workspace.log(f"{stage}: push failed ({failure}); attempt {attempt + 1} of {push_attempts} "
-                              f"in {retry_seconds:g} s")  # fmt: skip
-                time.sleep(retry_seconds)
-        return scratch.outs(stage)
+                              f"in {wait:g} s")  # fmt: skip
+                time.sleep(wait)
+        return scratch.lock_entry(stage)

@@ -19,6 +19,7 @@ from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+from prefect.client.schemas.sorting import ArtifactSort
 from prefect.deployments import run_deployment
 
 from bayes_llm.bundle.publish import check_version, metrics_table, publish, summary_markdown
@@ -46,8 +47,10 @@ dvc_task = task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_
 # the runner's for a process killed by a signal ("status code: -9"). A crash with an exit status (a
 # failed pull step, a wrong venv: status 1) would crash again on any worker: not retried.
 LOST_WORKER = re.compile(r"no heartbeat|status code:? -\d+")
-# The table artifact in which a `train-expert` run hands its outputs (path, md5) back to `retrain`.
+# The markdown artifact in which a `train-expert` run hands its expert's `dvc.lock` entry back to
+# `retrain` (as JSON in a code block: readable in the UI, parsed back exactly).
 OUTPUTS_KEY = "bayes-llm-expert-outputs"
+LOCK_ENTRY = re.compile(r"```json\n(.*)\n```", re.DOTALL)
 
 
 def _workspace() -> Workspace:
@@ -66,7 +69,7 @@ def repro(stages: list[str], force: bool = False) -> None:
 
 
 @dvc_task
-def adopt_experts(made: dict[str, dict[str, str]]) -> None:
+def adopt_experts(made: dict[str, dict]) -> None:
     _workspace().adopt(made)
 
 
@@ -76,24 +79,33 @@ def push(stages: list[str]) -> None:
 
 
 @dvc_task
-def train_expert_here(domain: str, snapshot: dict, force: bool) -> dict[str, str]:
+def train_expert_here(domain: str, snapshot: dict, force: bool) -> dict:
     return train_expert_isolated(_workspace(), domain, Snapshot(**snapshot), force)
 
 
-def _outputs_of(run) -> dict[str, str]:
-    """The outputs a `train-expert` flow run handed back (its table artifact)."""
+def _lock_entry_of(run) -> dict:
+    """The expert's `dvc.lock` entry a `train-expert` flow run handed back (its markdown artifact)."""
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]), key=ArtifactFilterKey(any_=[OUTPUTS_KEY])))  # fmt: skip
-    if not found:
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]), key=ArtifactFilterKey(any_=[OUTPUTS_KEY])),
+            sort=ArtifactSort.CREATED_DESC, limit=1)  # fmt: skip
+    if not found or (entry := lock_entry_from_markdown(str(found[0].data))) is None:
         raise StageFailed(f"flow run {run.name} completed without its `{OUTPUTS_KEY}` artifact "
                           "(is the worker's checkout at this version?)")  # fmt: skip
-    rows = json.loads(found[0].data) if isinstance(found[0].data, str) else found[0].data
-    return {row["path"]: row["md5"] for row in rows}
+    return entry
+
+
+def lock_entry_markdown(entry: dict) -> str:
+    outs = "\n".join(f"- `{out['path']}` {out.get('md5', '')}" for out in entry.get("outs", []))
+    return f"{outs}\n\n```json\n{json.dumps(entry, indent=1)}\n```"
+
+
+def lock_entry_from_markdown(markdown: str) -> dict | None:
+    return json.loads(match.group(1)) if (match := LOCK_ENTRY.search(markdown)) else None
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=_transient_only)
-def train_expert_on_worker(deployment: str, domain: str, snapshot: dict, force: bool) -> dict[str, str]:
+def train_expert_on_worker(deployment: str, domain: str, snapshot: dict, force: bool) -> dict:
     run = run_deployment(deployment, parameters={"domain": domain, "snapshot": snapshot, "force": force},
                          flow_run_name=f"train-expert-{domain}")  # fmt: skip
     if run.state and run.state.is_crashed() and LOST_WORKER.search(run.state.message or ""):
@@ -105,17 +117,17 @@ def train_expert_on_worker(deployment: str, domain: str, snapshot: dict, force: 
         message = run.state.message if run.state else "no state"
         raise StageFailed(f"expert {domain}: flow run {run.name} ended {run.state_name}: {message} "
                           f"(its log: `prefect flow-run logs {run.id}`)")  # fmt: skip
-    return _outputs_of(run)
+    return _lock_entry_of(run)
 
 
 @flow(name="train-expert", log_prints=True)
-def train_expert(domain: str, snapshot: dict, force: bool = False) -> dict[str, str]:
+def train_expert(domain: str, snapshot: dict, force: bool = False) -> dict:
     """One expert in a scratch copy of this worker's checkout; the result goes to the DVC remote, and
-    what it made (path → md5) to the `retrain` run as a table artifact."""
-    outs = train_expert_here(domain, snapshot, force)
-    create_table_artifact(key=OUTPUTS_KEY, table=[{"path": path, "md5": md5} for path, md5 in outs.items()],
-                          description=f"train_expert@{domain}: outputs pushed to the DVC remote")  # fmt: skip
-    return outs
+    its `dvc.lock` entry to the `retrain` run as a markdown artifact."""
+    entry = train_expert_here(domain, snapshot, force)
+    create_markdown_artifact(key=OUTPUTS_KEY, markdown=lock_entry_markdown(entry),
+                             description=f"train_expert@{domain}: pushed to the DVC remote")  # fmt: skip
+    return entry
 
 
 @flow(name="retrain", log_prints=True)
@@ -148,8 +160,7 @@ def retrain(
         futures = [train_expert_here.submit(d, snapshot, force) for d in domains]
     # Each expert's outputs as its worker made them (raises the first failed expert's error).
     made = {f"train_expert@{domain}": future.result() for domain, future in zip(domains, futures, strict=True)}
-    pull()
-    adopt_experts(made)  # restored from what the workers pushed
+    adopt_experts(made)  # pulled and restored from what the workers pushed
     repro(DOWNSTREAM, force)
     result: dict = {"experts": {d: workspace.expert_gain(d) for d in domains}}
     if publish_bundle:

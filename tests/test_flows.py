@@ -24,7 +24,7 @@ from bayes_llm.config import load_params
 from bayes_llm.errors import UserError
 from bayes_llm.experts.distributed import free_port
 from bayes_llm.pipeline import Snapshot, StageFailed, TransientFailure, Workspace, train_expert_isolated
-from flows.retrain import LOST_WORKER
+from flows.retrain import LOST_WORKER, OUTPUTS_KEY, lock_entry_from_markdown, lock_entry_markdown
 from tests.conftest import BIN, ROOT, copy_project
 
 # -- fast -------------------------------------------------------------------------------------
@@ -155,8 +155,8 @@ def _toy_dvc_project(project: Path, remote: Path, dvc_yaml: str, files: dict[str
     return workspace
 
 
-@pytest.mark.slow  # a dozen dvc commands
-def test_a_checkout_adopts_what_a_worker_made_even_when_it_holds_other_outputs(tmp_path):
+@pytest.mark.slow  # a few dozen dvc commands
+def test_a_checkout_adopts_exactly_what_its_worker_made(tmp_path):
     # A run that never gives the same bytes twice: a forced retrain with nondeterministic kernels. Shaped
     # like an expert stage for DVC's run-cache: a dep, and its uncached report a metric.
     checkout = _toy_dvc_project(tmp_path / "p", tmp_path / "remote", (
@@ -164,23 +164,42 @@ def test_a_checkout_adopts_what_a_worker_made_even_when_it_holds_other_outputs(t
         "    metrics: [{report.json: {cache: false}}]\n"), files={"make.py": (
         "import json, uuid\nopen('out.txt', 'w').write(uuid.uuid4().hex)\n"
         "json.dump({'run': uuid.uuid4().hex}, open('report.json', 'w'))\n")})  # fmt: skip
-    checkout.repro(["made"])
-    mine = checkout.outs("made")
-    assert [out["path"] for out in mine] == ["out.txt", "report.json"]
-    with checkout.scratch_copy(checkout.snapshot(committed=False)) as worker:
-        worker.repro(["made"], force=True)
-        worker.push("made")
-        made = worker.outs("made")
-        theirs = {out["path"]: (worker.root / out["path"]).read_text() for out in made}
-    assert made != mine
+    runs = []  # three workers' runs of the same code and data: three run-cache entries on the remote
+    for _ in range(3):
+        with checkout.scratch_copy(checkout.snapshot(committed=False)) as worker:
+            worker.repro(["made"], force=True)
+            worker.push("made")
+            entry = worker.lock_entry("made")
+            runs.append((entry, {out["path"]: (worker.root / out["path"]).read_text() for out in entry["outs"]}))
+    assert [out["path"] for out in runs[0][0]["outs"]] == ["out.txt", "report.json"]
+    assert len({entry["outs"][0]["md5"] for entry, _ in runs}) == 3
+
+    def holds(files: dict[str, str]) -> bool:
+        return {path: (checkout.root / path).read_text() for path in files} == files
+
     checkout.pull()
-    checkout.adopt({"made": made})  # its own outputs would have been kept as up to date
-    assert checkout.outs("made") == made
-    assert {path: (checkout.root / path).read_text() for path in theirs} == theirs
-    checkout.adopt({"made": made})  # already there: nothing to do
+    # No entry here: the worker's, not whichever run-cache entry DVC finds newest.
+    checkout.adopt({"made": runs[1][0]})
+    assert checkout.lock_entry("made") == runs[1][0] and holds(runs[1][1])
+    # Other outputs of the same stage here: `dvc repro` alone would keep them as up to date.
+    checkout.adopt({"made": runs[2][0]})
+    assert checkout.lock_entry("made") == runs[2][0] and holds(runs[2][1])
+    assert "outs:" in (checkout.root / "dvc.lock").read_text()
+    checkout.adopt({"made": runs[2][0]})  # already there: nothing to do
     # Outputs the remote does not hold are an error, not a silent substitute (or a run here).
+    missing = {**runs[2][0], "outs": [{**runs[2][0]["outs"][0], "md5": "0" * 32}, runs[2][0]["outs"][1]]}
     with pytest.raises(StageFailed, match="instead of restored from the DVC run-cache"):
-        checkout.adopt({"made": [{**made[0], "md5": "0" * 32}, made[1]]})
+        checkout.adopt({"made": missing})
+
+
+def test_a_lock_entry_travels_through_its_artifact_exactly():
+    entry = {"cmd": "python stages/train_expert.py math", "deps": [{"path": "models/base", "hash": "md5",
+             "md5": "a1.dir", "size": 3, "nfiles": 2}], "params": {"params.yaml": {"seed": 0, "svf": {"on": "yes"}}},
+             "outs": [{"path": "models/experts/math.safetensors", "hash": "md5", "md5": "b2", "size": 7}]}  # fmt: skip
+    markdown = lock_entry_markdown(entry)
+    assert "`models/experts/math.safetensors` b2" in markdown  # readable in the UI
+    assert lock_entry_from_markdown(markdown) == entry
+    assert lock_entry_from_markdown("no entry here") is None
 
 
 def test_an_expert_push_is_retried_in_its_scratch_copy(tmp_path, monkeypatch):
@@ -427,6 +446,13 @@ def test_deployment_run_on_gpu_pool_publishes_a_fetchable_version(tmp_path):
         retried = [m for m in messages if f"flow run {lost['name']} crashed" in m and "on another worker" in m]
         assert retried, "the retrain run did not say which expert it retried"
         assert _remote_objects_are_whole(remote) > 0
+        # Each expert's run handed back its lock entry, and the retrain checkout holds exactly its outputs.
+        handed = {a["flow_run_id"]: lock_entry_from_markdown(a["data"]) for a in prefect.api("artifacts/filter", {})
+                  if a["key"] == OUTPUTS_KEY}  # fmt: skip
+        for run in completed:
+            stage = f"train_expert@{run['name'].removeprefix('train-expert-')}"
+            held = [(out["path"], out["md5"]) for out in Workspace(project).lock_entry(stage)["outs"]]
+            assert held == [(out["path"], out["md5"]) for out in handed[run["id"]]["outs"]], stage
 
         # The Prefect artifacts say which version and where.
         keys = {a["key"] for a in prefect.api("artifacts/filter", {})}
