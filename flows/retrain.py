@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
+
+# Without a server, Prefect starts a temporary one and waits 20 s for it; on a busy 2-core machine its
+# first start (a new database) can take longer, and the run fails before any stage. Read at import.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact

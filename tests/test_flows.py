@@ -270,6 +270,25 @@ def test_retrain_refuses_bad_requests_before_any_stage(tmp_path, monkeypatch):
         run(publish_bundle=False)
 
 
+@pytest.mark.slow  # the smoke pipeline, as a flow on Prefect's embedded local API
+def test_local_retrain_flow_trains_experts_in_scratch_copies_and_adopts_them(tmp_path):
+    remote = tmp_path / "remote"
+    project = copy_project(tmp_path / "p", smoke=True, remote=remote)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": "",
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "flows.retrain", "--no-publish"], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=1500)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    result = json.loads(done.stdout[done.stdout.index("{\n"):])
+    workspace = Workspace(project)
+    assert set(result["experts"]) == set(workspace.domains()) and "published" not in result
+    for domain in workspace.domains():  # trained in scratch copies, restored here, whole
+        outs = workspace.lock_entry(f"train_expert@{domain}")["outs"]
+        assert outs and all((project / out["path"]).exists() for out in outs)
+    stages = [f"train_expert@{domain}" for domain in workspace.domains()]
+    assert "Data and pipelines are up to date" in workspace.dvc("status", *stages)  # nothing left to run
+
+
 # -- end to end: a real Prefect server, work pool, deployments and workers --------------------
 
 
