@@ -145,12 +145,22 @@ class Workspace:
         Each entry goes into this checkout's lock first. Without it, DVC would keep outputs this checkout
         already holds (a forced retrain with nondeterministic kernels, or on another kind of machine) as
         up to date, or, with no entry here, restore whichever run-cache entry of the same code, params and
-        data is newest. Then every object the entries name is fetched, and the restore runs without
+        data is newest. Every object the entries name is fetched first, and the restore runs without
         `--pull`: for a stage whose only change is missing outputs, `--pull` checks out the cached ones
         and calls it done, leaving its `cache: false` reports missing, where DVC's run-cache restore
         checks out every output of the entry."""
+        from dvc.schema import COMPILED_LOCK_FILE_STAGE_SCHEMA
         from dvc.utils.serialize import dump_yaml, parse_yaml_for_update
+        from voluptuous import Invalid
 
+        for stage, entry in made.items():  # from another host: what goes into the lock must be a lock entry
+            try:
+                COMPILED_LOCK_FILE_STAGE_SCHEMA(entry)
+            except Invalid as problem:
+                raise StageFailed(f"{stage}: the worker handed back no valid dvc.lock entry ({problem})") from None
+            if not entry.get("outs"):
+                raise StageFailed(f"{stage}: the worker handed back an entry with no outputs")
+        self._fetch(made)  # first: an object the remote lacks leaves this checkout as it was
         lock_file = self.root / "dvc.lock"
         if differ := {stage: entry for stage, entry in made.items() if self.lock_entry(stage) != entry}:
             lock = parse_yaml_for_update(lock_file.read_text(), str(lock_file)) if lock_file.is_file() else {}
@@ -159,10 +169,9 @@ class Workspace:
                 lock.setdefault("stages", {})[stage] = entry
             with atomic_path(lock_file) as tmp:  # round-trip YAML, as DVC writes it
                 dump_yaml(str(tmp), lock)
-        self._pull_outputs(tuple(made))
         self.restore(list(made), pull=False)
         wrong = [stage for stage, entry in made.items() if _hashes(self.lock_entry(stage)) != _hashes(entry)
-                 or not all((self.root / out["path"]).exists() for out in entry.get("outs", []))]  # fmt: skip
+                 or not all((self.root / out["path"]).exists() for out in entry["outs"])]  # fmt: skip
         if wrong:
             raise StageFailed(f"{', '.join(wrong)}: {self.root} ended with other outputs than the worker made")
 
@@ -185,26 +194,32 @@ class Workspace:
         with Repo(str(self.root)) as repo:
             objects = [out.hash_info for out in self._outs(repo, targets) if not out.use_cache and out.hash_info]
             # The run-cache save committed those files to the local cache; outputs never run have none.
-            present = [h for h in objects if repo.cache.local.exists(h.value)]
+            present = [h for h in objects if _odb(repo, h).exists(h.value)]
             # a directory's object lists its files; the push sends only the objects it is given
-            present += [oid for h in present if h.isdir for _, _, oid in Tree.load(repo.cache.local, h)]
+            present += [oid for h in present if h.isdir for _, _, oid in Tree.load(_odb(repo, h), h)]
             if present and (failed := repo.cloud.push(present).failed):
                 raise TransientFailure(f"could not push {len(failed)} report object(s) to the DVC remote")
 
-    def _pull_outputs(self, targets: tuple[str, ...]) -> None:
-        """Fetch every output object the lock names for `targets` into the local cache, `cache: false`
-        reports included (which `dvc pull` leaves out), directories with their files."""
+    def _fetch(self, made: dict[str, dict]) -> None:
+        """Fetch every output object of these lock entries into the local cache, `cache: false` reports
+        (which `dvc pull` leaves out) and directories' files included; name any the remote lacks."""
         from dvc.repo import Repo
+        from dvc_data.hashfile.hash_info import HashInfo
         from dvc_data.hashfile.tree import Tree
 
+        # DVC 3 entries say `hash: md5`; an entry without it holds DVC 2's (md5-dos2unix) hashes.
+        wanted = {f"{stage}: {out['path']} ({out['md5']})": HashInfo(out.get("hash") or "md5-dos2unix", out["md5"])
+                  for stage, entry in made.items() for out in entry["outs"]}  # fmt: skip
         with Repo(str(self.root)) as repo:
-            objects = [out.hash_info for out in self._outs(repo, targets) if out.hash_info]
-            failed = repo.cloud.pull(objects).failed
-            files = [oid for h in objects if h.isdir and h not in failed
-                     for _, _, oid in Tree.load(repo.cache.local, h)]  # fmt: skip
-            failed |= repo.cloud.pull(files).failed if files else set()
-            if failed:
-                raise TransientFailure(f"could not fetch {len(failed)} output object(s) from the DVC remote")
+            repo.cloud.pull(list(wanted.values()))  # a missing object is logged, not failed: checked below
+            files = {f"{name}/{'/'.join(key)}": oid for name, h in wanted.items()
+                     if h.isdir and _odb(repo, h).exists(h.value) for key, _, oid in Tree.load(_odb(repo, h), h)}
+            if files:
+                repo.cloud.pull(list(files.values()))
+            missing = [name for name, h in {**wanted, **files}.items() if not _odb(repo, h).exists(h.value)]
+        if missing:
+            raise StageFailed(f"the DVC remote lacks {len(missing)} object(s) the workers made (a lost push?): "
+                              + "; ".join(missing[:5]))  # fmt: skip
 
     def _outs(self, repo, targets: tuple[str, ...]) -> list:
         # Targets as this workspace's `dvc.yaml:<stage>`: a bare name resolves against the process's cwd,
@@ -283,6 +298,11 @@ class Workspace:
             yield copy
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _odb(repo, hash_info):
+    """The local cache that holds objects of this hash kind (DVC 2's md5-dos2unix ones apart)."""
+    return repo.cache.local if hash_info.name == "md5" else repo.cache.legacy
 
 
 def _hashes(entry: dict) -> dict[str, str]:

@@ -5,20 +5,16 @@
 runs in-process on Prefect's embedded local API (no server needed), training the experts
 concurrently in scratch copies. Deployed (`prefect.yaml`), the `retrain` flow sends each expert to
 the `train-expert` deployment instead, so each domain can run on its own GPU worker; the experts
-meet through the DVC remote and come back to this run through DVC's run-cache.
+meet through the DVC remote, and each worker hands its expert's `dvc.lock` entry back to this run,
+which takes exactly those outputs (`Workspace.adopt`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-
-# Without a server, Prefect starts a temporary one and waits 20 s for it; on a busy 2-core machine its
-# first start (a new database) can take longer, and the run fails before any stage. Read at import.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -26,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect.client.schemas.sorting import ArtifactSort
 from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
 from bayes_llm.bundle.publish import check_version, metrics_table, publish, summary_markdown
 from bayes_llm.errors import UserError
@@ -186,8 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-publish", action="store_true", help="stop after evaluate: no bundle version")
     parser.add_argument("--push-git", action="store_true", help="also push the commit and tag to git origin")
     args = parser.parse_args(argv)
-    result = retrain(force=args.force, version=args.version, publish_bundle=not args.no_publish,
-                     push_git=args.push_git)  # fmt: skip
+    # Without a server, Prefect starts a temporary one and waits 20 s for it; on a busy 2-core machine its
+    # first start (a new database) can take longer, and the run failed before any stage.
+    wait = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), 180)
+    with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: wait}):
+        result = retrain(force=args.force, version=args.version, publish_bundle=not args.no_publish,
+                         push_git=args.push_git)  # fmt: skip
     print(json.dumps(result, indent=2))
     return 0
 

@@ -161,17 +161,19 @@ def test_a_checkout_adopts_exactly_what_its_worker_made(tmp_path):
     # like an expert stage for DVC's run-cache: a dep, and its uncached report a metric.
     checkout = _toy_dvc_project(tmp_path / "p", tmp_path / "remote", (
         "stages:\n  made:\n    cmd: python3 make.py\n    deps: [make.py]\n    outs: [out.txt]\n"
-        "    metrics: [{report.json: {cache: false}}]\n"), files={"make.py": (
-        "import json, uuid\nopen('out.txt', 'w').write(uuid.uuid4().hex)\n"
-        "json.dump({'run': uuid.uuid4().hex}, open('report.json', 'w'))\n")})  # fmt: skip
+        "    metrics: [{report.json: {cache: false}}]\n    plots: [{live: {cache: false}}]\n"), files={"make.py": (
+        "import json, os, uuid\nopen('out.txt', 'w').write(uuid.uuid4().hex)\n"
+        "json.dump({'run': uuid.uuid4().hex}, open('report.json', 'w'))\n"
+        "os.makedirs('live/curve', exist_ok=True)\nopen('live/curve/loss.tsv', 'w').write(uuid.uuid4().hex)\n")})
     runs = []  # three workers' runs of the same code and data: three run-cache entries on the remote
     for _ in range(3):
         with checkout.scratch_copy(checkout.snapshot(committed=False)) as worker:
             worker.repro(["made"], force=True)
             worker.push("made")
             entry = worker.lock_entry("made")
-            runs.append((entry, {out["path"]: (worker.root / out["path"]).read_text() for out in entry["outs"]}))
-    assert [out["path"] for out in runs[0][0]["outs"]] == ["out.txt", "report.json"]
+            files = ["out.txt", "report.json", "live/curve/loss.tsv"]  # the last in a cache: false directory
+            runs.append((entry, {path: (worker.root / path).read_text() for path in files}))
+    assert sorted(out["path"] for out in runs[0][0]["outs"]) == ["live", "out.txt", "report.json"]
     assert len({entry["outs"][0]["md5"] for entry, _ in runs}) == 3
 
     def holds(files: dict[str, str]) -> bool:
@@ -186,10 +188,18 @@ def test_a_checkout_adopts_exactly_what_its_worker_made(tmp_path):
     assert checkout.lock_entry("made") == runs[2][0] and holds(runs[2][1])
     assert "outs:" in (checkout.root / "dvc.lock").read_text()
     checkout.adopt({"made": runs[2][0]})  # already there: nothing to do
-    # Outputs the remote does not hold are an error, not a silent substitute (or a run here).
-    missing = {**runs[2][0], "outs": [{**runs[2][0]["outs"][0], "md5": "0" * 32}, runs[2][0]["outs"][1]]}
-    with pytest.raises(StageFailed, match="instead of restored from the DVC run-cache"):
+    # Objects the remote lacks (a lost push), or no lock entry at all: an error naming them, and this
+    # checkout as it was.
+    lock = (checkout.root / "dvc.lock").read_text()
+    missing = {**runs[2][0], "outs": [{**out, "md5": "0" * 32} if out["path"] == "out.txt" else out
+                                      for out in runs[2][0]["outs"]]}  # fmt: skip
+    with pytest.raises(StageFailed, match=r"remote lacks 1 object\(s\).*made: out\.txt \(0{32}\)"):
         checkout.adopt({"made": missing})
+    with pytest.raises(StageFailed, match=r"no valid dvc\.lock entry"):
+        checkout.adopt({"made": {"cmd": "python3 make.py", "outs": "out.txt"}})
+    with pytest.raises(StageFailed, match="an entry with no outputs"):
+        checkout.adopt({"made": {"cmd": "python3 make.py"}})
+    assert (checkout.root / "dvc.lock").read_text() == lock and holds(runs[2][1])
 
 
 def test_a_lock_entry_travels_through_its_artifact_exactly():
