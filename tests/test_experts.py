@@ -10,6 +10,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -432,6 +433,26 @@ def test_the_rl_phase_is_scored_for_the_z_kept_and_for_its_last_z(workdir_projec
     assert run["rl_last_gain_over_sft"] == variant["rl_last_over_sft"]["pooled"] \
         == paired_bootstrap(sft, patterns["last"], seed=seed)
     assert run["rl_last_test_accuracy"] == 0.75 and run["rl_last_gain_over_sft"]["gain_points"] > 0
+
+
+def test_a_timing_disturbed_by_a_busy_machine_is_taken_again(monkeypatch):
+    from benchmarks import objective_study as study_module
+
+    clock = iter([0.0, 1.0,  # the discarded 1-step run
+                  1.0, 1.5, 1.5, 1.95,  # round 1: 2 steps 0.5 s (disturbed), 6 steps 0.45 s: a negative step
+                  2.0, 2.1, 2.1, 2.5])  # round 2: 0.1 s and 0.4 s, the fastest of each: (0.4 − 0.1) / 4 steps
+    monkeypatch.setattr(study_module, "time", SimpleNamespace(perf_counter=lambda: next(clock)))  # its clock only
+    study = object.__new__(study_module._Study)
+    study.params = load_params(ROOT / "params.yaml")
+    trained = []
+    study.train_z = lambda cfg, seed: (trained.append(cfg.sft_steps) or type("Z", (), {"detach": lambda self: None})(),
+                                       None)  # fmt: skip
+    cfg = study.params.experts["math"]
+    assert study.step_seconds(cfg, "sft") == pytest.approx(0.075)
+    assert trained == [1, 2, 6, 2, 6]
+    clock = itertools.cycle([0.0, 1.0])  # every run 1 s: no step ever costs anything
+    with pytest.raises(Exception, match=r"s per step in 3 rounds \(a busy machine\?\)"):
+        study.step_seconds(cfg, "sft")
 
 
 def test_equal_compute_sets_steps_from_a_timing_run_and_replays_them(workdir_project):
