@@ -121,15 +121,10 @@ def test_a_progress_bar_is_logged_once_as_it_ended(tmp_path):
 
 
 def test_restoring_a_stage_that_would_run_here_fails(tmp_path):
-    project = tmp_path / "p"
-    project.mkdir()
-    (project / "dvc.yaml").write_text(f"stages:\n  made:\n    cmd: echo made > out.txt\n    outs: [out.txt]\n"
-                                      f"  expert:\n    cmd: {sys.executable} -m bayes_llm train-expert math\n"
-                                      f"    outs: [expert.txt]\n")  # fmt: skip
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=project, check=True, env=env, capture_output=True)
-    workspace = Workspace(project)
+    workspace = _toy_dvc_project(tmp_path / "p", tmp_path / "remote", (
+        f"stages:\n  made:\n    cmd: echo made > out.txt\n    outs: [out.txt]\n"
+        f"  expert:\n    cmd: {sys.executable} -m bayes_llm train-expert math\n    outs: [expert.txt]\n"))
+    project = workspace.root
     with pytest.raises(StageFailed, match=r"made: run in .* instead of restored from the DVC run-cache"):
         workspace.restore(["made"])
     assert "didn't change" in workspace.restore(["made"])  # outputs already here: kept, no error
@@ -141,10 +136,10 @@ def test_restoring_a_stage_that_would_run_here_fails(tmp_path):
         workspace.restore(["expert"])
 
 
-def _toy_dvc_project(project: Path, remote: Path, dvc_yaml: str, files: dict[str, str]) -> Workspace:
+def _toy_dvc_project(project: Path, remote: Path, dvc_yaml: str, files: dict[str, str] | None = None) -> Workspace:
     """A git + DVC project with a local remote and one commit: a stand-in for a checkout."""
     project.mkdir()
-    for name, text in {"dvc.yaml": dvc_yaml, "params.yaml": "seed: 0\n", **files}.items():
+    for name, text in {"dvc.yaml": dvc_yaml, "params.yaml": "seed: 0\n", **(files or {})}.items():
         (project / name).write_text(text)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "remote", "add", "-d", "local", str(remote)]):
