@@ -92,7 +92,7 @@ def _lock_entry_of(run) -> dict:
             flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]), key=ArtifactFilterKey(any_=[OUTPUTS_KEY])),
             sort=ArtifactSort.CREATED_DESC, limit=1)  # fmt: skip
     if not found or (entry := lock_entry_from_markdown(str(found[0].data))) is None:
-        raise StageFailed(f"flow run {run.name} completed without its `{OUTPUTS_KEY}` artifact "
+        raise StageFailed(f"flow run {run.name} completed without a readable `{OUTPUTS_KEY}` artifact "
                           "(is the worker's checkout at this version?)")  # fmt: skip
     return entry
 
@@ -103,7 +103,12 @@ def lock_entry_markdown(entry: dict) -> str:
 
 
 def lock_entry_from_markdown(markdown: str) -> dict | None:
-    return json.loads(match.group(1)) if (match := LOCK_ENTRY.search(markdown)) else None
+    """The entry in `lock_entry_markdown`'s text; None when there is none, or not a JSON object."""
+    try:
+        entry = json.loads(match.group(1)) if (match := LOCK_ENTRY.search(markdown)) else None
+    except json.JSONDecodeError:
+        return None
+    return entry if isinstance(entry, dict) else None
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=_transient_only)

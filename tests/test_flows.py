@@ -205,6 +205,8 @@ def test_a_lock_entry_travels_through_its_artifact_exactly():
     assert "`models/experts/math.safetensors` b2" in markdown  # readable in the UI
     assert lock_entry_from_markdown(markdown) == entry
     assert lock_entry_from_markdown("no entry here") is None
+    assert lock_entry_from_markdown("```json\n{broken\n```") is None  # a corrupt artifact: no entry, not a traceback
+    assert lock_entry_from_markdown("```json\n[1, 2]\n```") is None
 
 
 def test_an_expert_push_is_retried_in_its_scratch_copy(tmp_path, monkeypatch):
