@@ -74,3 +74,26 @@ def test_corrupt_prepared_split_is_a_clear_error(prepared):
     with pytest.raises(PreparedDataError, match=r"math/val\.parquet: cannot read it .*dvc checkout"):
         build_base(prepared, progress=False)
     assert not Path("models/base").exists()
+
+
+def test_a_local_checkpoint_outside_data_raw_gets_a_note(prepared, workdir, capsys):
+    """data/raw/ is what `dvc repro` watches for base: a checkpoint elsewhere can change unseen."""
+    import yaml
+
+    from bayes_llm.cli import main
+    from bayes_llm.stages.base import unwatched_checkpoint
+    from tests.conftest import raw_params
+
+    outside = save_tiny_checkpoint("jamba", workdir / "ckpt")
+    inside = save_tiny_checkpoint("jamba", workdir / "data/raw/ckpt")
+    assert unwatched_checkpoint(str(outside)) == outside
+    assert unwatched_checkpoint("data/raw/ckpt") is None and unwatched_checkpoint(str(inside)) is None
+    assert unwatched_checkpoint("scratch") is None and unwatched_checkpoint("HuggingFaceTB/SmolLM2-135M") is None
+
+    for source, noted in ((str(outside), True), ("data/raw/ckpt", False)):
+        raw = raw_params()
+        raw["model"] = {**raw.get("model", {}), "source": source}
+        Path("params.yaml").write_text(yaml.safe_dump(raw))
+        assert main(["base", "--quiet"]) == 0
+        err = capsys.readouterr().err
+        assert ("lies outside data/raw/, the directory `dvc repro` watches" in err) is noted, err

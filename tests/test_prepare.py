@@ -68,7 +68,9 @@ def _defect_duplicate_id(splits):
 
 def _defect_cross_split(splits):
     splits["test"][0]["question"] = splits["train"][5]["question"]
-    return "a prompt (whitespace and case aside) must not appear in two splits, nor twice with two answers", "m-train-5"
+    rule = ("a prompt (whitespace and case aside) must not appear in two splits, nor twice with two answers, "
+            "nor in val or test when another domain trains on it")
+    return rule, "m-train-5"
 
 
 def _defect_wrong_label(splits):
@@ -160,6 +162,28 @@ def test_local_source_replaces_a_domain(workdir):
     }
     frame = pd.read_parquet(PREPARED / "math" / "train.parquet")
     assert set(frame["domain"]) == {"math"} and frame["id"].str.startswith("math-").all()
+
+
+def test_a_test_item_another_domain_trains_on_fails_the_gate(workdir):
+    """The base pretrains on every train split: a test-only domain's item that is a train prompt of
+    another domain (whitespace and case aside) would be scored on what the model was trained on."""
+    splits = {"train": _math_rows("train", 10), "val": _math_rows("val", 4), "test": _math_rows("test", 4)}
+    drill = [{"q": f"What is {i} - {i}?", "a": "0"} for i in range(4)]
+    drill[2]["q"] = "  what is 7 + 7 in TRAIN? "  # math's train row m-train-7
+    source = _local_math(workdir, splits) | {
+        "drill": {"type": "local", "answer_kind": "number", "test_only": True,
+                  "files": {"test": write_jsonl(workdir / "drill.jsonl", drill)},
+                  "fields": {"prompt": "q", "answer": "a"}},
+    }  # fmt: skip
+    with pytest.raises(DataValidationError) as caught:
+        prepare(smoke_params(sources=source), progress=False)
+    message = str(caught.value)
+    assert "drill" in message and "nor in val or test when another domain trains on it" in message
+    assert "what is 7 + 7 in TRAIN?" in message and not PREPARED.exists()
+
+    drill[2]["q"] = "What is 7 + 7 in drill?"
+    source["drill"]["files"]["test"] = write_jsonl(workdir / "drill.jsonl", drill)
+    assert prepare(smoke_params(sources=source), progress=False)["domains"]["drill"]["rows"] == {"test": 4}
 
 
 def test_local_parquet_and_a_new_letter_domain(workdir):

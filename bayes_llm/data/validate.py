@@ -110,14 +110,21 @@ def _asserts(test: str) -> bool:
         return False
 
 
-def check_frame(domain: Domain, splits: dict[str, pd.DataFrame], progress: bool = True) -> pd.DataFrame:
-    """All splits of a domain in one frame, plus the derived check columns."""
+def prompt_key(prompt: object) -> str | None:
+    """Whitespace and case aside: "What is 2 + 2? " in test is the train prompt "what is 2 + 2?"."""
+    return " ".join(prompt.split()).casefold() if isinstance(prompt, str) else None
+
+
+def check_frame(domain: Domain, splits: dict[str, pd.DataFrame], progress: bool = True,
+                foreign_train: frozenset[str] = frozenset()) -> pd.DataFrame:  # fmt: skip
+    """All splits of a domain in one frame, plus the derived check columns. `foreign_train`: the prompt
+    keys of the other domains' train splits (the base pretrains on all of them, the classifier too)."""
     frame = pd.concat([df.assign(split=name) for name, df in splits.items()], ignore_index=True)
     if "prompt" in frame:
-        # Whitespace and case aside: "What is 2 + 2? " in test is the train prompt "what is 2 + 2?".
-        key = frame["prompt"].map(lambda p: " ".join(p.split()).casefold() if isinstance(p, str) else None)
+        key = frame["prompt"].map(prompt_key)
         owners = frame.assign(key=key).groupby("key", dropna=True)["split"].nunique()
         leaked = key.map(owners).fillna(1).gt(1)
+        leaked |= frame["split"].ne("train") & key.isin(foreign_train)  # a test-only domain's too
         if domain.answer_kind != "code" and "answer" in frame:  # two programs may both be right; two answers not
             # a letter by its choice's text: asked alone (choice_answer: text), one question may list its
             # choices in two orders
@@ -166,7 +173,8 @@ def _domain_rules(domain: Domain, data: DataParams, frame: pd.DataFrame) -> list
             ),
         ),
         (
-            "a prompt (whitespace and case aside) must not appear in two splits, nor twice with two answers",
+            "a prompt (whitespace and case aside) must not appear in two splits, nor twice with two answers, "
+            "nor in val or test when another domain trains on it",
             gxe.ExpectColumnValuesToBeInSet(column="prompt_in_other_split", value_set=[False]),
         ),
     ]
@@ -286,8 +294,12 @@ def validate(
 ) -> ValidationReport:
     """`frames`: domain name -> (domain, {split: frame read back from the written parquet})."""
     gate, failures = _Gate(), []
+    trained = {name: frozenset(splits["train"]["prompt"].map(prompt_key).dropna())
+               for name, (_, splits) in frames.items()
+               if "prompt" in splits.get("train", pd.DataFrame())}  # fmt: skip
     for name, (domain, splits) in frames.items():
-        frame = check_frame(domain, splits, progress=progress)
+        foreign = frozenset().union(*(keys for other, keys in trained.items() if other != name))
+        frame = check_frame(domain, splits, progress=progress, foreign_train=foreign)
         failures += gate.run(name, frame, _domain_rules(domain, data, frame), name, "all splits")
         for split, split_frame in splits.items():
             failures += gate.run(f"{name}-{split}", split_frame, [_row_count_rule(domain, split, data)], name, split)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -138,8 +139,21 @@ def build_base(
     return metrics | timing
 
 
+def unwatched_checkpoint(source: str) -> Path | None:
+    """A local model.source outside data/raw/ (the base stage's dependency for it): `dvc repro` does
+    not see it change. None for scratch, a hub id, or a checkpoint inside data/raw/."""
+    path = Path(source).expanduser()
+    if source == "scratch" or not path.exists():
+        return None
+    return None if path.resolve().is_relative_to(paths.RAW.resolve()) else path
+
+
 def _command(args: argparse.Namespace) -> int:
-    metrics = build_base(load_params(args.params), progress=not args.quiet)
+    params = load_params(args.params)
+    if (outside := unwatched_checkpoint(params.model.source)) is not None:
+        print(f"note: model.source {outside} lies outside {paths.RAW}/, the directory `dvc repro` watches: it "
+              "will not rerun base when the checkpoint changes", file=sys.stderr)  # fmt: skip
+    metrics = build_base(params, progress=not args.quiet)
     print(json.dumps({k: metrics[k] for k in ("parameters", "train_seconds", "final_val_loss", "val_accuracy")}))
     return 0
 
@@ -150,10 +164,11 @@ STAGE = Stage(
     help="pretrain or load the base model (DVC stage `base`)",
     description="model.source: scratch trains a byte-level BPE tokenizer and pretrains a MambaFormer (params "
     "model.*, pretrain.*) on every domain's train split; any other source loads that checkpoint (local dir, hub "
-    "id or .gguf file, dequantized to float32). Either way the model goes to models/base/ (safetensors), greedy val "
-    "scores per domain to reports/base/metrics.json and the seconds to reports/base/timing.json.",
+    "id or .gguf file, dequantized to float32; a local one belongs under data/raw/, which `dvc repro` watches). "
+    "Either way the model goes to models/base/ (safetensors), greedy val scores per domain to "
+    "reports/base/metrics.json and the seconds to reports/base/timing.json.",
     run=_command,
-    deps=(paths.DATA,),
+    deps=(paths.DATA, paths.RAW),
     outs=(paths.BASE, *(paths.BASE_REPORTS / f for f in ("val_examples.json", "loss.png", "train_loss.csv",
                                                          "val_loss.csv", "metrics.json", paths.TIMING))),
 )
