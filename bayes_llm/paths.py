@@ -6,13 +6,22 @@ Components take these as defaults and stages declare their inputs and outputs fr
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
 
-# Local inputs (`bayes-llm fetch` writes here; put a local source's files here too): a dep of `prepare`,
-# so an edited file reruns it.
+# Local inputs (`bayes-llm fetch` writes here; put a local source's files and a local model.source here
+# too): a dep of `prepare` and `base`, so an edited file reruns them.
 RAW = Path("data/raw")
+
+
+def in_raw(path: str | Path) -> bool:
+    """Whether DVC sees `path` change as part of data/raw: named under it (a linked file is hashed by its
+    content), and not through a linked directory (which DVC does not walk)."""
+    named, raw = Path(os.path.abspath(Path(path).expanduser())), Path(os.path.abspath(RAW))
+    linked_dirs = [p for p in (named, *named.parents) if p.is_relative_to(raw) and p.is_symlink() and p.is_dir()]
+    return named.is_relative_to(raw) and not linked_dirs
 DATA = Path("data/prepared")
 DATA_MANIFEST = DATA / "domains.json"
 ROUTING = Path("data/routing")  # the dispatcher's benchmark off the training distribution

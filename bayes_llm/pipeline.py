@@ -160,6 +160,9 @@ class Workspace:
                 raise StageFailed(f"{stage}: the worker handed back no valid dvc.lock entry ({problem})") from None
             if not entry.get("outs"):
                 raise StageFailed(f"{stage}: the worker handed back an entry with no outputs")
+            if unhashed := [out["path"] for out in entry["outs"] if not out.get("md5")]:
+                raise StageFailed(f"{stage}: the worker handed back outputs with no md5 ({', '.join(unhashed)}): "
+                                  "nothing to fetch them by")  # fmt: skip
         self._fetch(made)  # first: an object the remote lacks leaves this checkout as it was
         lock_file = self.root / "dvc.lock"
         if differ := {stage: entry for stage, entry in made.items() if self.lock_entry(stage) != entry}:

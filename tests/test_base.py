@@ -89,6 +89,8 @@ def test_a_local_checkpoint_outside_data_raw_gets_a_note(prepared, workdir, caps
     assert unwatched_checkpoint(str(outside)) == outside
     assert unwatched_checkpoint("data/raw/ckpt") is None and unwatched_checkpoint(str(inside)) is None
     assert unwatched_checkpoint("scratch") is None and unwatched_checkpoint("HuggingFaceTB/SmolLM2-135M") is None
+    (workdir / "data/raw/linked").symlink_to(outside)  # DVC does not walk a linked directory
+    assert unwatched_checkpoint("data/raw/linked") == Path("data/raw/linked")
 
     for source, noted in ((str(outside), True), ("data/raw/ckpt", False)):
         raw = raw_params()

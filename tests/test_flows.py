@@ -194,6 +194,9 @@ def test_a_checkout_adopts_exactly_what_its_worker_made(tmp_path):
         checkout.adopt({"made": {"cmd": "python3 make.py", "outs": "out.txt"}})
     with pytest.raises(StageFailed, match="an entry with no outputs"):
         checkout.adopt({"made": {"cmd": "python3 make.py"}})
+    unhashed = {**runs[2][0], "outs": [{"path": out["path"]} for out in runs[2][0]["outs"]]}  # the schema allows it
+    with pytest.raises(StageFailed, match=r"outputs with no md5 \(live, out\.txt, report\.json\)"):
+        checkout.adopt({"made": unhashed})
     assert (checkout.root / "dvc.lock").read_text() == lock and holds(runs[2][1])
 
 

@@ -185,6 +185,19 @@ def test_a_test_item_another_domain_trains_on_fails_the_gate(workdir):
     source["drill"]["files"]["test"] = write_jsonl(workdir / "drill.jsonl", drill)
     assert prepare(smoke_params(sources=source), progress=False)["domains"]["drill"]["rows"] == {"test": 4}
 
+    # A domain with splits of its own: a train prompt two domains share is no leak, a val one is.
+    files = {split: write_jsonl(workdir / f"drill-{split}.jsonl", [{"q": f"What is {i} - {i} in {split}?", "a": "0"}
+                                                                  for i in range(6)]) for split in ("val", "test")}
+    shared = [{"q": "What is 3 + 3 in train?", "a": "6"}, *({"q": f"What is {i} - {i}?", "a": "0"} for i in range(9))]
+    files["train"] = write_jsonl(workdir / "drill-train.jsonl", shared)
+    source["drill"] = {**source["drill"], "test_only": False, "files": files}
+    assert prepare(smoke_params(sources=source), progress=False)["domains"]["drill"]["rows"]["train"] == 10
+    leaked = [{"q": "what is 5 + 5 in train?", "a": "10"}, *({"q": f"What is {i} - {i} in val?", "a": "0"}
+                                                            for i in range(5))]  # fmt: skip
+    source["drill"]["files"]["val"] = write_jsonl(workdir / "drill-val.jsonl", leaked)
+    with pytest.raises(DataValidationError, match=r"(?s)drill \(all splits\).*what is 5 \+ 5 in train\?"):
+        prepare(smoke_params(sources=source), progress=False)
+
 
 def test_local_parquet_and_a_new_letter_domain(workdir):
     rows = [{"q": f"Is {i} even?", "opts": ["yes", "no"], "label": "A" if i % 2 == 0 else "B"} for i in range(12)]

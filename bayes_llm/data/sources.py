@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bayes_llm import paths
 from bayes_llm.config import PRESET_KINDS, FieldMap, HubSource, LocalSource, split_cap
 from bayes_llm.data.fetch import CATALOGUE, RAW
 from bayes_llm.data.rows import LETTERS, SPLITS, format_choices, make_id
@@ -138,9 +139,8 @@ def _check_fields(domain: str, split: str, columns: list[str], fields: FieldMap)
 def untracked_files(source: LocalSource) -> list[Path]:
     """A local source's files outside data/raw/ (prepare's dependency): `dvc repro` does not see
     them change."""
-    raw = RAW.resolve()
     files = [Path(f) for f in source.files.model_dump(exclude_none=True).values()]
-    return [f for f in files if not f.resolve().is_relative_to(raw)]
+    return [f for f in files if not paths.in_raw(f)]
 
 
 def load_local(domain: str, source: LocalSource) -> dict[str, list[dict]]:

@@ -145,7 +145,7 @@ def unwatched_checkpoint(source: str) -> Path | None:
     path = Path(source).expanduser()
     if source == "scratch" or not path.exists():
         return None
-    return None if path.resolve().is_relative_to(paths.RAW.resolve()) else path
+    return None if paths.in_raw(path) else path
 
 
 def _command(args: argparse.Namespace) -> int:
