@@ -18,10 +18,16 @@ RAW = Path("data/raw")
 
 def in_raw(path: str | Path) -> bool:
     """Whether DVC sees `path` change as part of data/raw: named under it (a linked file is hashed by its
-    content), and not through a linked directory (which DVC does not walk)."""
-    named, raw = Path(os.path.abspath(Path(path).expanduser())), Path(os.path.abspath(RAW))
-    linked_dirs = [p for p in (named, *named.parents) if p.is_relative_to(raw) and p.is_symlink() and p.is_dir()]
-    return named.is_relative_to(raw) and not linked_dirs
+    content), and not through a linked directory below it (which DVC does not walk)."""
+    named, raw = Path(os.path.abspath(Path(path).expanduser())), RAW.resolve()
+    below: list[Path] = []  # what lies between data/raw and the file, the file included
+    for candidate in (named, *named.parents):
+        if candidate.resolve() == raw:  # data/raw itself, under whatever name (DVC follows a linked data/raw)
+            return not any(p.is_symlink() and p.is_dir() for p in below)
+        below.append(candidate)
+    return False
+
+
 DATA = Path("data/prepared")
 DATA_MANIFEST = DATA / "domains.json"
 ROUTING = Path("data/routing")  # the dispatcher's benchmark off the training distribution

@@ -42,6 +42,27 @@ def test_dvc_yaml_agrees_with_each_stage_module():
         assert {f"stages/{name}.py", f"bayes_llm/stages/{name}.py"} <= _paths(entry["deps"])
 
 
+def test_in_raw_is_where_dvc_sees_a_file_change(tmp_path, monkeypatch):
+    """DVC hashes a linked file under data/raw by its content, does not walk a linked directory below
+    it, and follows a linked data/raw itself."""
+    from bayes_llm.paths import in_raw
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere/dir").mkdir(parents=True)
+    (tmp_path / "elsewhere/f.gguf").touch()
+    (tmp_path / "data/raw/real").mkdir(parents=True)
+    (tmp_path / "data/raw/linked.gguf").symlink_to(tmp_path / "elsewhere/f.gguf")
+    (tmp_path / "data/raw/linked_dir").symlink_to(tmp_path / "elsewhere/dir")
+    (tmp_path / "alias").symlink_to(tmp_path)
+    assert in_raw("data/raw/real/x.gguf") and in_raw("data/raw/linked.gguf") and in_raw("./data/raw/real/../y")
+    assert in_raw(tmp_path / "alias/data/raw/real/x.gguf") and in_raw("data/raw")
+    assert not in_raw("data/raw/linked_dir") and not in_raw("data/raw/linked_dir/ckpt/model.gguf")
+    assert not in_raw("elsewhere/f.gguf") and not in_raw("data/rawer/x")
+    (tmp_path / "data/raw").rename(tmp_path / "raw_real")
+    (tmp_path / "data/raw").symlink_to(tmp_path / "raw_real")
+    assert in_raw("data/raw/real/x.gguf") and not in_raw("data/raw/linked_dir/model.gguf")
+
+
 def test_code_deps_of_dvc_yaml_exist():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in dvc.items():

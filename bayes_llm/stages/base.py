@@ -1,4 +1,5 @@
-"""DVC stage `base`: data/prepared + params model/tokenizer/pretrain → models/base/, reports/base/.
+"""DVC stage `base`: data/prepared + data/raw (a local model.source) + params model/tokenizer/pretrain
+→ models/base/, reports/base/.
 
 Pretrains a MambaFormer from scratch (or loads a checkpoint), measures it and saves it. Beside the
 weights it saves the base's greedy scores on every test split (`test_scores.json`), which the experts
