@@ -3,12 +3,13 @@
 1. **uid**: it runs as a uid of its own (random, from a range no user has), not as the trainer's user,
    so rlimits (processes included) and file permissions bind it, and per-uid kernel state (process
    counts, keyrings) is shared with no other sample.
-2. **namespaces and a root of its own** (`unshare`, then a small launcher as the namespace's init):
-   its own PID namespace (it sees and signals only its own processes, and all of them die with it),
-   network namespace (only a loopback that is down), IPC and UTS namespaces, and a mount namespace in
-   which it is chrooted into a minimal root: the system's libraries and the interpreter's prefix,
-   read-only, their installed packages (site-packages, dist-packages) hidden; its own /proc,
-   /dev/{null,zero,random,urandom}; a size-capped tmpfs as /tmp and /dev/shm, its only writable
+2. **namespaces and a root of its own** (`unshare`, then a small launcher as the namespaces' init,
+   one per thread that runs samples, which builds the root once and starts each sample in it): its
+   own PID namespace (it sees and signals only its own processes, and all of them die with it),
+   network namespace (only a loopback that is down), mount, IPC and UTS namespaces, and a chroot into
+   a minimal root: the system's libraries and the interpreter's prefix, read-only, their
+   installed packages (site-packages, dist-packages) hidden; its own /proc,
+   /dev/{null,zero,random,urandom}; a fresh size-capped tmpfs as /tmp and /dev/shm, its only writable
    places. Nothing of the project, the datasets, home directories or /run's sockets is in it.
 3. **seccomp and rlimits**: a BPF filter denies what no program needs and kernels expose to mischief
    (kernel keys, memfd, io_uring, namespaces, mount, ptrace, bpf, perf, sockets but unix/IP, new
@@ -26,8 +27,9 @@ containers: all of them). Without at least the uid and rlimit layers the sandbox
 untrusted code unless the params opt out (`sandbox.allow_weak_isolation: true`); then it says once,
 on stderr, which layers are missing (with the uid layer but no namespaces, world-writable host
 directories stay writable). util-linux's `unshare` and `setpriv` and the standard library do the work:
-nothing to install, no daemon or setuid helper, about 30 ms per sample (bubblewrap would add a
-package and, as root, nothing this does not already give).
+nothing to install, no daemon or setuid helper (bubblewrap would add a package and, as root, nothing
+this does not already give). Starting a sample costs about 7 ms past its own interpreter's start
+(`python -m benchmarks.sandbox_security` measures whole items).
 """
 
 from __future__ import annotations
@@ -40,11 +42,14 @@ import json
 import os
 import resource
 import secrets
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -96,49 +101,53 @@ class Isolation:
         return self.uid and self.rlimits
 
 
-# Runs as root inside the new namespaces (so as their init, pid 1): builds a minimal read-only root from
-# the system's libraries and the interpreter's own prefix (nothing of the project, the datasets, the home
-# directories or /run's sockets), with its own /proc, a few /dev nodes and a size-capped tmpfs as /tmp,
-# chroots into it, and runs the program as a child under the sandbox's uid. The program is not pid 1,
-# which would ignore its own fatal signals.
+# Runs as root inside the new namespaces (so as their init, pid 1), one per thread that runs samples (a
+# replay process has one for its chunk of items): builds a minimal read-only root from the system's
+# libraries and the interpreter's own prefix (nothing of the project, the datasets, the home directories
+# or /run's sockets), chroots into it, then starts each sample it is sent over its control socket (its
+# stdin; the sample's three descriptors come with the request), one at a time. Each sample gets
+# namespaces of its own below these (mount, PID, network, IPC, UTS), a fresh size-capped tmpfs as /tmp
+# and /dev/shm, its own /proc, and an init of its own (pid 1, which dies with its parent and takes the
+# namespace with it), and runs as that init's child under its own uid: the program is not pid 1, which
+# would ignore its own fatal signals. Building the root once is what makes a sample cheap: `unshare`, a
+# launcher's interpreter and the mounts cost about 45 ms of an item's 80 when each sample had its own.
 _LAUNCHER = r"""
-import ctypes, json, os, sys
-config = json.loads(sys.argv[1])
+import ctypes, json, os, resource, select, signal, socket, sys
 libc = ctypes.CDLL(None, use_errno=True)
 RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC = 1, 2, 4, 8, 32, 4096, 16384
+NEWNS, NEWUTS, NEWIPC, NEWPID, NEWNET = 0x20000, 0x4000000, 0x8000000, 0x20000000, 0x40000000
 def mount(source, target, kind, flags, data=None):
     if libc.mount(source.encode(), target.encode(), kind.encode() if kind else None, flags,
                   data.encode() if data else None):
         raise OSError(ctypes.get_errno(), "mount " + target)
-mount("tmpfs", "/tmp", "tmpfs", NOSUID | NODEV, "size=%d,mode=755" % config["tmp_bytes"])
-root = "/tmp/root"
-for path in config["read_only"]:
-    inside = root + path
-    if os.path.islink(path):
-        os.makedirs(os.path.dirname(inside), exist_ok=True)
-        os.symlink(os.readlink(path), inside)
-    elif os.path.exists(path):
-        if os.path.isdir(path):
-            os.makedirs(inside, exist_ok=True)
-        else:
+def build_root(config):
+    mount("tmpfs", "/tmp", "tmpfs", NOSUID | NODEV, "size=1m,mode=755")
+    root = "/tmp/root"
+    for path in config["read_only"]:
+        inside = root + path
+        if os.path.islink(path):
             os.makedirs(os.path.dirname(inside), exist_ok=True)
-            open(inside, "w").close()
-        mount(path, inside, None, BIND | REC)
-        mount("none", inside, None, REMOUNT | BIND | RDONLY | NOSUID | NODEV)
-for path in config["hidden"]:  # an empty read-only dir over each: `-S` reads none of them
-    if os.path.isdir(root + path):
-        mount("tmpfs", root + path, "tmpfs", RDONLY | NOSUID | NODEV, "size=4k,mode=555")
-os.makedirs(root + "/dev/shm")
-for node in ("null", "zero", "random", "urandom"):
-    open(root + "/dev/" + node, "w").close()
-    mount("/dev/" + node, root + "/dev/" + node, None, BIND)
-mount("tmpfs", root + "/dev/shm", "tmpfs", NOSUID | NODEV, "size=%d,mode=1777" % config["tmp_bytes"])
-os.makedirs(root + "/proc")
-mount("proc", root + "/proc", "proc", NOSUID | NODEV | NOEXEC)
-os.makedirs(root + "/tmp")
-os.chmod(root + "/tmp", 0o1777)
-os.chroot(root)
-os.chdir("/tmp")
+            os.symlink(os.readlink(path), inside)
+        elif os.path.exists(path):
+            if os.path.isdir(path):
+                os.makedirs(inside, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(inside), exist_ok=True)
+                open(inside, "w").close()
+            mount(path, inside, None, BIND | REC)
+            mount("none", inside, None, REMOUNT | BIND | RDONLY | NOSUID | NODEV)
+    for path in config["hidden"]:  # an empty read-only dir over each: `-S` reads none of them
+        if os.path.isdir(root + path):
+            mount("tmpfs", root + path, "tmpfs", RDONLY | NOSUID | NODEV, "size=4k,mode=555")
+    os.makedirs(root + "/dev/shm")
+    for node in ("null", "zero", "random", "urandom"):
+        open(root + "/dev/" + node, "w").close()
+        mount("/dev/" + node, root + "/dev/" + node, None, BIND)
+    os.makedirs(root + "/proc")
+    mount("proc", root + "/proc", "proc", NOSUID | NODEV | NOEXEC)
+    os.makedirs(root + "/tmp")
+    os.chroot(root)
+    os.chdir("/")
 def seccomp(arch, denied, socket_nr, clone_nr):
     # A BPF filter: the denied system calls (see _SECCOMP) fail with ENOSYS; so does `clone` but for a
     # thread (no new process: threads share the address space its rlimit bounds; glibc falls back from
@@ -160,25 +169,106 @@ def seccomp(arch, denied, socket_nr, clone_nr):
     fprog = Program(len(program), ctypes.addressof(filters))
     if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0):  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
         raise OSError(ctypes.get_errno(), "seccomp")
-uid = config["uid"]
-pid = os.fork()
-if pid == 0:
+def exit_code(status):
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code
+def program(request, fds):  # the sample's process: its descriptors, limits and uid, then its program
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+    os.closerange(3, 1 << 16)
+    for limit, value in request["rlimits"]:
+        resource.setrlimit(limit, (value, value))
+    uid = request["uid"]
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
     libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
-    if config["seccomp"]:
-        seccomp(*config["seccomp"])
-    os.execv(config["argv"][0], config["argv"])
+    if request["seccomp"]:
+        seccomp(*request["seccomp"])
+    os.chdir("/tmp")
+    os.execv(request["argv"][0], request["argv"])
+def sample(request, fds, report):  # its namespaces; its init reports its pid, starts it, waits for it
+    if libc.unshare(NEWNS | NEWPID | NEWIPC | NEWUTS | NEWNET):
+        raise OSError(ctypes.get_errno(), "unshare")
+    for path in ("/tmp", "/dev/shm"):
+        mount("tmpfs", path, "tmpfs", NOSUID | NODEV, "size=%d,mode=1777" % request["tmp_bytes"])
+    init = os.fork()
+    if init == 0:
+        try:
+            os.close(report)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: dies with its parent
+            mount("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC)
+            child = os.fork()
+            if child == 0:
+                try:
+                    program(request, fds)
+                finally:
+                    os._exit(127)
+            for fd in fds:
+                os.close(fd)
+            while True:
+                done, status = os.wait()
+                if done == child:
+                    os._exit(exit_code(status))
+        finally:
+            os._exit(127)
+    os.write(report, b"%d" % init)
+    for fd in (report, *fds):
+        os.close(fd)
+    os._exit(exit_code(os.waitpid(init, 0)[1]))
+control = socket.socket(fileno=0)
+try:
+    config = json.loads(sys.argv[1])
+    build_root(config)
+except BaseException as error:
+    control.send(json.dumps({"error": "%s: %s" % (type(error).__name__, error)}).encode())
+    os._exit(1)
+control.send(b'{"ready": true}')
 while True:
-    try:
-        done, status = os.wait()
-    except ChildProcessError:
-        break
-    if done == pid:
-        code = os.waitstatus_to_exitcode(status)
-        break
-os._exit(code if code >= 0 else 128 - code)
+    message, fds, _, _ = socket.recv_fds(control, 1 << 16, 3)
+    if not message:
+        os._exit(0)  # the caller is done: as init, taking every sample still running with it
+    request = json.loads(message)
+    read_end, report = os.pipe()
+    runner = os.fork()
+    if runner == 0:
+        try:
+            control.close()
+            os.close(read_end)
+            sample(request, fds, report)
+        except BaseException as error:
+            os.write(fds[2], ("sandbox: the sample could not start: %s\n" % error).encode())
+        finally:
+            os._exit(127)
+    os.close(report)
+    for fd in fds:
+        os.close(fd)
+    init = int(os.read(read_end, 64) or 0)  # its init's pid; nothing if it could not start
+    os.close(read_end)
+    control.send(json.dumps({"started": bool(init)}).encode())
+    # Then: its exit, told unasked, and the caller's end message; or the end message first (the caller
+    # is done with it, or its time is up), which kills it. Each sample ends with one exit message.
+    watch = os.pidfd_open(runner)
+    killed = watch not in select.select([control, watch], [], [])[0]
+    if killed and init:
+        try:
+            os.kill(init, signal.SIGKILL)  # its init: the kernel kills the rest of its namespace
+        except ProcessLookupError:
+            pass
+    os.close(watch)
+    code = exit_code(os.waitpid(runner, 0)[1])
+    while True:  # orphans reparented to this init, if any
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
+    if not killed:
+        control.send(json.dumps({"exit": code}).encode())
+    if not control.recv(1 << 16):
+        os._exit(0)  # the caller is gone
+    if killed:
+        control.send(json.dumps({"exit": code, "killed": True}).encode())
 """
 
 
@@ -221,20 +311,100 @@ def _sandbox_uid() -> int:
     return UID_BASE + secrets.randbelow(UID_SPAN)
 
 
-def _wrap(program: list[str], uid: bool, namespaces: bool, limits: Limits) -> list[str]:
-    """The command that runs `program` inside the given layers (rlimits are set by `_preexec`)."""
-    if namespaces:
-        config = {"tmp_bytes": limits.tmp_bytes, "read_only": _read_only_paths(), "hidden": _hidden_paths(),
-                  "argv": program,
-                  "uid": _sandbox_uid() if uid else os.getuid(),
-                  "seccomp": _SECCOMP.get(os.uname().machine)}  # fmt: skip
-        launcher = python("-c", _LAUNCHER, json.dumps(config))
-        return ["unshare", *NAMESPACES, "--", *launcher]
+def _wrap(program: list[str], uid: bool) -> list[str]:
+    """The command that runs `program` under a uid of its own, without namespaces (rlimits are set by
+    `_preexec`; with namespaces a `_Launcher` starts it)."""
     if uid:
         sandbox_uid = _sandbox_uid()
         program = ["setpriv", f"--reuid={sandbox_uid}", f"--regid={sandbox_uid}", "--clear-groups",
                    "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", *program]  # fmt: skip
     return program
+
+
+def _rlimits(limits: Limits) -> list[tuple[int, int]]:
+    return [(resource.RLIMIT_CPU, limits.cpu_seconds), (resource.RLIMIT_AS, limits.memory_bytes),
+            (resource.RLIMIT_FSIZE, limits.file_bytes), (resource.RLIMIT_NPROC, limits.processes),
+            (resource.RLIMIT_NOFILE, limits.open_files), (resource.RLIMIT_CORE, 0)]  # fmt: skip
+
+
+class LauncherFailed(OSError):
+    """The namespaces' launcher did not start, or stopped answering."""
+
+
+class _Launcher:
+    """The namespaces' init (`_LAUNCHER`), kept by one thread of one process: it starts that thread's
+    samples, one at a time. It dies with the thread (PR_SET_PDEATHSIG) and so do its samples."""
+
+    def __init__(self) -> None:
+        self.owner = os.getpid()
+        self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        config = {"read_only": _read_only_paths(), "hidden": _hidden_paths()}
+        _libc()  # loaded before the fork: `_die_with_parent` runs between fork and exec
+        with theirs:
+            command = ["unshare", *NAMESPACES, "--", *python("-c", _LAUNCHER, json.dumps(config))]
+            self.process = subprocess.Popen(command, stdin=theirs, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                            env=_clean_env(), cwd="/", close_fds=True, start_new_session=True,
+                                            preexec_fn=_die_with_parent)  # fmt: skip
+        try:
+            reply = self.receive(30)
+        except LauncherFailed:
+            self.close()
+            error = self.process.stderr.read().decode(errors="replace").strip().splitlines()
+            raise LauncherFailed((error or [f"exit {self.process.returncode}"])[-1]) from None
+        if "error" in reply:
+            self.close()
+            raise LauncherFailed(reply["error"])
+        self.process.stderr.close()
+
+    def receive(self, timeout: float | None) -> dict:
+        if not select.select([self.control], [], [], timeout)[0]:
+            raise LauncherFailed("the sandbox's launcher did not answer")
+        message = self.control.recv(1 << 16)
+        if not message:
+            raise LauncherFailed("the sandbox's launcher exited")
+        return json.loads(message)
+
+    def close(self) -> None:
+        self.control.close()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+class Sample:
+    """A program running in its namespaces, started by a `_Launcher`: the part of `Popen` used here."""
+
+    def __init__(self, launcher: _Launcher, stdin, stdout) -> None:
+        self.launcher, self.stdin, self.stdout = launcher, stdin, stdout
+        self.returncode: int | None = None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            try:
+                self.returncode = self.launcher.receive(timeout)["exit"]
+            except LauncherFailed:
+                if timeout is not None and self.launcher.process.poll() is None:
+                    raise subprocess.TimeoutExpired("sandbox", timeout) from None
+                raise
+        return self.returncode
+
+    def end(self) -> None:
+        """Killed if still running (with everything it started); the launcher is free again."""
+        self.launcher.control.send(b"end")
+        if self.returncode is None:
+            reply = self.launcher.receive(30)
+            self.returncode = -signal.SIGKILL if reply.get("killed") else reply["exit"]
+
+
+_launchers = threading.local()
+
+
+def _launcher() -> _Launcher:
+    """This thread's launcher, started at its first sample (a forked process starts its own)."""
+    launcher = getattr(_launchers, "launcher", None)
+    if launcher is None or launcher.owner != os.getpid() or launcher.process.poll() is not None:
+        launcher = _launchers.launcher = _Launcher()
+    return launcher
 
 
 _PROBE = (
@@ -252,12 +422,11 @@ def _probe(uid: bool, namespaces: bool) -> str | None:
     """None when a probe inside those layers shows them holding; else what went wrong."""
     try:
         probe = f"CALLER_DIR = {os.getcwd()!r}\n" + _PROBE
-        done = subprocess.run(_wrap(python("-c", probe), uid, namespaces, Limits()),
-                              capture_output=True, text=True, timeout=30, env=_clean_env(), cwd="/")  # fmt: skip
+        done = _run(python("-c", probe), Limits(wall_seconds=30), Isolation(uid=uid, namespaces=namespaces))
     except (OSError, subprocess.SubprocessError) as error:
         return f"{type(error).__name__}: {error}"
     words = done.stdout.split()
-    if done.returncode or len(words) != 5:
+    if not done.ok or len(words) != 5:
         return (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
     ok_uid = not uid or int(words[0]) >= UID_BASE
     # In its own PID namespace its parent is the namespace's init (pid 1); its /tmp is empty and the
@@ -323,50 +492,85 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def _preexec(limits: Limits) -> None:
-    # In the child between fork and exec, still as the caller's uid: rlimits survive the uid switch. If
-    # whoever started the sandbox dies (a replay killed at its budget), the sandbox dies with it.
+def _die_with_parent() -> None:
+    # If whoever started the sandbox dies (a replay killed at its budget), the sandbox dies with it.
     _libc().prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    for limit, value in ((resource.RLIMIT_CPU, limits.cpu_seconds), (resource.RLIMIT_AS, limits.memory_bytes),
-                         (resource.RLIMIT_FSIZE, limits.file_bytes), (resource.RLIMIT_NPROC, limits.processes),
-                         (resource.RLIMIT_NOFILE, limits.open_files), (resource.RLIMIT_CORE, 0)):  # fmt: skip
+
+
+def _preexec(limits: Limits) -> None:
+    # In the child between fork and exec, still as the caller's uid: rlimits survive the uid switch.
+    _die_with_parent()
+    for limit, value in _rlimits(limits):
         resource.setrlimit(limit, (value, value))
 
 
 @contextlib.contextmanager
-def started(
-    program: list[str], limits: Limits, isolation: Isolation | None = None, **popen
-) -> Iterator[subprocess.Popen]:
+def started(program: list[str], limits: Limits, isolation: Isolation | None = None, *, stdin=None, stdout=None,
+            stderr=None) -> Iterator[subprocess.Popen | Sample]:  # fmt: skip
     """`program` running in the sandbox's layers, killed with everything it started on leaving.
+    stdin/stdout/stderr as for `Popen` (None, PIPE, DEVNULL, a file or a descriptor).
 
     With namespaces its working directory is its private /tmp; without, a fresh temporary directory.
     `isolation`: the layers to use, as `require()` gave them (in a process that asked already)."""
     isolation = isolation or require()
-    command = _wrap(program, isolation.uid, isolation.namespaces, limits)
-    _libc()  # loaded before the fork: `_preexec` runs between fork and exec
-    # A working directory on the host only without namespaces: with them it is the private /tmp, and a
-    # temporary directory per sample would be work for nothing.
     if isolation.namespaces:
-        workdir = contextlib.nullcontext("/")
-    else:
-        workdir = tempfile.TemporaryDirectory(prefix="bayes-llm-sandbox-")
-    with workdir as cwd:
-        if isolation.uid and not isolation.namespaces:
+        with _in_namespaces(program, limits, isolation.uid, (stdin, stdout, stderr)) as sample:
+            yield sample
+        return
+    _libc()  # loaded before the fork: `_preexec` runs between fork and exec
+    with tempfile.TemporaryDirectory(prefix="bayes-llm-sandbox-") as cwd:
+        if isolation.uid:
             os.chmod(cwd, 0o777)  # writable by the sandbox's uid: its only writable place
-        process = subprocess.Popen(command, env=_clean_env(), cwd=cwd,
-                                   close_fds=True, start_new_session=True,
-                                   preexec_fn=functools.partial(_preexec, limits), **popen)  # fmt: skip
+        process = subprocess.Popen(_wrap(program, isolation.uid), env=_clean_env(), cwd=cwd, close_fds=True,
+                                   start_new_session=True, preexec_fn=functools.partial(_preexec, limits),
+                                   stdin=stdin, stdout=stdout, stderr=stderr)  # fmt: skip
         try:
             yield process
         finally:
-            kill(process)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
-def kill(process: subprocess.Popen) -> None:
-    """The sandbox and everything in it: killing `unshare` kills its namespace's init, and so all of it."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+@contextlib.contextmanager
+def _in_namespaces(program: list[str], limits: Limits, uid: bool, streams: tuple) -> Iterator[Sample]:
+    launcher = _launcher()
+    mine: list = [None, None, None]  # our ends of its pipes
+    theirs, opened = [], []  # its descriptors 0-2; those opened here for it, closed once it has them
+    for index, stream in enumerate(streams):
+        if stream == subprocess.PIPE:
+            read, write = os.pipe()
+            mine[index] = os.fdopen(write, "wb") if index == 0 else os.fdopen(read, "rb")
+            opened.append(read if index == 0 else write)
+        elif stream == subprocess.DEVNULL:
+            opened.append(os.open(os.devnull, os.O_RDWR))
+        theirs.append(opened[-1] if stream in (subprocess.PIPE, subprocess.DEVNULL)
+                      else index if stream is None  # the caller's own
+                      else stream if isinstance(stream, int) else stream.fileno())  # fmt: skip
+    request = {"argv": program, "uid": _sandbox_uid() if uid else os.getuid(), "rlimits": _rlimits(limits),
+               "tmp_bytes": limits.tmp_bytes, "seccomp": _SECCOMP.get(os.uname().machine)}  # fmt: skip
+    try:
+        socket.send_fds(launcher.control, [json.dumps(request).encode()], theirs)
+        launcher.receive(30)  # started (or its error is on its stderr and it exits 127)
+    except OSError:
+        launcher.close()
+        raise
+    finally:
+        for fd in opened:
+            os.close(fd)
+    sample = Sample(launcher, mine[0], mine[1])
+    try:
+        yield sample
+    finally:
+        for stream in mine:
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        try:
+            sample.end()
+        except OSError:
+            launcher.close()
+            raise
 
 
 # The base interpreter, not a virtual environment's link to it: the sandbox's root holds its prefix only.
@@ -393,14 +597,17 @@ class RunResult:
 
 def run_python(source: str, limits: Limits = Limits()) -> RunResult:
     """Run `source` in the sandbox and return what it printed (capped); never raises for what it runs."""
+    return _run(python("-c", AUDIT_POLICY + source), limits, require())
+
+
+def _run(program: list[str], limits: Limits, isolation: Isolation) -> RunResult:
     with tempfile.TemporaryDirectory(prefix="bayes-llm-run-") as scratch:
         out_path, err_path = Path(scratch, "stdout"), Path(scratch, "stderr")
         started_at = time.monotonic()
         with (
             out_path.open("wb") as out,
             err_path.open("wb") as err,
-            started(python("-c", AUDIT_POLICY + source), limits, stdin=subprocess.DEVNULL, stdout=out,
-                    stderr=err) as process,  # fmt: skip
+            started(program, limits, isolation, stdin=subprocess.DEVNULL, stdout=out, stderr=err) as process,
         ):
             try:
                 process.wait(timeout=limits.wall_seconds)
