@@ -234,6 +234,32 @@ def test_a_killed_sandbox_leaves_nothing():
     assert sandbox_processes() == []
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+@needs_isolation
+def test_a_launcher_serves_sample_after_sample_and_a_dead_one_is_replaced():
+    """One launcher starts this thread's samples one after another, each with a uid and namespaces of its
+    own, and keeps no descriptor or child (zombie) from one to the next; if it dies, the next sample
+    gets a new one."""
+    probe = "import os\nprint(os.getuid(), os.readlink('/proc/self/ns/pid'), os.readlink('/proc/self/ns/net'))"
+    assert run_python(probe).ok
+    unshare = sandbox._launchers.launcher.process.pid
+    (launcher,) = _children(unshare)
+    descriptors = sorted(os.listdir(f"/proc/{launcher}/fd"))
+    seen = [run_python(probe).stdout.split() for _ in range(20)]
+    assert len({uid for uid, _, _ in seen}) == 20
+    own = {os.readlink(f"/proc/{launcher}/ns/{kind}") for kind in ("pid", "net")}  # (ids are reused once freed)
+    assert not own & {name for _, *names in seen for name in names}
+    assert sandbox._launchers.launcher.process.pid == unshare and _children(unshare) == [launcher]
+    assert sorted(os.listdir(f"/proc/{launcher}/fd")) == descriptors and _children(launcher) == []
+    os.kill(launcher, signal.SIGKILL)
+    sandbox._launchers.launcher.process.wait()
+    assert run_python("print(7)").stdout == "7\n"
+    assert sandbox._launchers.launcher.process.pid != unshare
+
+
 def test_the_host_watch_sees_what_it_looks_for():
     """The watch itself can fail: a file left outside and a connection to the host are both reported."""
     escaped = Path("/tmp", sandbox_cases.ESCAPED)
