@@ -179,7 +179,7 @@ def test_a_test_item_another_domain_trains_on_fails_the_gate(workdir):
         prepare(smoke_params(sources=source), progress=False)
     message = str(caught.value)
     assert "drill" in message and "nor in val or test when another domain trains on it" in message
-    assert "what is 7 + 7 in TRAIN?" in message and not PREPARED.exists()
+    assert "what is 7 + 7 in TRAIN? ' (a train prompt of math)" in message and not PREPARED.exists()
 
     drill[2]["q"] = "What is 7 + 7 in drill?"
     source["drill"]["files"]["test"] = write_jsonl(workdir / "drill.jsonl", drill)

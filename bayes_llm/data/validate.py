@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
@@ -20,6 +21,7 @@ from bayes_llm.data.rows import ANSWER_PATTERNS, LETTERS, SOLUTION_COLUMN, colum
 from bayes_llm.rewards.code import check_solutions
 
 MAX_EXAMPLES = 3
+TRAINED_ELSEWHERE = "trained_by_other_domains"  # derived: the domains whose train split holds this val/test prompt
 # A derived check column is shown through the field it was computed from: a reader wants the
 # prompt that repeats, not `True`.
 _SHOWN_AS = {
@@ -116,15 +118,18 @@ def prompt_key(prompt: object) -> str | None:
 
 
 def check_frame(domain: Domain, splits: dict[str, pd.DataFrame], progress: bool = True,
-                foreign_train: frozenset[str] = frozenset()) -> pd.DataFrame:  # fmt: skip
+                foreign_train: Mapping[str, str] | None = None) -> pd.DataFrame:  # fmt: skip
     """All splits of a domain in one frame, plus the derived check columns. `foreign_train`: the prompt
-    keys of the other domains' train splits (the base pretrains on all of them, the classifier too)."""
+    keys of the other domains' train splits (the base pretrains on all of them, the classifier too),
+    each with the names of the domains that train on it."""
     frame = pd.concat([df.assign(split=name) for name, df in splits.items()], ignore_index=True)
     if "prompt" in frame:
         key = frame["prompt"].map(prompt_key)
         owners = frame.assign(key=key).groupby("key", dropna=True)["split"].nunique()
         leaked = key.map(owners).fillna(1).gt(1)
-        leaked |= frame["split"].ne("train") & key.isin(foreign_train)  # a test-only domain's too
+        # a test-only domain's too; a failure names the domain that trains on it
+        frame[TRAINED_ELSEWHERE] = key.map(foreign_train or {}).where(frame["split"].ne("train"))
+        leaked |= frame[TRAINED_ELSEWHERE].notna()
         if domain.answer_kind != "code" and "answer" in frame:  # two programs may both be right; two answers not
             # a letter by its choice's text: asked alone (choice_answer: text), one question may list its
             # choices in two orders
@@ -231,7 +236,7 @@ def _row_count_rule(domain: Domain, split: str, data: DataParams) -> tuple[str, 
 
 def _examples(frame: pd.DataFrame, result: dict, column: str | None) -> list[str]:
     out = []
-    column = _SHOWN_AS.get(column, column)
+    checked, column = column, _SHOWN_AS.get(column, column)
     for index in (result.get("unexpected_index_list") or [])[:MAX_EXAMPLES]:
         row = frame.loc[index]
         value = row.get(column) if column else None
@@ -239,7 +244,9 @@ def _examples(frame: pd.DataFrame, result: dict, column: str | None) -> list[str
         shown = "null" if value is None or (isinstance(value, float) and pd.isna(value)) else repr(value)
         if isinstance(value, str) and len(shown) > 80:
             shown = shown[:77] + "...'"
-        out.append(f"id={row.get('id')!s} {row.get('split')}: {column}={shown}")
+        elsewhere = row.get(TRAINED_ELSEWHERE) if checked == "prompt_in_other_split" else None
+        trained = f" (a train prompt of {elsewhere})" if isinstance(elsewhere, str) else ""
+        out.append(f"id={row.get('id')!s} {row.get('split')}: {column}={shown}{trained}")
     return out
 
 
@@ -294,11 +301,14 @@ def validate(
 ) -> ValidationReport:
     """`frames`: domain name -> (domain, {split: frame read back from the written parquet})."""
     gate, failures = _Gate(), []
-    trained = {name: frozenset(splits["train"]["prompt"].map(prompt_key).dropna())
-               for name, (_, splits) in frames.items()
-               if "prompt" in splits.get("train", pd.DataFrame())}  # fmt: skip
+    trained_by: dict[str, list[str]] = {}  # train prompt key -> the domains that train on it
+    for name, (_, splits) in frames.items():
+        if "prompt" in splits.get("train", pd.DataFrame()):
+            for key in set(splits["train"]["prompt"].map(prompt_key).dropna()):
+                trained_by.setdefault(key, []).append(name)
     for name, (domain, splits) in frames.items():
-        foreign = frozenset().union(*(keys for other, keys in trained.items() if other != name))
+        foreign = {key: ", ".join(others) for key, domains in trained_by.items()
+                   if (others := [other for other in domains if other != name])}  # fmt: skip
         frame = check_frame(domain, splits, progress=progress, foreign_train=foreign)
         failures += gate.run(name, frame, _domain_rules(domain, data, frame), name, "all splits")
         for split, split_frame in splits.items():
