@@ -6,8 +6,11 @@ from __future__ import annotations
 import collections
 import json
 import os
+import select
 import signal
 import socket
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -258,6 +261,70 @@ def test_a_launcher_serves_sample_after_sample_and_a_dead_one_is_replaced():
     sandbox._launchers.launcher.process.wait()
     assert run_python("print(7)").stdout == "7\n"
     assert sandbox._launchers.launcher.process.pid != unshare
+
+
+@needs_isolation
+def test_an_exception_mid_exchange_closes_the_launcher_and_the_next_sample_is_right(monkeypatch):
+    """An exception between a request to the launcher and its reply (as the replay's item timer could
+    raise) must not leave that reply for the next sample to read as its own."""
+
+    class Interrupting:
+        armed = False
+
+        def select(self, *args):
+            if self.armed:
+                self.armed = False
+                raise KeyboardInterrupt
+            return select.select(*args)
+
+    interrupting = Interrupting()
+    monkeypatch.setattr(sandbox, "select", interrupting)
+    assert run_python("pass").ok
+    first = sandbox._launchers.launcher
+    sleeper = sandbox.python("-c", "import time; time.sleep(60)")
+    with pytest.raises(KeyboardInterrupt), sandbox.started(sleeper, Limits(), stdin=subprocess.DEVNULL):
+        interrupting.armed = True  # the end message goes out; reading the reply is cut short
+    assert not first.alive
+    assert run_python("print(7)").stdout == "7\n" and sandbox._launchers.launcher is not first
+
+
+@needs_isolation
+def test_a_launcher_that_dies_during_an_item_gives_no_verdict_on_it():
+    """Killed from outside mid-item, the launcher takes the program with it: that is no failure of the
+    program, so its replay gives no verdicts and the items are judged again (none kept wrong)."""
+    slow = ("import time\ntime.sleep(2)\ndef triple_plus_one(x):\n    return 3 * x + 1\n", TESTS_PROJECT)
+
+    def kill_launchers() -> None:
+        time.sleep(0.8)
+        for replay in _children(os.getpid()):
+            for unshare in _children(replay):
+                for launcher in _children(unshare):
+                    os.kill(launcher, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_launchers)
+    killer.start()
+    pairs = [(CORRECT, TESTS_PROJECT), slow, (CORRECT, TESTS_HUMANEVAL)]
+    verdicts = check_solutions(pairs, item_seconds=5.0, workers=1, progress=False)
+    killer.join()
+    assert verdicts == [None, None, None]
+
+
+@needs_isolation
+def test_samples_started_inside_one_another_each_get_a_launcher():
+    with sandbox.started(sandbox.python("-c", "print(input())"), Limits(), stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE) as outer:  # fmt: skip
+        inner = run_python("print(2)")
+        outer.stdin.write(b"1\n")
+        outer.stdin.flush()
+        assert outer.stdout.read() == b"1\n" and outer.wait(5) == 0
+    assert inner.stdout == "2\n"
+
+
+@needs_isolation
+def test_a_command_line_over_the_limit_is_a_clear_error_and_the_launcher_goes_on():
+    with pytest.raises(ValueError, match="command line must be under"):
+        run_python("x = 1\n" * (sandbox.REQUEST_BYTES // 6))
+    assert run_python("print(3)").stdout == "3\n"
 
 
 def test_the_host_watch_sees_what_it_looks_for():

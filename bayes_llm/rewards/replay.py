@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from bayes_llm.rewards import plain
-from bayes_llm.rewards.sandbox import AUDIT_POLICY, Isolation, Limits, python, started
+from bayes_llm.rewards.sandbox import AUDIT_POLICY, Isolation, LauncherFailed, Limits, python, started
 
 REPLY_CAP = 1 << 20  # bytes of one answer
 
@@ -186,10 +186,14 @@ def judge(solution: str, tests: list[str], seconds: float, isolation: Isolation,
             if "error" in reply:
                 return f"{reply['error']}: {reply.get('message', '')}"[:200]
             signal.setitimer(signal.ITIMER_REAL, max(deadline - time.monotonic(), 0.001))
-            for test, code in zip(tests, codes, strict=True):
-                namespace = {"__name__": "__test__"} | {name: Remote(channel, name) for name in free_names(test)}
-                exec(code, namespace)
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            try:
+                for test, code in zip(tests, codes, strict=True):
+                    namespace = {"__name__": "__test__"} | {name: Remote(channel, name) for name in free_names(test)}
+                    exec(code, namespace)
+            finally:  # off before the sandbox is torn down: the alarm must not cut that short
+                signal.setitimer(signal.ITIMER_REAL, 0)
+    except LauncherFailed:
+        raise  # the host failed, not the program: this process gives no verdicts, so the items are judged again
     except SandboxFailure as failure:
         return f"sandbox: {failure}"[:200]
     except AssertionError as error:

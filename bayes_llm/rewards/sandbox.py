@@ -202,6 +202,8 @@ def sample(request, fds, report):  # its namespaces; its init reports its pid, s
             if child == 0:
                 try:
                     program(request, fds)
+                except BaseException as error:  # on the sample's stderr once it has one (an exec that failed)
+                    os.write(2, ("sandbox: %s\n" % error).encode())
                 finally:
                     os._exit(127)
             for fd in fds:
@@ -225,7 +227,7 @@ except BaseException as error:
     os._exit(1)
 control.send(b'{"ready": true}')
 while True:
-    message, fds, _, _ = socket.recv_fds(control, 1 << 16, 3)
+    message, fds, _, _ = socket.recv_fds(control, 1 << 18, 3)
     if not message:
         os._exit(0)  # the caller is done: as init, taking every sample still running with it
     request = json.loads(message)
@@ -331,12 +333,17 @@ class LauncherFailed(OSError):
     """The namespaces' launcher did not start, or stopped answering."""
 
 
+REQUEST_BYTES = 1 << 17  # a sample's request (its argv, mostly), as argv's own limit for one string was
+
+
 class _Launcher:
     """The namespaces' init (`_LAUNCHER`), kept by one thread of one process: it starts that thread's
-    samples, one at a time. It dies with the thread (PR_SET_PDEATHSIG) and so do its samples."""
+    samples, one at a time. It dies with the thread (PR_SET_PDEATHSIG) and so do its samples. Any
+    failure while talking to it (an exception in between included: a timer's) closes it, since its
+    next reply could then belong to the last exchange; the thread's next sample starts a new one."""
 
     def __init__(self) -> None:
-        self.owner = os.getpid()
+        self.owner, self.busy = os.getpid(), False
         self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         config = {"read_only": _read_only_paths(), "hidden": _hidden_paths()}
         _libc()  # loaded before the fork: `_die_with_parent` runs between fork and exec
@@ -346,23 +353,48 @@ class _Launcher:
                                             env=_clean_env(), cwd="/", close_fds=True, start_new_session=True,
                                             preexec_fn=_die_with_parent)  # fmt: skip
         try:
-            reply = self.receive(30)
-        except LauncherFailed:
-            self.close()
+            self.receive("ready", 30)
+        except LauncherFailed as failure:
             error = self.process.stderr.read().decode(errors="replace").strip().splitlines()
-            raise LauncherFailed((error or [f"exit {self.process.returncode}"])[-1]) from None
-        if "error" in reply:
-            self.close()
-            raise LauncherFailed(reply["error"])
+            raise LauncherFailed(f"{failure} ({error[-1] if error else f'exit {self.process.returncode}'})") from None
         self.process.stderr.close()
 
-    def receive(self, timeout: float | None) -> dict:
-        if not select.select([self.control], [], [], timeout)[0]:
-            raise LauncherFailed("the sandbox's launcher did not answer")
-        message = self.control.recv(1 << 16)
-        if not message:
-            raise LauncherFailed("the sandbox's launcher exited")
-        return json.loads(message)
+    @property
+    def alive(self) -> bool:
+        return self.control.fileno() >= 0 and self.process.poll() is None
+
+    def send(self, message: bytes, fds: list[int] = ()) -> None:
+        try:
+            socket.send_fds(self.control, [message], list(fds))
+        except OSError as error:
+            self.close()
+            raise LauncherFailed(f"the sandbox's launcher is gone ({error})") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def receive(self, kind: str, timeout: float | None = 30) -> dict:
+        """Its next reply, which must be a `kind` one."""
+        try:
+            if not select.select([self.control], [], [], timeout)[0]:
+                raise LauncherFailed("the sandbox's launcher did not answer")
+            message = self.control.recv(1 << 16)
+            if not message:
+                raise LauncherFailed("the sandbox's launcher exited")
+            reply = json.loads(message)
+            if "error" in reply:
+                raise LauncherFailed(reply["error"])
+            if kind not in reply:
+                raise LauncherFailed(f"the sandbox's launcher answered {reply} for {kind!r}")
+        except (OSError, ValueError) as error:  # LauncherFailed is an OSError
+            self.close()
+            if isinstance(error, LauncherFailed):
+                raise
+            raise LauncherFailed(f"the sandbox's launcher is gone ({error})") from None
+        except BaseException:
+            self.close()
+            raise
+        return reply
 
     def close(self) -> None:
         self.control.close()
@@ -380,31 +412,45 @@ class Sample:
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
-            try:
-                self.returncode = self.launcher.receive(timeout)["exit"]
-            except LauncherFailed:
-                if timeout is not None and self.launcher.process.poll() is None:
-                    raise subprocess.TimeoutExpired("sandbox", timeout) from None
-                raise
+            if not select.select([self.launcher.control], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired("sandbox", timeout)
+            self.returncode = self.launcher.receive("exit")["exit"]
         return self.returncode
 
     def end(self) -> None:
-        """Killed if still running (with everything it started); the launcher is free again."""
-        self.launcher.control.send(b"end")
+        """Killed if still running (with everything it started); the launcher is free again. A launcher
+        that died meanwhile is a `LauncherFailed`: what the sample seemed to do (exit, say nothing) is
+        no verdict on it then."""
+        if not self.launcher.alive:
+            raise LauncherFailed("the sandbox's launcher stopped while a sample ran")
+        self.launcher.send(b"end")
         if self.returncode is None:
-            reply = self.launcher.receive(30)
+            reply = self.launcher.receive("exit")
             self.returncode = -signal.SIGKILL if reply.get("killed") else reply["exit"]
 
 
 _launchers = threading.local()
 
 
-def _launcher() -> _Launcher:
-    """This thread's launcher, started at its first sample (a forked process starts its own)."""
+@contextlib.contextmanager
+def _launcher() -> Iterator[_Launcher]:
+    """This thread's launcher, started at its first sample (a forked process starts its own); one of
+    its own for a sample started while another runs (nested), closed after it."""
     launcher = getattr(_launchers, "launcher", None)
-    if launcher is None or launcher.owner != os.getpid() or launcher.process.poll() is not None:
+    if launcher is None or launcher.owner != os.getpid() or not launcher.alive:
         launcher = _launchers.launcher = _Launcher()
-    return launcher
+    if launcher.busy:
+        launcher = _Launcher()
+        try:
+            yield launcher
+        finally:
+            launcher.close()
+        return
+    launcher.busy = True
+    try:
+        yield launcher
+    finally:
+        launcher.busy = False
 
 
 _PROBE = (
@@ -534,43 +580,42 @@ def started(program: list[str], limits: Limits, isolation: Isolation | None = No
 
 @contextlib.contextmanager
 def _in_namespaces(program: list[str], limits: Limits, uid: bool, streams: tuple) -> Iterator[Sample]:
-    launcher = _launcher()
+    request = json.dumps({"argv": program, "uid": _sandbox_uid() if uid else os.getuid(),
+                          "rlimits": _rlimits(limits), "tmp_bytes": limits.tmp_bytes,
+                          "seccomp": _SECCOMP.get(os.uname().machine)}).encode()  # fmt: skip
+    if len(request) > REQUEST_BYTES:
+        raise ValueError(f"a sandboxed program's command line must be under {REQUEST_BYTES} bytes (JSON-escaped): "
+                         f"this one has {len(request)}")  # fmt: skip
     mine: list = [None, None, None]  # our ends of its pipes
     theirs, opened = [], []  # its descriptors 0-2; those opened here for it, closed once it has them
-    for index, stream in enumerate(streams):
-        if stream == subprocess.PIPE:
-            read, write = os.pipe()
-            mine[index] = os.fdopen(write, "wb") if index == 0 else os.fdopen(read, "rb")
-            opened.append(read if index == 0 else write)
-        elif stream == subprocess.DEVNULL:
-            opened.append(os.open(os.devnull, os.O_RDWR))
-        theirs.append(opened[-1] if stream in (subprocess.PIPE, subprocess.DEVNULL)
-                      else index if stream is None  # the caller's own
-                      else stream if isinstance(stream, int) else stream.fileno())  # fmt: skip
-    request = {"argv": program, "uid": _sandbox_uid() if uid else os.getuid(), "rlimits": _rlimits(limits),
-               "tmp_bytes": limits.tmp_bytes, "seccomp": _SECCOMP.get(os.uname().machine)}  # fmt: skip
-    try:
-        socket.send_fds(launcher.control, [json.dumps(request).encode()], theirs)
-        launcher.receive(30)  # started (or its error is on its stderr and it exits 127)
-    except OSError:
-        launcher.close()
-        raise
-    finally:
-        for fd in opened:
-            os.close(fd)
-    sample = Sample(launcher, mine[0], mine[1])
-    try:
-        yield sample
-    finally:
-        for stream in mine:
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
+    with _launcher() as launcher:
         try:
-            sample.end()
-        except OSError:
-            launcher.close()
-            raise
+            try:
+                for index, stream in enumerate(streams):
+                    if stream == subprocess.PIPE:
+                        read, write = os.pipe()
+                        mine[index] = os.fdopen(write, "wb") if index == 0 else os.fdopen(read, "rb")
+                        opened.append(read if index == 0 else write)
+                    elif stream == subprocess.DEVNULL:
+                        opened.append(os.open(os.devnull, os.O_RDWR))
+                    theirs.append(opened[-1] if stream in (subprocess.PIPE, subprocess.DEVNULL)
+                                  else index if stream is None  # the caller's own
+                                  else stream if isinstance(stream, int) else stream.fileno())  # fmt: skip
+                launcher.send(request, theirs)
+                launcher.receive("started")  # (one that could not start says why on its stderr and exits 127)
+            finally:
+                for fd in opened:
+                    os.close(fd)
+            sample = Sample(launcher, mine[0], mine[1])
+            try:
+                yield sample
+            finally:
+                sample.end()
+        finally:
+            for stream in mine:
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
 
 
 # The base interpreter, not a virtual environment's link to it: the sandbox's root holds its prefix only.
