@@ -310,6 +310,17 @@ def test_a_launcher_that_dies_during_an_item_gives_no_verdict_on_it():
 
 
 @needs_isolation
+def test_a_sample_the_host_cannot_start_or_exec_is_a_launcher_failure_not_an_exit_code():
+    """Failures before the program runs are the host's (a mount refused, an exec that failed): no exit
+    code a caller could take for the program's, and the launcher goes on serving."""
+    with pytest.raises(sandbox.LauncherFailed, match=r"could not start: \[Errno 22\] mount /tmp"):
+        run_python("pass", Limits(tmp_bytes=-1))
+    with pytest.raises(sandbox.LauncherFailed, match=r"could not (start|run its program): .*No such file"):
+        sandbox._run(["/nonexistent/python"], Limits(), sandbox.require())
+    assert run_python("print(4)").stdout == "4\n"
+
+
+@needs_isolation
 def test_samples_started_inside_one_another_each_get_a_launcher():
     with sandbox.started(sandbox.python("-c", "print(input())"), Limits(), stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE) as outer:  # fmt: skip

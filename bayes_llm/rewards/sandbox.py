@@ -172,10 +172,11 @@ def seccomp(arch, denied, socket_nr, clone_nr):
 def exit_code(status):
     code = os.waitstatus_to_exitcode(status)
     return code if code >= 0 else 128 - code
-def program(request, fds):  # the sample's process: its descriptors, limits and uid, then its program
+def program(request, fds, report):  # the sample's process: its descriptors, limits and uid, then its program
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
-    os.closerange(3, 1 << 16)
+    os.closerange(3, report)  # `report` stays until the exec (close-on-exec): a failure before it goes there
+    os.closerange(report + 1, 1 << 16)
     for limit, value in request["rlimits"]:
         resource.setrlimit(limit, (value, value))
     uid = request["uid"]
@@ -195,29 +196,38 @@ def sample(request, fds, report):  # its namespaces; its init reports its pid, s
     init = os.fork()
     if init == 0:
         try:
-            os.close(report)
             libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: dies with its parent
             mount("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC)
             child = os.fork()
             if child == 0:
                 try:
-                    program(request, fds)
-                except BaseException as error:  # on the sample's stderr once it has one (an exec that failed)
-                    os.write(2, ("sandbox: %s\n" % error).encode())
+                    program(request, fds, report)
+                except BaseException as error:
+                    os.write(report, ("error: %s\n" % error).encode())
                 finally:
                     os._exit(127)
-            for fd in fds:
+            for fd in (report, *fds):
                 os.close(fd)
             while True:
                 done, status = os.wait()
                 if done == child:
                     os._exit(exit_code(status))
+        except BaseException as error:
+            os.write(report, ("error: %s\n" % error).encode())
         finally:
             os._exit(127)
-    os.write(report, b"%d" % init)
+    os.write(report, b"%d\n" % init)
     for fd in (report, *fds):
         os.close(fd)
     os._exit(exit_code(os.waitpid(init, 0)[1]))
+def read_report(fd, until_eof):  # the runner's, init's and program's words: init's pid, or why it failed
+    data = b""
+    while until_eof or not data.endswith(b"\n"):
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").splitlines()
 control = socket.socket(fileno=0)
 try:
     config = json.loads(sys.argv[1])
@@ -239,15 +249,16 @@ while True:
             os.close(read_end)
             sample(request, fds, report)
         except BaseException as error:
-            os.write(fds[2], ("sandbox: the sample could not start: %s\n" % error).encode())
+            os.write(report, ("error: %s\n" % error).encode())
         finally:
             os._exit(127)
     os.close(report)
     for fd in fds:
         os.close(fd)
-    init = int(os.read(read_end, 64) or 0)  # its init's pid; nothing if it could not start
-    os.close(read_end)
-    control.send(json.dumps({"started": bool(init)}).encode())
+    words = read_report(read_end, False)
+    init = next((int(word) for word in words if word.isdigit()), 0)
+    errors = [word[len("error: "):] for word in words if word.startswith("error: ")]
+    control.send(json.dumps({"started": bool(init) and not errors, "why": errors[:1]}).encode())
     # Then: its exit, told unasked, and the caller's end message; or the end message first (the caller
     # is done with it, or its time is up), which kills it. Each sample ends with one exit message.
     watch = os.pidfd_open(runner)
@@ -265,12 +276,15 @@ while True:
                 break
         except ChildProcessError:
             break
+    errors = [word[len("error: "):] for word in read_report(read_end, True) if word.startswith("error: ")]
+    os.close(read_end)
     if not killed:
-        control.send(json.dumps({"exit": code}).encode())
-    if not control.recv(1 << 16):
-        os._exit(0)  # the caller is gone
+        control.send(json.dumps({"exit": code, "why": errors[:1]}).encode())
+    message, stray, _, _ = socket.recv_fds(control, 1 << 18, 3)
+    if message != b"end":  # the caller is gone, or out of step: a request here would be lost
+        os._exit(0)
     if killed:
-        control.send(json.dumps({"exit": code, "killed": True}).encode())
+        control.send(json.dumps({"exit": code, "killed": True, "why": errors[:1]}).encode())
 """
 
 
@@ -297,13 +311,15 @@ def _hidden_paths() -> list[str]:
 # space of its own); and what tells a program which files the host has cached or drops them from the
 # cache (fadvise64 readahead preadv2 pwritev2 mincore cachestat, native AIO: io_setup io_destroy
 # io_submit io_getevents io_pgetevents io_cancel), which samples sharing the read-only /usr could pass
-# notes through (RWF_NOWAIT reads fail on an uncached page). Still open: a mapped file's major page
-# faults (getrusage) and read timing tell a cached file from one no sample read yet.
+# notes through (RWF_NOWAIT reads fail on an uncached page); sync syncfs sync_file_range (writeback of
+# the host's disks, during which not even SIGKILL ends the sample). Still open: a mapped file's major
+# page faults (getrusage) and read timing tell a cached file from one no sample read yet.
 _SECCOMP = {
     "x86_64": (0xC000003E, [248, 249, 250, 319, 425, 426, 427, 272, 308, 165, 166, 101, 321, 298, 323,
-                            57, 58, 435, 221, 187, 327, 328, 27, 451, 206, 207, 209, 208, 333, 210], 41, 56),
+                            57, 58, 435, 221, 187, 327, 328, 27, 451, 206, 207, 209, 208, 333, 210,
+                            162, 306, 277], 41, 56),
     "aarch64": (0xC00000B7, [217, 218, 219, 279, 425, 426, 427, 97, 268, 40, 39, 117, 280, 241, 282,
-                             435, 223, 213, 286, 287, 232, 451, 0, 1, 2, 4, 292, 3], 198, 220),
+                             435, 223, 213, 286, 287, 232, 451, 0, 1, 2, 4, 292, 3, 81, 267, 84], 198, 220),
 }  # fmt: skip
 
 
@@ -343,7 +359,8 @@ class _Launcher:
     next reply could then belong to the last exchange; the thread's next sample starts a new one."""
 
     def __init__(self) -> None:
-        self.owner, self.busy = os.getpid(), False
+        self.owner, self.busy, self.idle = os.getpid(), False, True  # idle: no exchange under way
+        self.awaiting_exit = False  # a sample started whose exit it has not told yet
         self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         config = {"read_only": _read_only_paths(), "hidden": _hidden_paths()}
         _libc()  # loaded before the fork: `_die_with_parent` runs between fork and exec
@@ -356,6 +373,7 @@ class _Launcher:
             self.receive("ready", 30)
         except LauncherFailed as failure:
             error = self.process.stderr.read().decode(errors="replace").strip().splitlines()
+            self.process.stderr.close()
             raise LauncherFailed(f"{failure} ({error[-1] if error else f'exit {self.process.returncode}'})") from None
         self.process.stderr.close()
 
@@ -386,6 +404,7 @@ class _Launcher:
                 raise LauncherFailed(reply["error"])
             if kind not in reply:
                 raise LauncherFailed(f"the sandbox's launcher answered {reply} for {kind!r}")
+            self.awaiting_exit = kind == "started"  # (set with the read: an exception after it loses nothing)
         except (OSError, ValueError) as error:  # LauncherFailed is an OSError
             self.close()
             if isinstance(error, LauncherFailed):
@@ -409,12 +428,15 @@ class Sample:
     def __init__(self, launcher: _Launcher, stdin, stdout) -> None:
         self.launcher, self.stdin, self.stdout = launcher, stdin, stdout
         self.returncode: int | None = None
+        self.ended = False  # the launcher has said all it will of this sample
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
+            if not self.launcher.alive or not self.launcher.awaiting_exit:  # (its exit read, then lost)
+                raise LauncherFailed("the sandbox's launcher stopped while a sample ran")
             if not select.select([self.launcher.control], [], [], timeout)[0]:
                 raise subprocess.TimeoutExpired("sandbox", timeout)
-            self.returncode = self.launcher.receive("exit")["exit"]
+            self._exited(self.launcher.receive("exit"))
         return self.returncode
 
     def end(self) -> None:
@@ -424,9 +446,14 @@ class Sample:
         if not self.launcher.alive:
             raise LauncherFailed("the sandbox's launcher stopped while a sample ran")
         self.launcher.send(b"end")
-        if self.returncode is None:
-            reply = self.launcher.receive("exit")
-            self.returncode = -signal.SIGKILL if reply.get("killed") else reply["exit"]
+        if self.launcher.awaiting_exit:
+            self._exited(self.launcher.receive("exit"))
+        self.ended = True
+
+    def _exited(self, reply: dict) -> None:
+        self.returncode = -signal.SIGKILL if reply.get("killed") else reply["exit"]
+        if reply.get("why"):  # its program never ran: the host failed it (a uid switch refused, say)
+            raise LauncherFailed(f"a sample could not run its program: {reply['why'][0]}")
 
 
 _launchers = threading.local()
@@ -451,6 +478,8 @@ def _launcher() -> Iterator[_Launcher]:
         yield launcher
     finally:
         launcher.busy = False
+        if launcher.alive and not launcher.idle:  # left mid-exchange: a reply may be on its way, unread
+            launcher.close()
 
 
 _PROBE = (
@@ -589,6 +618,7 @@ def _in_namespaces(program: list[str], limits: Limits, uid: bool, streams: tuple
     mine: list = [None, None, None]  # our ends of its pipes
     theirs, opened = [], []  # its descriptors 0-2; those opened here for it, closed once it has them
     with _launcher() as launcher:
+        launcher.idle = False
         try:
             try:
                 for index, stream in enumerate(streams):
@@ -602,15 +632,22 @@ def _in_namespaces(program: list[str], limits: Limits, uid: bool, streams: tuple
                                   else index if stream is None  # the caller's own
                                   else stream if isinstance(stream, int) else stream.fileno())  # fmt: skip
                 launcher.send(request, theirs)
-                launcher.receive("started")  # (one that could not start says why on its stderr and exits 127)
+                reply = launcher.receive("started")
+            except OSError as error:  # pipes or descriptors (LauncherFailed is one too)
+                if isinstance(error, LauncherFailed):
+                    raise
+                raise LauncherFailed(f"could not give a sample its descriptors: {error}") from None
             finally:
                 for fd in opened:
                     os.close(fd)
+            if not reply["started"]:  # (the launcher, mid-exchange, is closed on the way out)
+                raise LauncherFailed(f"a sample could not start: {(reply.get('why') or ['no reason given'])[0]}")
             sample = Sample(launcher, mine[0], mine[1])
             try:
                 yield sample
             finally:
                 sample.end()
+                launcher.idle = sample.ended
         finally:
             for stream in mine:
                 if stream is not None:
