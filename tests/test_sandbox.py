@@ -121,6 +121,16 @@ def test_no_new_process_or_page_cache_probe_past_seccomp():
     assert result.stdout.strip() == f"[38, 38, 95, 38, 'thread'] {start!r}"
 
 
+@needs_isolation
+def test_no_host_wide_writeback_past_seccomp():
+    """sync(2) flushes every disk of the host, and no SIGKILL ends a process inside it."""
+    calls = {"x86_64": (162, 306), "aarch64": (81, 267)}[os.uname().machine]
+    probe = HOOK_OFF + ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                        f"print([(libc.syscall(n, 0), ctypes.get_errno()) for n in {calls}])\n")  # fmt: skip
+    result = run_python(probe)
+    assert result.ok and result.stdout.strip() == "[(-1, 38), (-1, 38)]", result
+
+
 def test_an_answer_too_deep_to_decode_is_no_error_a_test_can_catch():
     # written straight to the reply pipe: the trusted side's json.loads gives up (RecursionError)
     deep = ("import sys\nmain = sys.modules['__main__']\ndef triple_plus_one(x):\n"
