@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 import json
 import os
-import select
+import resource
 import signal
 import socket
 import subprocess
@@ -278,17 +278,19 @@ def test_an_exception_mid_exchange_closes_the_launcher_and_the_next_sample_is_ri
     """An exception between a request to the launcher and its reply (as the replay's item timer could
     raise) must not leave that reply for the next sample to read as its own."""
 
+    readable = sandbox._readable
+
     class Interrupting:
         armed = False
 
-        def select(self, *args):
+        def __call__(self, *args):
             if self.armed:
                 self.armed = False
                 raise KeyboardInterrupt
-            return select.select(*args)
+            return readable(*args)
 
     interrupting = Interrupting()
-    monkeypatch.setattr(sandbox, "select", interrupting)
+    monkeypatch.setattr(sandbox, "_readable", interrupting)
     assert run_python("pass").ok
     first = sandbox._launchers.launcher
     sleeper = sandbox.python("-c", "import time; time.sleep(60)")
@@ -323,21 +325,45 @@ def test_a_launcher_that_dies_during_an_item_gives_no_verdict_on_it():
 def test_a_sample_the_host_cannot_start_or_exec_is_a_launcher_failure_not_an_exit_code():
     """Failures before the program runs are the host's (a mount refused, an exec that failed): no exit
     code a caller could take for the program's, and the launcher goes on serving."""
-    with pytest.raises(sandbox.LauncherFailed, match=r"could not start: \[Errno 22\] mount /tmp"):
+    with pytest.raises(sandbox.HostFailure, match=r"could not start: \[Errno 22\] mount /tmp"):
         run_python("pass", Limits(tmp_bytes=-1))
-    with pytest.raises(sandbox.LauncherFailed, match=r"could not (start|run its program): .*No such file"):
+    with pytest.raises(sandbox.HostFailure, match=r"could not (start|run its program): .*No such file"):
         sandbox._run(["/nonexistent/python"], Limits(), sandbox.require())
     assert run_python("print(4)").stdout == "4\n"
 
 
 @needs_isolation
+def test_a_process_with_many_descriptors_open_keeps_every_layer():
+    """A trainer may hold over 1,024 descriptors: the launcher's socket is numbered past what select()
+    can watch, and the probe must not take that for a machine without namespaces. The probe leaves no
+    launcher behind (the process that probed may run no sample)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        sandbox._close_launcher()
+        isolation = sandbox.detect.__wrapped__()
+        assert isolation.namespaces and isolation.seccomp, isolation.notes
+        assert sandbox._launchers.launcher is None
+        assert run_python("print(1)").stdout == "1\n" and sandbox._launchers.launcher.control.fileno() >= 1024
+    finally:
+        sandbox._close_launcher()
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@needs_isolation
 def test_samples_started_inside_one_another_each_get_a_launcher():
-    with sandbox.started(sandbox.python("-c", "print(input())"), Limits(), stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE) as outer:  # fmt: skip
+    echo = "import sys\nline = input()\nprint(line)\nprint(line, file=sys.stderr)"
+    with sandbox.started(sandbox.python("-c", echo), Limits(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE) as outer:  # fmt: skip
         inner = run_python("print(2)")
         outer.stdin.write(b"1\n")
         outer.stdin.flush()
-        assert outer.stdout.read() == b"1\n" and outer.wait(5) == 0
+        assert outer.stdout.read() == outer.stderr.read() == b"1\n" and outer.wait(5) == 0
     assert inner.stdout == "2\n"
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
@@ -118,17 +118,20 @@ def prompt_key(prompt: object) -> str | None:
 
 
 def check_frame(domain: Domain, splits: dict[str, pd.DataFrame], progress: bool = True,
-                foreign_train: Mapping[str, str] | None = None) -> pd.DataFrame:  # fmt: skip
-    """All splits of a domain in one frame, plus the derived check columns. `foreign_train`: the prompt
-    keys of the other domains' train splits (the base pretrains on all of them, the classifier too),
-    each with the names of the domains that train on it."""
+                trained_by: Mapping[str, Sequence[str]] | None = None) -> pd.DataFrame:  # fmt: skip
+    """All splits of a domain in one frame, plus the derived check columns. `trained_by`: every domain's
+    train prompt keys, each with the domains that train on it (the base pretrains on all of them, the
+    classifier too)."""
     frame = pd.concat([df.assign(split=name) for name, df in splits.items()], ignore_index=True)
     if "prompt" in frame:
         key = frame["prompt"].map(prompt_key)
         owners = frame.assign(key=key).groupby("key", dropna=True)["split"].nunique()
         leaked = key.map(owners).fillna(1).gt(1)
-        # a test-only domain's too; a failure names the domain that trains on it
-        frame[TRAINED_ELSEWHERE] = key.map(foreign_train or {}).where(frame["split"].ne("train"))
+        # a val/test prompt another domain trains on (a test-only domain's too); a failure names that domain
+        def others(prompt_key: object) -> str | None:
+            return ", ".join(d for d in (trained_by or {}).get(prompt_key, ()) if d != domain.name) or None
+
+        frame[TRAINED_ELSEWHERE] = key.where(frame["split"].ne("train")).map(others)
         leaked |= frame[TRAINED_ELSEWHERE].notna()
         if domain.answer_kind != "code" and "answer" in frame:  # two programs may both be right; two answers not
             # a letter by its choice's text: asked alone (choice_answer: text), one question may list its
@@ -307,9 +310,7 @@ def validate(
             for key in set(splits["train"]["prompt"].map(prompt_key).dropna()):
                 trained_by.setdefault(key, []).append(name)
     for name, (domain, splits) in frames.items():
-        foreign = {key: ", ".join(others) for key, domains in trained_by.items()
-                   if (others := [other for other in domains if other != name])}  # fmt: skip
-        frame = check_frame(domain, splits, progress=progress, foreign_train=foreign)
+        frame = check_frame(domain, splits, progress=progress, trained_by=trained_by)
         failures += gate.run(name, frame, _domain_rules(domain, data, frame), name, "all splits")
         for split, split_frame in splits.items():
             failures += gate.run(f"{name}-{split}", split_frame, [_row_count_rule(domain, split, data)], name, split)

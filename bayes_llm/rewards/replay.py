@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from bayes_llm.rewards import plain
-from bayes_llm.rewards.sandbox import AUDIT_POLICY, Isolation, LauncherFailed, Limits, python, started
+from bayes_llm.rewards.sandbox import AUDIT_POLICY, HostFailure, Isolation, Limits, python, started
 
 REPLY_CAP = 1 << 20  # bytes of one answer
 
@@ -192,7 +192,7 @@ def judge(solution: str, tests: list[str], seconds: float, isolation: Isolation,
                     exec(code, namespace)
             finally:  # off before the sandbox is torn down: the alarm must not cut that short
                 signal.setitimer(signal.ITIMER_REAL, 0)
-    except LauncherFailed:
+    except HostFailure:
         raise  # the host failed, not the program: this process gives no verdicts, so the items are judged again
     except SandboxFailure as failure:
         return f"sandbox: {failure}"[:200]

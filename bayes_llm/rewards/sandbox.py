@@ -18,7 +18,7 @@
    process, so the whole sandbox's memory but its tmpfs), file size, open files, threads, no core
    dumps; a wall-clock limit after which its namespace is killed (also when whoever started it dies).
 4. **a clean interpreter**: `python -I -S` (no site-packages, no environment), a clean environment,
-   no inherited descriptors but its two pipes, and an audit-hook policy (no sockets, processes,
+   no inherited descriptors but its three (stdin, stdout, stderr), and an audit-hook policy (no sockets, processes,
    ctypes, signals, rlimit changes or writes outside its tmp) as one more layer, not the boundary: a
    program can reach the hook's function through the garbage collector and empty it.
 
@@ -59,7 +59,7 @@ from bayes_llm.errors import UserError
 
 # Each sandbox runs as a uid of its own from this range (no user has one: no files, no processes).
 UID_BASE, UID_SPAN = 1_500_000_000, 500_000_000
-NAMESPACES = ("--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--net", "--ipc", "--uts")
+NAMESPACES = ("--pid", "--fork", "--kill-child", "--mount", "--net", "--ipc", "--uts")
 
 
 class SandboxUnavailable(UserError):
@@ -143,8 +143,7 @@ def build_root(config):
     for node in ("null", "zero", "random", "urandom"):
         open(root + "/dev/" + node, "w").close()
         mount("/dev/" + node, root + "/dev/" + node, None, BIND)
-    os.makedirs(root + "/proc")
-    mount("proc", root + "/proc", "proc", NOSUID | NODEV | NOEXEC)
+    os.makedirs(root + "/proc")  # each sample's init mounts its own
     os.makedirs(root + "/tmp")
     os.chroot(root)
     os.chdir("/")
@@ -188,7 +187,7 @@ def program(request, fds, report):  # the sample's process: its descriptors, lim
         seccomp(*request["seccomp"])
     os.chdir("/tmp")
     os.execv(request["argv"][0], request["argv"])
-def sample(request, fds, report):  # its namespaces; its init reports its pid, starts it, waits for it
+def sample(request, fds, report, life):  # its namespaces; its init reports its pid, starts it, waits for it
     if libc.unshare(NEWNS | NEWPID | NEWIPC | NEWUTS | NEWNET):
         raise OSError(ctypes.get_errno(), "unshare")
     for path in ("/tmp", "/dev/shm"):
@@ -196,6 +195,7 @@ def sample(request, fds, report):  # its namespaces; its init reports its pid, s
     init = os.fork()
     if init == 0:
         try:
+            os.close(life)  # the runner's alone
             libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: dies with its parent
             mount("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC)
             child = os.fork()
@@ -228,63 +228,73 @@ def read_report(fd, until_eof):  # the runner's, init's and program's words: ini
             break
         data += chunk
     return data.decode(errors="replace").splitlines()
+def readable(fds, timeout=None):  # poll, not select: no limit on descriptor numbers
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return {fd for fd, _ in poller.poll(None if timeout is None else int(timeout * 1000))}
+def serve(control):
+    while True:
+        message, fds, _, _ = socket.recv_fds(control, 1 << 18, 3)
+        if not message:
+            return  # the caller is done
+        request = json.loads(message)
+        read_end, report = os.pipe()
+        life_end, life = os.pipe()  # held by the runner alone: its end of file is the runner's exit
+        runner = os.fork()
+        if runner == 0:
+            try:
+                control.close()
+                os.close(read_end)
+                os.close(life_end)
+                sample(request, fds, report, life)
+            except BaseException as error:
+                os.write(report, ("error: %s\n" % error).encode())
+            finally:
+                os._exit(127)
+        for fd in (report, life, *fds):
+            os.close(fd)
+        words = read_report(read_end, False)
+        init = next((int(word) for word in words if word.isdigit()), 0)
+        errors = [word[len("error: "):] for word in words if word.startswith("error: ")]
+        control.send(json.dumps({"started": bool(init) and not errors, "why": "; ".join(errors)}).encode())
+        # Then: its exit, told unasked, and the caller's end message; or the end message first (the
+        # caller is done with it, or its time is up), which kills it. Each sample ends with one exit message.
+        killed = life_end not in readable([control, life_end])
+        if killed and init:
+            try:
+                os.kill(init, signal.SIGKILL)  # its init: the kernel kills the rest of its namespace
+            except ProcessLookupError:
+                pass
+        os.close(life_end)
+        code = exit_code(os.waitpid(runner, 0)[1])
+        while True:  # orphans reparented to this init, if any
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+        errors = [word[len("error: "):] for word in read_report(read_end, True) if word.startswith("error: ")]
+        os.close(read_end)
+        if not killed:
+            control.send(json.dumps({"exit": code, "why": "; ".join(errors)}).encode())
+        message, _, _, _ = socket.recv_fds(control, 1 << 18, 3)
+        if message != b"end":  # the caller is gone, or out of step: a request here would be lost
+            return
+        if killed:
+            control.send(json.dumps({"exit": code, "killed": True, "why": "; ".join(errors)}).encode())
 control = socket.socket(fileno=0)
 try:
-    config = json.loads(sys.argv[1])
-    build_root(config)
-except BaseException as error:
-    control.send(json.dumps({"error": "%s: %s" % (type(error).__name__, error)}).encode())
-    os._exit(1)
-control.send(b'{"ready": true}')
-while True:
-    message, fds, _, _ = socket.recv_fds(control, 1 << 18, 3)
-    if not message:
-        os._exit(0)  # the caller is done: as init, taking every sample still running with it
-    request = json.loads(message)
-    read_end, report = os.pipe()
-    runner = os.fork()
-    if runner == 0:
-        try:
-            control.close()
-            os.close(read_end)
-            sample(request, fds, report)
-        except BaseException as error:
-            os.write(report, ("error: %s\n" % error).encode())
-        finally:
-            os._exit(127)
-    os.close(report)
-    for fd in fds:
-        os.close(fd)
-    words = read_report(read_end, False)
-    init = next((int(word) for word in words if word.isdigit()), 0)
-    errors = [word[len("error: "):] for word in words if word.startswith("error: ")]
-    control.send(json.dumps({"started": bool(init) and not errors, "why": errors[:1]}).encode())
-    # Then: its exit, told unasked, and the caller's end message; or the end message first (the caller
-    # is done with it, or its time is up), which kills it. Each sample ends with one exit message.
-    watch = os.pidfd_open(runner)
-    killed = watch not in select.select([control, watch], [], [])[0]
-    if killed and init:
-        try:
-            os.kill(init, signal.SIGKILL)  # its init: the kernel kills the rest of its namespace
-        except ProcessLookupError:
-            pass
-    os.close(watch)
-    code = exit_code(os.waitpid(runner, 0)[1])
-    while True:  # orphans reparented to this init, if any
-        try:
-            if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                break
-        except ChildProcessError:
-            break
-    errors = [word[len("error: "):] for word in read_report(read_end, True) if word.startswith("error: ")]
-    os.close(read_end)
-    if not killed:
-        control.send(json.dumps({"exit": code, "why": errors[:1]}).encode())
-    message, stray, _, _ = socket.recv_fds(control, 1 << 18, 3)
-    if message != b"end":  # the caller is gone, or out of step: a request here would be lost
-        os._exit(0)
-    if killed:
-        control.send(json.dumps({"exit": code, "killed": True, "why": errors[:1]}).encode())
+    build_root(json.loads(sys.argv[1]))
+    control.send(b'{"ready": true}')
+    serve(control)
+except BaseException as error:  # said on the control socket: its stderr is closed once it is ready
+    try:
+        failure = "the sandbox's launcher failed: %s: %s" % (type(error).__name__, error)
+        control.send(json.dumps({"error": failure}).encode())
+    except OSError:
+        pass
+os._exit(0)  # as the namespaces' init: whatever is left in them dies with it
 """
 
 
@@ -345,21 +355,31 @@ def _rlimits(limits: Limits) -> list[tuple[int, int]]:
             (resource.RLIMIT_NOFILE, limits.open_files), (resource.RLIMIT_CORE, 0)]  # fmt: skip
 
 
-class LauncherFailed(OSError):
-    """The namespaces' launcher did not start, or stopped answering."""
-
-
 REQUEST_BYTES = 1 << 17  # a sample's request (its argv, mostly), as argv's own limit for one string was
+
+
+class HostFailure(OSError):
+    """The host could not start a sample or keep track of it (its launcher died or stopped answering, a
+    fork or a mount was refused): no verdict on the program, whose run is unknown."""
+
+
+def _readable(fd: int, timeout: float | None) -> bool:
+    """`fd` has something to read (or is closed) within `timeout` seconds: poll, since select cannot
+    watch a descriptor numbered 1024 or more (a trainer may have that many open)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
 
 
 class _Launcher:
     """The namespaces' init (`_LAUNCHER`), kept by one thread of one process: it starts that thread's
-    samples, one at a time. It dies with the thread (PR_SET_PDEATHSIG) and so do its samples. Any
-    failure while talking to it (an exception in between included: a timer's) closes it, since its
-    next reply could then belong to the last exchange; the thread's next sample starts a new one."""
+    samples, one at a time. It dies with the thread (PR_SET_PDEATHSIG) and so do its samples. A launcher
+    left with an exchange under way (by any exception, a timer's included: its next reply could belong
+    to that exchange) is closed; the thread's next sample starts a new one."""
 
     def __init__(self) -> None:
-        self.owner, self.busy, self.idle = os.getpid(), False, True  # idle: no exchange under way
+        self.owner, self.busy = os.getpid(), False
+        self.idle = True  # no exchange under way: the last sample's exit told and its end sent
         self.awaiting_exit = False  # a sample started whose exit it has not told yet
         self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         config = {"read_only": _read_only_paths(), "hidden": _hidden_paths()}
@@ -369,13 +389,12 @@ class _Launcher:
             self.process = subprocess.Popen(command, stdin=theirs, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                             env=_clean_env(), cwd="/", close_fds=True, start_new_session=True,
                                             preexec_fn=_die_with_parent)  # fmt: skip
-        try:
-            self.receive("ready", 30)
-        except LauncherFailed as failure:
-            error = self.process.stderr.read().decode(errors="replace").strip().splitlines()
-            self.process.stderr.close()
-            raise LauncherFailed(f"{failure} ({error[-1] if error else f'exit {self.process.returncode}'})") from None
-        self.process.stderr.close()
+        with self.process.stderr:
+            try:
+                self.receive("ready")
+            except HostFailure as failure:
+                error = self.process.stderr.read().decode(errors="replace").strip().splitlines()
+                raise HostFailure(f"{failure} ({error[-1] if error else f'exit {self.process.returncode}'})") from None
 
     @property
     def alive(self) -> bool:
@@ -386,33 +405,28 @@ class _Launcher:
             socket.send_fds(self.control, [message], list(fds))
         except OSError as error:
             self.close()
-            raise LauncherFailed(f"the sandbox's launcher is gone ({error})") from None
-        except BaseException:
-            self.close()
-            raise
+            raise HostFailure(f"the sandbox's launcher is gone ({error})") from None
 
     def receive(self, kind: str, timeout: float | None = 30) -> dict:
         """Its next reply, which must be a `kind` one."""
         try:
-            if not select.select([self.control], [], [], timeout)[0]:
-                raise LauncherFailed("the sandbox's launcher did not answer")
+            if not _readable(self.control.fileno(), timeout):
+                raise HostFailure("the sandbox's launcher did not answer")
             message = self.control.recv(1 << 16)
             if not message:
-                raise LauncherFailed("the sandbox's launcher exited")
+                raise HostFailure("the sandbox's launcher exited")
             reply = json.loads(message)
             if "error" in reply:
-                raise LauncherFailed(reply["error"])
+                raise HostFailure(reply["error"])
             if kind not in reply:
-                raise LauncherFailed(f"the sandbox's launcher answered {reply} for {kind!r}")
+                raise HostFailure(f"the sandbox's launcher answered {reply} for {kind!r}")
             self.awaiting_exit = kind == "started"  # (set with the read: an exception after it loses nothing)
-        except (OSError, ValueError) as error:  # LauncherFailed is an OSError
-            self.close()
-            if isinstance(error, LauncherFailed):
-                raise
-            raise LauncherFailed(f"the sandbox's launcher is gone ({error})") from None
-        except BaseException:
+        except HostFailure:
             self.close()
             raise
+        except (OSError, ValueError) as error:
+            self.close()
+            raise HostFailure(f"the sandbox's launcher is gone ({error})") from None
         return reply
 
     def close(self) -> None:
@@ -425,35 +439,34 @@ class _Launcher:
 class Sample:
     """A program running in its namespaces, started by a `_Launcher`: the part of `Popen` used here."""
 
-    def __init__(self, launcher: _Launcher, stdin, stdout) -> None:
-        self.launcher, self.stdin, self.stdout = launcher, stdin, stdout
+    def __init__(self, launcher: _Launcher, stdin, stdout, stderr) -> None:
+        self.launcher, self.stdin, self.stdout, self.stderr = launcher, stdin, stdout, stderr
         self.returncode: int | None = None
-        self.ended = False  # the launcher has said all it will of this sample
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
             if not self.launcher.alive or not self.launcher.awaiting_exit:  # (its exit read, then lost)
-                raise LauncherFailed("the sandbox's launcher stopped while a sample ran")
-            if not select.select([self.launcher.control], [], [], timeout)[0]:
+                raise HostFailure("the sandbox's launcher stopped while a sample ran")
+            if not _readable(self.launcher.control.fileno(), timeout):
                 raise subprocess.TimeoutExpired("sandbox", timeout)
             self._exited(self.launcher.receive("exit"))
         return self.returncode
 
     def end(self) -> None:
         """Killed if still running (with everything it started); the launcher is free again. A launcher
-        that died meanwhile is a `LauncherFailed`: what the sample seemed to do (exit, say nothing) is
-        no verdict on it then."""
+        that died meanwhile is a `HostFailure`: what the sample seemed to do (exit, say nothing) is no
+        verdict on it then."""
         if not self.launcher.alive:
-            raise LauncherFailed("the sandbox's launcher stopped while a sample ran")
+            raise HostFailure("the sandbox's launcher stopped while a sample ran")
         self.launcher.send(b"end")
         if self.launcher.awaiting_exit:
             self._exited(self.launcher.receive("exit"))
-        self.ended = True
+        self.launcher.idle = True
 
     def _exited(self, reply: dict) -> None:
         self.returncode = -signal.SIGKILL if reply.get("killed") else reply["exit"]
         if reply.get("why"):  # its program never ran: the host failed it (a uid switch refused, say)
-            raise LauncherFailed(f"a sample could not run its program: {reply['why'][0]}")
+            raise HostFailure(f"a sample could not run its program: {reply['why']}")
 
 
 _launchers = threading.local()
@@ -482,6 +495,14 @@ def _launcher() -> Iterator[_Launcher]:
             launcher.close()
 
 
+def _close_launcher() -> None:
+    """This thread's launcher, if any, closed (the probe's: the process that probed may run no sample)."""
+    launcher = getattr(_launchers, "launcher", None)
+    if launcher is not None and launcher.owner == os.getpid() and launcher.alive:
+        launcher.close()
+    _launchers.launcher = None
+
+
 _PROBE = (
     "import os, socket\n"
     "s = socket.socket(); s.settimeout(1)\n"
@@ -500,6 +521,8 @@ def _probe(uid: bool, namespaces: bool) -> str | None:
         done = _run(python("-c", probe), Limits(wall_seconds=30), Isolation(uid=uid, namespaces=namespaces))
     except (OSError, subprocess.SubprocessError) as error:
         return f"{type(error).__name__}: {error}"
+    finally:
+        _close_launcher()
     words = done.stdout.split()
     if not done.ok or len(words) != 5:
         return (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
@@ -596,9 +619,12 @@ def started(program: list[str], limits: Limits, isolation: Isolation | None = No
     with tempfile.TemporaryDirectory(prefix="bayes-llm-sandbox-") as cwd:
         if isolation.uid:
             os.chmod(cwd, 0o777)  # writable by the sandbox's uid: its only writable place
-        process = subprocess.Popen(_wrap(program, isolation.uid), env=_clean_env(), cwd=cwd, close_fds=True,
-                                   start_new_session=True, preexec_fn=functools.partial(_preexec, limits),
-                                   stdin=stdin, stdout=stdout, stderr=stderr)  # fmt: skip
+        try:
+            process = subprocess.Popen(_wrap(program, isolation.uid), env=_clean_env(), cwd=cwd, close_fds=True,
+                                       start_new_session=True, preexec_fn=functools.partial(_preexec, limits),
+                                       stdin=stdin, stdout=stdout, stderr=stderr)  # fmt: skip
+        except OSError as error:
+            raise HostFailure(f"could not start a sample: {error}") from None
         try:
             yield process
         finally:
@@ -618,7 +644,6 @@ def _in_namespaces(program: list[str], limits: Limits, uid: bool, streams: tuple
     mine: list = [None, None, None]  # our ends of its pipes
     theirs, opened = [], []  # its descriptors 0-2; those opened here for it, closed once it has them
     with _launcher() as launcher:
-        launcher.idle = False
         try:
             try:
                 for index, stream in enumerate(streams):
@@ -631,23 +656,23 @@ def _in_namespaces(program: list[str], limits: Limits, uid: bool, streams: tuple
                     theirs.append(opened[-1] if stream in (subprocess.PIPE, subprocess.DEVNULL)
                                   else index if stream is None  # the caller's own
                                   else stream if isinstance(stream, int) else stream.fileno())  # fmt: skip
+                launcher.idle = False
                 launcher.send(request, theirs)
                 reply = launcher.receive("started")
-            except OSError as error:  # pipes or descriptors (LauncherFailed is one too)
-                if isinstance(error, LauncherFailed):
-                    raise
-                raise LauncherFailed(f"could not give a sample its descriptors: {error}") from None
+            except HostFailure:
+                raise
+            except OSError as error:  # pipes or descriptors
+                raise HostFailure(f"could not give a sample its descriptors: {error}") from None
             finally:
                 for fd in opened:
                     os.close(fd)
             if not reply["started"]:  # (the launcher, mid-exchange, is closed on the way out)
-                raise LauncherFailed(f"a sample could not start: {(reply.get('why') or ['no reason given'])[0]}")
-            sample = Sample(launcher, mine[0], mine[1])
+                raise HostFailure(f"a sample could not start: {reply.get('why') or 'no reason given'}")
+            sample = Sample(launcher, *mine)
             try:
                 yield sample
             finally:
                 sample.end()
-                launcher.idle = sample.ended
         finally:
             for stream in mine:
                 if stream is not None:
