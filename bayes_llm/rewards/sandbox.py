@@ -171,6 +171,8 @@ def seccomp(arch, denied, socket_nr, clone_nr):
 def exit_code(status):
     code = os.waitstatus_to_exitcode(status)
     return code if code >= 0 else 128 - code
+def tell(report, error):  # why a sample could not start or run its program, for the launcher to pass on
+    os.write(report, ("error: %s\n" % error).encode())
 def program(request, fds, report):  # the sample's process: its descriptors, limits and uid, then its program
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
@@ -203,7 +205,7 @@ def sample(request, fds, report, life):  # its namespaces; its init reports its 
                 try:
                     program(request, fds, report)
                 except BaseException as error:
-                    os.write(report, ("error: %s\n" % error).encode())
+                    tell(report, error)
                 finally:
                     os._exit(127)
             for fd in (report, *fds):
@@ -213,7 +215,7 @@ def sample(request, fds, report, life):  # its namespaces; its init reports its 
                 if done == child:
                     os._exit(exit_code(status))
         except BaseException as error:
-            os.write(report, ("error: %s\n" % error).encode())
+            tell(report, error)
         finally:
             os._exit(127)
     os.write(report, b"%d\n" % init)
@@ -228,11 +230,13 @@ def read_report(fd, until_eof):  # the runner's, init's and program's words: ini
             break
         data += chunk
     return data.decode(errors="replace").splitlines()
-def readable(fds, timeout=None):  # poll, not select: no limit on descriptor numbers
+def why(words):
+    return "; ".join(word[len("error: "):] for word in words if word.startswith("error: "))
+def readable(fds):  # poll, not select: no limit on descriptor numbers
     poller = select.poll()
     for fd in fds:
         poller.register(fd, select.POLLIN)
-    return {fd for fd, _ in poller.poll(None if timeout is None else int(timeout * 1000))}
+    return {fd for fd, _ in poller.poll()}
 def serve(control):
     while True:
         message, fds, _, _ = socket.recv_fds(control, 1 << 18, 3)
@@ -249,15 +253,14 @@ def serve(control):
                 os.close(life_end)
                 sample(request, fds, report, life)
             except BaseException as error:
-                os.write(report, ("error: %s\n" % error).encode())
+                tell(report, error)
             finally:
                 os._exit(127)
         for fd in (report, life, *fds):
             os.close(fd)
         words = read_report(read_end, False)
         init = next((int(word) for word in words if word.isdigit()), 0)
-        errors = [word[len("error: "):] for word in words if word.startswith("error: ")]
-        control.send(json.dumps({"started": bool(init) and not errors, "why": "; ".join(errors)}).encode())
+        control.send(json.dumps({"started": bool(init) and not why(words), "why": why(words)}).encode())
         # Then: its exit, told unasked, and the caller's end message; or the end message first (the
         # caller is done with it, or its time is up), which kills it. Each sample ends with one exit message.
         killed = life_end not in readable([control, life_end])
@@ -274,15 +277,15 @@ def serve(control):
                     break
             except ChildProcessError:
                 break
-        errors = [word[len("error: "):] for word in read_report(read_end, True) if word.startswith("error: ")]
+        failed = why(read_report(read_end, True))  # a program that could not be run
         os.close(read_end)
         if not killed:
-            control.send(json.dumps({"exit": code, "why": "; ".join(errors)}).encode())
+            control.send(json.dumps({"exit": code, "why": failed}).encode())
         message, _, _, _ = socket.recv_fds(control, 1 << 18, 3)
         if message != b"end":  # the caller is gone, or out of step: a request here would be lost
             return
         if killed:
-            control.send(json.dumps({"exit": code, "killed": True, "why": "; ".join(errors)}).encode())
+            control.send(json.dumps({"exit": code, "killed": True, "why": failed}).encode())
 control = socket.socket(fileno=0)
 try:
     build_root(json.loads(sys.argv[1]))
@@ -431,9 +434,7 @@ class _Launcher:
 
     def close(self) -> None:
         self.control.close()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
+        _kill(self.process)
 
 
 class Sample:
@@ -590,6 +591,14 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
+def _kill(process: subprocess.Popen) -> None:
+    """`process` and everything it started (its session): killing `unshare` kills its namespaces' init,
+    and so all of them."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def _die_with_parent() -> None:
     # If whoever started the sandbox dies (a replay killed at its budget), the sandbox dies with it.
     _libc().prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
@@ -628,9 +637,7 @@ def started(program: list[str], limits: Limits, isolation: Isolation | None = No
         try:
             yield process
         finally:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            _kill(process)
 
 
 @contextlib.contextmanager
