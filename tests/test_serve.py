@@ -24,10 +24,11 @@ from transformers import AutoModelForCausalLM
 from bayes_llm.bundle.manifest import BundleError, verify
 from bayes_llm.experts.distributed import free_port
 from bayes_llm.model.load import load_checkpoint
+from bayes_llm.serve import scheduler as scheduling
 from bayes_llm.serve.app import Server, _script_json, create_app
 from bayes_llm.serve.protocol import Extension
 from bayes_llm.serve.rowwise import RowwiseSVF
-from bayes_llm.serve.scheduler import Job, Routing, Sampling, Scheduler
+from bayes_llm.serve.scheduler import Job, Routing, Sampling, Scheduler, generator_seed
 from bayes_llm.svf.blend import blend_scales
 from bayes_llm.svf.decompose import svd_factors
 from bayes_llm.svf.scaling import Composer
@@ -212,6 +213,65 @@ def test_one_broken_row_fails_alone_and_the_rest_of_its_batch_answers(tiny, tmp_
     assert scheduler.stats["errors"] == 1
 
 
+def test_a_whole_answer_with_stop_strings_is_rerun_alone_when_its_batch_fails(tiny, tmp_path, monkeypatch):
+    """A non-streamed row has sent nothing until it ends, stop strings or not, so a batch that fails
+    mid-generation runs it again alone; a row whose client has left is not run again."""
+    model, factors, (a, _) = tiny
+    _, tokenizer = load_checkpoint(str(save_tiny_checkpoint("bamba", tmp_path / "tok")))
+    scheduler = Scheduler(TinyEngine(model, tokenizer, factors, {"a": a}))
+    sample = scheduling._Sampler.__call__
+    steps = {"batched": 0}
+
+    def fails_once(self, input_ids, scores):  # the third step of a batch of several rows (an out-of-memory, say)
+        if len(self.rows) > 1:
+            steps["batched"] += 1
+            if steps["batched"] == 3:
+                raise RuntimeError("out of memory")
+        return sample(self, input_ids, scores)
+
+    monkeypatch.setattr(scheduling._Sampler, "__call__", fails_once)
+    events: list[list[str]] = [[] for _ in range(3)]
+    texts = ["", "", ""]
+
+    def emit(i):
+        def record(event, payload):
+            events[i].append(event)
+            texts[i] += payload if event == "text" else ""
+        return record
+
+    jobs = [Job("", [1, 5, 6, 7], Sampling(max_tokens=6, ignore_eos=True, stop=stop), Routing(strategy="base"),
+                emit(i), stream=False) for i, stop in enumerate([(), ("zzz",), ("zzz",)])]  # fmt: skip
+    runs = []
+    serve = scheduler._serve
+    monkeypatch.setattr(scheduler, "_serve", lambda batch: runs.append(len(batch)) or serve(batch))
+
+    def leave(event, payload):  # the third client goes away once its request is routed
+        events[2].append(event)
+        jobs[2].cancelled.set()
+
+    jobs[2].emit = leave
+    scheduler._serve(jobs)
+    assert events[0] == events[1] == ["routed", "text", "done"], events
+    assert texts[0] == texts[1] and texts[0]  # (no "zzz" in it: the same answer)
+    assert "text" not in events[2] and "error" not in events[2] and runs == [3, 1, 1]
+
+
+def test_seeds_past_32_bits_draw_their_own_samples():
+    assert generator_seed(5) == 5 and generator_seed(2**32 - 1) == 2**32 - 1  # as before, where torch keeps them
+    wide = [5 + 2**32, 7 + 2**40, -(2**63), -1, 2**63 - 1]
+    seeds = [generator_seed(s) for s in wide]
+    assert all(0 <= s < 2**32 for s in seeds) and len({*seeds, 5, 7, 0}) == len(wide) + 3
+
+
+def test_a_completion_prompt_is_routed_on_its_question():
+    route = Server.completion_route
+    assert route("Question: What is 7 + 5?\nAnswer:") == "What is 7 + 5?"
+    assert route("Question: What is 7 + 5?\nAnswer: ") == "What is 7 + 5?"
+    assert route("Question: 1 + 1?\nAnswer: 2\n\nQuestion: Sort 3, 1, 2.\nAnswer:") == "Sort 3, 1, 2."  # the last
+    for prompt in ("What is 7 + 5?", "Question: \nAnswer:", "My Question: x\nAnswer:", "def f():\n"):
+        assert route(prompt) == prompt
+
+
 # --- a real server on the smoke bundle -------------------------------------------------------------
 
 
@@ -284,6 +344,10 @@ def test_overrides_pick_the_weights(server, client):
         return _ext(reply.choices[0])
 
     assert ext(expert="code")["blend"] == {"code": 1.0} and ext(expert="code")["posterior"] == {}
+    # pass 1 classifies the question inside the answer format, as it does a chat message
+    chat = client.chat.completions.create(model=server["model"], max_tokens=1,
+                                          messages=[{"role": "user", "content": "What is 2 + 2?"}])  # fmt: skip
+    assert ext()["posterior"] == _ext(chat.choices[0])["posterior"]
     assert ext(strategy="base")["blend"] == {}
     assert ext(blend={"math": 1, "reasoning": 3})["blend"] == {"math": 0.25, "reasoning": 0.75}
     top1 = ext(strategy="cls", blending_mode="top_k", top_k=1)
@@ -342,6 +406,7 @@ def test_concurrent_requests_with_different_blends_share_a_batch_and_match_runni
         ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, 400,
          "presence_penalty: Input should be less than or equal to 0"),
         ({"messages": [{"role": "user", "content": "hi"}], "model": None}, 400, "model"),  # no default to fall to
+        ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 5}, 400, "stop: up to 4 non-empty strings"),
     ],
 )
 def test_bad_requests_get_a_4xx_that_names_the_problem(server, body, status, says):
@@ -352,6 +417,7 @@ def test_bad_requests_get_a_4xx_that_names_the_problem(server, body, status, say
     error = response.json()["error"]
     assert says in error["message"] and error["type"] == "invalid_request_error"
     assert "Value error, " not in error["message"]  # pydantic's prefix to a validator's own message
+    assert "stop: stop" not in error["message"]
 
 
 def test_null_is_the_default_and_defaults_of_what_it_does_not_do_are_accepted(server, client):
@@ -373,6 +439,8 @@ def test_malformed_and_oversize_bodies_and_unknown_routes(server, client):
     url = server["url"]
     broken = httpx.post(f"{url}/v1/completions", content=b'{"model": ', headers={"content-type": "application/json"})
     assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
+    form = httpx.post(f"{url}/v1/completions", data={"model": server["model"], "prompt": "hi"})  # curl -d's kind
+    assert form.status_code == 400 and "Content-Type: application/json" in form.json()["error"]["message"]
     huge = httpx.post(f"{url}/v1/completions", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
     chunked = httpx.post(f"{url}/v1/completions", content=iter([b" " * (1 << 16)] * 32),  # no content-length
@@ -501,3 +569,10 @@ def test_health_says_503_once_the_worker_thread_is_gone(tiny, tmp_path):
         scheduler.stop()
         health = client.get("/health")
         assert health.status_code == 503 and health.json()["status"] == "the scheduler thread has stopped"
+        refused = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_unavailable"
+    # a job that reaches the queue as the worker ends is answered with an error, not left waiting
+    errors = []
+    scheduler.submit(Job("", [1, 5], Sampling(max_tokens=1), Routing(strategy="base"),
+                         lambda event, payload: errors.append((event, payload))))  # fmt: skip
+    assert errors == [("error", "the server's generation worker has stopped")]

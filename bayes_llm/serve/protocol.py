@@ -84,7 +84,7 @@ class Sampled(Strict):
     def _stops(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
         if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop: up to 4 non-empty strings")
+            raise ValueError("up to 4 non-empty strings")
         return stops
 
 

@@ -61,7 +61,8 @@ class RowwiseSVF:
                 name: torch.stack([f.s * (s[name] - 1) if s is not None else torch.zeros_like(f.s) for s in scales])
                 for name, f in self.factors.items()
             }
-            self._adapted = None if len(adapted) == len(scales) else torch.tensor(adapted)
+            device = next(iter(self.factors.values())).s.device  # index_add wants its index where the output is
+            self._adapted = None if len(adapted) == len(scales) else torch.tensor(adapted, device=device)
         try:
             yield
         finally:

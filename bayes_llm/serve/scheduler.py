@@ -17,6 +17,7 @@ It is kept to measure the mixed path against (benchmarks/serve_benchmark.py).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import threading
@@ -93,7 +94,7 @@ class _Row:
         self.generator = None
         if job.sampling.temperature >= MIN_TEMPERATURE:
             seed = job.sampling.seed if job.sampling.seed is not None else int.from_bytes(os.urandom(4), "little")
-            self.generator = torch.Generator().manual_seed(seed)
+            self.generator = torch.Generator().manual_seed(generator_seed(seed))
 
     def add(self, token: int, eos: set[int]) -> None:
         if self.finish is not None:
@@ -114,6 +115,8 @@ class _Row:
             return self._end("stop", text=text[: min(found)])
         if len(self.ids) >= self.job.sampling.max_tokens:
             return self._end("length", text=text)
+        if not self.job.stream:  # a whole answer is sent once, as the row ends: until then it has sent
+            return  # nothing, and a failed batch can run it again
         # Hold back what may be the start of a stop string or half of a multi-byte character.
         hold = max((len(s) - 1 for s in stops), default=0)
         safe = max(self.sent, len(text) - hold)  # (a text shorter than the hold-back sends nothing yet)
@@ -220,6 +223,8 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         self._queue.put(job)
+        if not self.alive:  # (the worker drains the queue as it ends; this job may have come after)
+            self._fail_waiting()
 
     @property
     def waiting(self) -> int:
@@ -231,7 +236,23 @@ class Scheduler:
 
     # --- the worker ----------------------------------------------------------------------------
 
+    def _fail_waiting(self) -> None:
+        """Answer every queued job with an error: nothing will run them."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.emit("error", "the server's generation worker has stopped")
+
     def _loop(self) -> None:
+        try:
+            self._batches()
+        finally:  # however the worker ends, no request is left waiting for it
+            self._fail_waiting()
+
+    def _batches(self) -> None:
         while (job := self._queue.get()) is not None:
             batch, deadline = [job], time.perf_counter() + self.max_wait
             while len(batch) < self.max_batch:
@@ -280,7 +301,7 @@ class Scheduler:
                     self._generate([rows[i] for i in index])
         except Exception as error:  # one bad batch must not stop the server, nor one bad row the batch
             # Rows that have sent nothing yet run again alone, so only the request that breaks fails.
-            open_jobs = [job for job in batch if not job.answered]
+            open_jobs = [job for job in batch if not job.answered and not job.cancelled.is_set()]
             retry = [job for job in open_jobs if not job.started_output] if len(batch) > 1 else []
             failed = [job for job in open_jobs if all(job is not other for other in retry)]
             self.stats["errors"] += bool(failed)
@@ -365,6 +386,15 @@ class Scheduler:
                 )
         finally:
             torch.set_num_threads(threads)  # pass 1 and the next prefill get every thread again
+
+
+def generator_seed(seed: int) -> int:
+    """A request's seed (any 64-bit integer, as OpenAI's API takes) as the 32 bits torch's CPU generator
+    keeps: seeds below 2**32 as they are, others hashed, so 5 and 5 + 2**32 do not draw the same."""
+    if 0 <= seed < 2**32:
+        return seed
+    digest = hashlib.blake2b(seed.to_bytes(16, "little", signed=True), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
 
 
 def _as_list(value) -> list:
