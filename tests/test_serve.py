@@ -460,9 +460,10 @@ def test_malformed_and_oversize_bodies_and_unknown_routes(server, client):
     top_only = client.completions.create(model=server["model"], prompt="Question: What is 1 + 1?\nAnswer:",
                                          max_tokens=4, temperature=1.0, top_p=0)  # fmt: skip
     assert top_only.choices[0].text == greedy.choices[0].text  # top_p 0: the top token only, as OpenAI's
-    # a long prompt is tokenized off the event loop, then refused
+    # a huge prompt is refused by its size, without tokenizing it (a long one is tokenized off the event loop)
     long = httpx.post(f"{url}/v1/completions", json={"model": server["model"], "prompt": "x" * 900_000}, timeout=60)
     assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
+    assert " bytes, more than" in long.json()["error"]["message"]
     assert client.models.retrieve(server["model"]).id == server["model"]
     with pytest.raises(openai.NotFoundError, match="not served here"):
         client.models.retrieve("gpt-4")

@@ -97,6 +97,10 @@ class Server:
         self.context = engine.context
         self.max_tokens_limit = min(max_tokens_limit, self.context - 1)
         self.max_prompt_tokens = max_prompt_tokens or self.context - 1
+        # No token spells more characters than the longest in the vocabulary, so a prompt of more bytes than
+        # this (with 4x to spare for what a normalizer folds) is too long without tokenizing it (1 MB: 2 s).
+        longest = max(map(len, engine.tokenizer.get_vocab()), default=1)
+        self.max_prompt_bytes = 4 * longest * self.max_prompt_tokens
 
     # --- a request → jobs ----------------------------------------------------------------------
 
@@ -146,6 +150,11 @@ class Server:
         # was trained with a BOS before every document.
         if bos and not is_chat(tokenizer) and not text.startswith(bos):
             text = bos + text
+        size = len(text.encode("utf-8"))
+        if size > self.max_prompt_bytes:
+            raise RequestError(f"{param}: the prompt is {size} bytes, more than the {self.max_prompt_tokens} tokens "
+                               f"the model's context of {self.context} allows could spell", param,
+                               code="context_length_exceeded")  # fmt: skip
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_prompt_tokens or len(ids) + (max_tokens or 1) > self.context:
             asked = f" and max_tokens {max_tokens}" if max_tokens else ""
