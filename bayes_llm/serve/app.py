@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import time
 import uuid
@@ -31,8 +32,13 @@ from bayes_llm.bundle.manifest import models_layout, verify
 from bayes_llm.inference.engine import Engine
 from bayes_llm.prompts import answer_prompt, is_chat
 from bayes_llm.serve.protocol import ChatRequest, CompletionRequest, Extension, Sampled
-from bayes_llm.serve.scheduler import DEFAULT_MAX_TOKENS, Batching, Job, Routing, Sampling, Scheduler
+from bayes_llm.serve.scheduler import DEFAULT_MAX_TOKENS, STOPPED, Batching, Job, Routing, Sampling, Scheduler
 from bayes_llm.svf.blend import blend_weights
+
+# A prompt in the base's answer format (`answer_prompt`), written by hand: CRLF or extra whitespace
+# included, and no second question or answer line inside (few-shot examples are not unwrapped).
+_ONE_QUESTION = re.compile(r"\s*Question:\s*(?P<question>(?:(?!^\s*(?:Question|Answer):).)+?)\s*^\s*Answer:\s*",
+                           re.DOTALL | re.MULTILINE)  # fmt: skip
 
 
 class RequestError(Exception):
@@ -43,10 +49,17 @@ class RequestError(Exception):
         self.message, self.param, self.status, self.code = message, param, status, code
 
 
+def _unavailable() -> RequestError:
+    return RequestError(STOPPED, status=503, code="server_unavailable")
+
+
 def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate from a request
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param or None, "code": code}}, status)
+    # A stopped worker does not come back: OpenAI's clients would retry a 503 twice
+    headers = {"x-should-retry": "false"} if code == "server_unavailable" else None
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param or None, "code": code}}, status,
+                        headers=headers)  # fmt: skip
 
 
 def _validation_message(error: dict) -> tuple[str, str]:
@@ -97,10 +110,6 @@ class Server:
         self.context = engine.context
         self.max_tokens_limit = min(max_tokens_limit, self.context - 1)
         self.max_prompt_tokens = max_prompt_tokens or self.context - 1
-        # No token spells more characters than the longest in the vocabulary, so a prompt of more bytes than
-        # this (with 4x to spare for what a normalizer folds) is too long without tokenizing it (1 MB: 2 s).
-        longest = max(map(len, engine.tokenizer.get_vocab()), default=1)
-        self.max_prompt_bytes = 4 * longest * self.max_prompt_tokens
 
     # --- a request → jobs ----------------------------------------------------------------------
 
@@ -150,11 +159,6 @@ class Server:
         # was trained with a BOS before every document.
         if bos and not is_chat(tokenizer) and not text.startswith(bos):
             text = bos + text
-        size = len(text.encode("utf-8"))
-        if size > self.max_prompt_bytes:
-            raise RequestError(f"{param}: the prompt is {size} bytes, more than the {self.max_prompt_tokens} tokens "
-                               f"the model's context of {self.context} allows could spell", param,
-                               code="context_length_exceeded")  # fmt: skip
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_prompt_tokens or len(ids) + (max_tokens or 1) > self.context:
             asked = f" and max_tokens {max_tokens}" if max_tokens else ""
@@ -168,7 +172,7 @@ class Server:
         users = [m for m in body.messages if m.role == "user"]
         if not users:
             raise RequestError("messages: no user message to answer", "messages")
-        question = users[-1].text()
+        question = self.route_text(users[-1].text())
         tokenizer = self.engine.tokenizer
         if is_chat(tokenizer):
             messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
@@ -177,20 +181,16 @@ class Server:
         # A base without a chat template was trained on one question at a time, in this format.
         return question, answer_prompt(question)
 
-    @staticmethod
-    def completion_route(prompt: str) -> str:
-        """What pass 1 classifies for a completion prompt: the (last) question of a prompt in the base's
-        answer format, `Question: … / Answer:`, else the prompt as given. The dispatcher was calibrated on
-        bare questions; wrapped, most of them were routed to another domain (9 of 32 right, 26 bare)."""
-        before, after = answer_prompt("\0").split("\0")
-        body = prompt.rstrip()
-        if not body.endswith(after.rstrip()):
-            return prompt
-        body = body[: len(body) - len(after.rstrip())]
-        start = body.rfind(before)
-        if start < 0 or (start > 0 and body[start - 1] != "\n") or not body[start + len(before) :].strip():
-            return prompt
-        return body[start + len(before) :]
+    def route_text(self, prompt: str) -> str:
+        """What pass 1 classifies: the question of a prompt that is one question in the base's answer
+        format (`Question: … / Answer:`, a BOS before it or not), else the prompt as given (context,
+        few-shot examples and all). The dispatcher was calibrated on bare questions; wrapped, most of
+        them were routed to another domain (9 of 32 right, 26 bare)."""
+        bos = self.engine.tokenizer.bos_token
+        text = prompt.removeprefix(bos) if bos else prompt
+        found = _ONE_QUESTION.fullmatch(text)
+        question = found["question"].strip() if found else ""
+        return question or prompt
 
     def check_model(self, model: str) -> None:
         if model != self.model_id:
@@ -202,8 +202,7 @@ async def _submit(server: Server, texts: list[tuple[str, str]], body: Sampled, m
     """Jobs for (route text, model text) pairs, validated before any is queued; events → one queue.
     Unset `max_tokens` is 64, or what the context leaves after the longest prompt."""
     if not server.scheduler.alive:
-        raise RequestError("the server's generation worker has stopped: restart the server", status=503,
-                           code="server_unavailable")  # fmt: skip
+        raise _unavailable()
     routing = server.routing(body.bayes_llm)
     if max_tokens is not None and max_tokens > server.max_tokens_limit:
         raise RequestError(f"max_tokens: {max_tokens} is more than this server allows ({server.max_tokens_limit})",
@@ -241,6 +240,8 @@ async def _collect(jobs: list[Job], events: asyncio.Queue) -> list[dict[str, Any
             open_jobs -= 1
         elif event == "error":
             raise RequestError(f"generation failed: {payload}", status=500)
+        elif event == "unavailable":
+            raise _unavailable()
     return results
 
 
@@ -288,8 +289,9 @@ async def _stream(jobs: list[Job], events: asyncio.Queue, head: dict, chat: bool
             elif event == "done":
                 done.append(payload)
                 yield chunk(index, finish=payload["finish_reason"], extra={"timing_ms": payload["timing_ms"]})
-            elif event == "error":
-                yield _sse({"error": {"message": f"generation failed: {payload}", "type": "server_error"}})
+            elif event in ("error", "unavailable"):
+                message = payload if event == "unavailable" else f"generation failed: {payload}"
+                yield _sse({"error": {"message": message, "type": "server_error"}})
                 return
         if include_usage:
             yield _sse({**head, "object": kind, "choices": [], "usage": _usage(done)})
@@ -367,7 +369,7 @@ def create_app(server: Server, max_body_bytes: int = 1 << 20) -> FastAPI:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if body.stream and len(prompts) > 1:
             raise RequestError("prompt: stream one prompt per request", "prompt")
-        texts = [(server.completion_route(p), p) for p in prompts]
+        texts = [(server.route_text(p), p) for p in prompts]
         jobs, events = await _submit(server, texts, body, body.max_tokens, "prompt")
         return await respond(request, jobs, events, body, chat=False)
 

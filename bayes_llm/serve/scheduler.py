@@ -41,6 +41,7 @@ Batching = Literal["mixed", "regroup"]
 # prompts of the default run (16-90 tokens) 78 ms against 115 ms in one forward, and 87 ms by 4.
 FIRST_PASS_CHUNK = 8
 DEFAULT_MAX_TOKENS = 64  # a request that does not say (and the context leaves room for)
+STOPPED = "the server's generation worker has stopped: restart the server"
 # Below this a temperature is greedy: logits / 1e-300 overflow to inf, and the draw is the argmax anyway.
 MIN_TEMPERATURE = 1e-4
 
@@ -73,7 +74,8 @@ class Job:
     model_ids: list[int]
     sampling: Sampling
     routing: Routing
-    emit: Callable[[str, Any], None]  # (event, payload): routed, text, done, error; called from the worker
+    # (event, payload): routed, text, done, error, unavailable (the worker has stopped); called from the worker
+    emit: Callable[[str, Any], None]
     stream: bool = True  # False: the text comes in one piece when the row ends
     routed: bool = False  # its pass-1 result was emitted
     answered: bool = False  # its `done` was emitted: nothing more is sent for it
@@ -210,6 +212,7 @@ class Scheduler:
         self.eos = {tokenizer.eos_token_id} | set(_as_list(engine.model.generation_config.eos_token_id))
         self.eos.discard(None)
         self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._closing, self._closed = threading.Lock(), False
         self._thread = threading.Thread(target=self._loop, name="bayes-llm-scheduler", daemon=True)
         self.stats = {"batches": 0, "rows": 0, "cancelled": 0, "errors": 0, "first_pass_seconds": 0.0,
                       "generate_seconds": 0.0}
@@ -222,9 +225,11 @@ class Scheduler:
         self._thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
-        self._queue.put(job)
-        if not self.alive:  # (the worker drains the queue as it ends; this job may have come after)
-            self._fail_waiting()
+        with self._closing:
+            if not self._closed:
+                self._queue.put(job)
+                return
+        job.emit("unavailable", STOPPED)
 
     @property
     def waiting(self) -> int:
@@ -236,21 +241,15 @@ class Scheduler:
 
     # --- the worker ----------------------------------------------------------------------------
 
-    def _fail_waiting(self) -> None:
-        """Answer every queued job with an error: nothing will run them."""
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if job is not None:
-                job.emit("error", "the server's generation worker has stopped")
-
     def _loop(self) -> None:
         try:
             self._batches()
-        finally:  # however the worker ends, no request is left waiting for it
-            self._fail_waiting()
+        finally:  # however the worker ends, no request is left waiting for it: none is queued from now on,
+            with self._closing:  # and those queued already are told
+                self._closed = True
+            while not self._queue.empty():
+                if (job := self._queue.get()) is not None:
+                    job.emit("unavailable", STOPPED)
 
     def _batches(self) -> None:
         while (job := self._queue.get()) is not None:
@@ -308,8 +307,14 @@ class Scheduler:
             for job in failed:
                 job.emit("error", f"{type(error).__name__}: {error}")
             for job in retry:
-                self._serve([job])
+                if not job.cancelled.is_set():  # (a failed sibling's request has gone, say)
+                    self._serve([job])
             return
+        except BaseException:  # the worker itself is ending: its batch is answered before it goes
+            for job in batch:
+                if not job.answered and not job.cancelled.is_set():
+                    job.emit("unavailable", STOPPED)
+            raise
         done = time.perf_counter()
         self.stats["batches"] += 1
         self.stats["rows"] += len(batch)
