@@ -277,8 +277,13 @@ def test_a_prompt_in_the_answer_format_is_routed_on_its_question():
     # anything else goes as given: context before the question, few-shot examples, no question at all
     for prompt in ("What is 7 + 5?", "Question: \nAnswer:", "class Stack:\n    pass\nQuestion: Add pop.\nAnswer:",
                    "Question: 1 + 1?\nAnswer: 2\n\nQuestion: 2 + 2?\nAnswer:", "My Question: x\nAnswer:",
-                   "Question: x Answer:"):  # fmt: skip
+                   "Question: x Answer:", "Question:\n Question: 1 + 1?\nAnswer:"):  # fmt: skip
         assert route(prompt) == prompt, prompt
+    # linear in the prompt: a regex took 9 s on 2,000 newlines, on the event loop
+    started = time.perf_counter()
+    for hostile in ("Question: a" + "\n" * 500_000 + "b", "Question: a" + "\n" * 500_000 + "Answer:"):
+        route(hostile)
+    assert time.perf_counter() - started < 5
 
 
 # --- a real server on the smoke bundle -------------------------------------------------------------
@@ -605,5 +610,17 @@ def test_the_batch_a_dying_worker_was_running_is_told_before_it_goes(tiny, tmp_p
                 lambda event, payload, i=i: told[i].append(event)) for i in range(2)]  # fmt: skip
     jobs[1].cancelled.set()
     with pytest.raises(WorkerExit):
-        scheduler._serve(jobs)
+        scheduler._run(jobs)
     assert told == [["routed", "unavailable"], ["routed"]]  # (a client that has gone is not told)
+
+    # a batch that fails, then a rerun during which the worker ends: the reruns not yet run are told too
+    def fails_then_dies(self, input_ids, scores):
+        raise RuntimeError("batch failed") if len(self.rows) > 1 else WorkerExit
+
+    monkeypatch.setattr(scheduling._Sampler, "__call__", fails_then_dies)
+    told = [[] for _ in range(3)]
+    jobs = [Job("", [1, 5, 6], Sampling(max_tokens=3), Routing(strategy="base"),
+                lambda event, payload, i=i: told[i].append(event)) for i in range(3)]  # fmt: skip
+    with pytest.raises(WorkerExit):
+        scheduler._run(jobs)
+    assert told == [["routed", "unavailable"]] * 3

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import shutil
 import time
 import uuid
@@ -35,10 +34,8 @@ from bayes_llm.serve.protocol import ChatRequest, CompletionRequest, Extension, 
 from bayes_llm.serve.scheduler import DEFAULT_MAX_TOKENS, STOPPED, Batching, Job, Routing, Sampling, Scheduler
 from bayes_llm.svf.blend import blend_weights
 
-# A prompt in the base's answer format (`answer_prompt`), written by hand: CRLF or extra whitespace
-# included, and no second question or answer line inside (few-shot examples are not unwrapped).
-_ONE_QUESTION = re.compile(r"\s*Question:\s*(?P<question>(?:(?!^\s*(?:Question|Answer):).)+?)\s*^\s*Answer:\s*",
-                           re.DOTALL | re.MULTILINE)  # fmt: skip
+# The markers of the base's answer format, `Question: … / Answer:`
+QUESTION_MARK, ANSWER_MARK = (part.strip() for part in answer_prompt("\0").split("\0"))
 
 
 class RequestError(Exception):
@@ -187,10 +184,17 @@ class Server:
         few-shot examples and all). The dispatcher was calibrated on bare questions; wrapped, most of
         them were routed to another domain (9 of 32 right, 26 bare)."""
         bos = self.engine.tokenizer.bos_token
-        text = prompt.removeprefix(bos) if bos else prompt
-        found = _ONE_QUESTION.fullmatch(text)
-        question = found["question"].strip() if found else ""
-        return question or prompt
+        body = (prompt.removeprefix(bos) if bos else prompt).strip()
+        if not (body.startswith(QUESTION_MARK) and body.endswith(ANSWER_MARK)):
+            return prompt
+        middle = body[len(QUESTION_MARK) : -len(ANSWER_MARK)]
+        question = middle.rstrip()
+        if "\n" not in middle[len(question) :]:  # `Answer:` opens a line of its own
+            return prompt
+        # (string methods, not a regex: a backtracking pattern took seconds on a run of newlines)
+        if any(line.lstrip().startswith((QUESTION_MARK, ANSWER_MARK)) for line in question.split("\n")):
+            return prompt  # a second question or an answer inside: few-shot examples, not one question
+        return question.strip() or prompt
 
     def check_model(self, model: str) -> None:
         if model != self.model_id:
@@ -290,8 +294,10 @@ async def _stream(jobs: list[Job], events: asyncio.Queue, head: dict, chat: bool
                 done.append(payload)
                 yield chunk(index, finish=payload["finish_reason"], extra={"timing_ms": payload["timing_ms"]})
             elif event in ("error", "unavailable"):
-                message = payload if event == "unavailable" else f"generation failed: {payload}"
-                yield _sse({"error": {"message": message, "type": "server_error"}})
+                error = {"message": f"generation failed: {payload}", "type": "server_error", "code": None}
+                if event == "unavailable":
+                    error.update(message=payload, code="server_unavailable")
+                yield _sse({"error": error})
                 return
         if include_usage:
             yield _sse({**head, "object": kind, "choices": [], "usage": _usage(done)})

@@ -266,7 +266,16 @@ class Scheduler:
             live = [j for j in batch if not j.cancelled.is_set()]
             self.stats["cancelled"] += len(batch) - len(live)  # their clients left while they waited
             if live:
-                self._serve(live)
+                self._run(live)
+
+    def _run(self, batch: list[Job]) -> None:
+        try:
+            self._serve(batch)
+        except BaseException:  # the worker itself is ending: its batch (reruns included) is told before it goes
+            for job in batch:
+                if not job.answered and not job.cancelled.is_set():
+                    job.emit("unavailable", STOPPED)
+            raise
 
     def _serve(self, batch: list[Job]) -> None:
         started = time.perf_counter()
@@ -305,16 +314,12 @@ class Scheduler:
             failed = [job for job in open_jobs if all(job is not other for other in retry)]
             self.stats["errors"] += bool(failed)
             for job in failed:
+                job.answered = True
                 job.emit("error", f"{type(error).__name__}: {error}")
             for job in retry:
                 if not job.cancelled.is_set():  # (a failed sibling's request has gone, say)
                     self._serve([job])
             return
-        except BaseException:  # the worker itself is ending: its batch is answered before it goes
-            for job in batch:
-                if not job.answered and not job.cancelled.is_set():
-                    job.emit("unavailable", STOPPED)
-            raise
         done = time.perf_counter()
         self.stats["batches"] += 1
         self.stats["rows"] += len(batch)
