@@ -78,7 +78,7 @@ class Job:
     emit: Callable[[str, Any], None]
     stream: bool = True  # False: the text comes in one piece when the row ends
     routed: bool = False  # its pass-1 result was emitted
-    answered: bool = False  # its `done` was emitted: nothing more is sent for it
+    answered: bool = False  # its `done` (or error) was emitted: nothing more is sent for it
     started_output: bool = False  # some of its answer was emitted (a failed batch cannot rerun it then)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
